@@ -1,0 +1,133 @@
+"""One typed settings object, read once: flags, then environment, then defaults.
+
+``Settings.from_env(environ)`` reads the variables of the wire contract (and the tuning knobs
+below, all prefixed ``EVENTCHAT_``); tests build ``Settings(...)`` directly and never touch
+``os.environ``. A malformed value raises ``SettingsError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Provider = Literal["openai", "offline"]
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+    #: PostgreSQL schema for every table (tests use one schema each).
+    database_schema: str = "public"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    provider: Provider = "offline"
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    model: str | None = None
+    #: Seconds to wait for the upstream to answer, and between two streamed chunks.
+    request_timeout_s: float = 60.0
+    #: Retries of a refused request (429, 5xx, connection error) before the first token.
+    max_retries: int = 2
+    #: Seconds between two offline tokens (0 streams as fast as possible).
+    offline_token_delay_s: float = 0.01
+
+    allowed_origins: tuple[str, ...] = ()
+
+    #: Streamed tokens are persisted at most this often (ms) ...
+    token_flush_ms: float = 50.0
+    #: ... or when this many are waiting, whichever comes first.
+    token_flush_tokens: int = 64
+    #: An actor with nothing to do stops after this many seconds and comes back from the log.
+    passivate_after_s: float = 300.0
+    mailbox_size: int = 64
+    subscriber_queue_size: int = 1024
+    snapshot_interval: int = 200
+    #: Worker threads that may touch the store at once (matched to the PostgreSQL pool).
+    store_threads: int = 10
+    #: Conversation messages sent to the model as context, most recent last.
+    context_messages: int = 50
+    tool_timeout_s: float = 10.0
+    max_tool_rounds: int = 4
+
+    max_message_chars: int = 32_000
+    max_frame_bytes: int = 64 * 1024
+    messages_per_minute: int = 30
+    concurrent_responses: int = 2
+
+    #: Optional at-rest encryption (AES-GCM, base64 key) and zlib compression of events.
+    cipher_key: str | None = None
+    compress: bool = False
+
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Builds settings from ``environ`` (default ``os.environ``); ``overrides`` (flags) win.
+
+        Overrides whose value is ``None`` are ignored, so unset CLI flags fall through.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(_env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        if "provider" not in values:
+            upstream = values.get("openai_base_url") or values.get("openai_api_key")
+            values["provider"] = "openai" if upstream else "offline"
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.provider not in ("openai", "offline"):
+            raise SettingsError(f"EVENTCHAT_PROVIDER must be openai or offline, not {self.provider!r}")
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise SettingsError("EVENTCHAT_DATABASE_URL must be a postgresql:// URL")
+        if self.token_flush_ms <= 0 or self.token_flush_tokens <= 0:
+            raise SettingsError("token flush settings must be positive")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def store_kind(self) -> Literal["sqlite", "postgres"]:
+        return "postgres" if self.database_url else "sqlite"
+
+
+_UNPREFIXED = {"openai_base_url", "openai_api_key"}
+
+
+def _env_name(name: str) -> str:
+    return name.upper() if name in _UNPREFIXED else f"EVENTCHAT_{name.upper()}"
+
+
+def _parse(name: str, annotation: Any, raw: str) -> Any:
+    kind = str(annotation)
+    try:
+        if "tuple" in kind:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind.startswith("bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "y", "on")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if "Path" in kind:
+            return Path(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{_env_name(name)}={raw!r} is not a valid {kind}") from exc
+    return raw

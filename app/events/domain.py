@@ -1,0 +1,391 @@
+"""The chat session aggregate: every fact of a chat, as immutable events.
+
+A chat's events are numbered 1, 2, 3, ... by the aggregate version; that number is the
+``seq`` of the wire contract. Public methods are imperative (``receive_message``) and check
+the chat's invariants *before* triggering an event, so a refused command records nothing.
+The module is synchronous and does no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+from uuid import UUID, uuid4
+
+from eventsourcing.domain import Aggregate
+
+from .errors import (
+    DuplicateMessageError,
+    EmptyMessageError,
+    MessageTooLongError,
+    NoResponseInProgressError,
+    ResponseInProgressError,
+)
+
+#: Terminal statuses of a response, keyed by the event class name that ends it.
+TERMINAL_STATUS = {
+    "ResponseCompleted": "complete",
+    "ResponseFailed": "failed",
+    "ResponseStopped": "stopped",
+    "ResponseInterrupted": "interrupted",
+}
+
+
+@dataclass
+class ToolCallState:
+    call_id: str
+    tool: str
+    arguments: Any
+    result: Any = None
+    error: str | None = None
+    duration_ms: float | None = None
+    done: bool = False
+
+
+@dataclass
+class ActiveResponse:
+    """The response being generated: its text so far as persisted, and its tool calls."""
+
+    response_id: str
+    reply_to_seq: int
+    model: str
+    provider: str
+    started_at: datetime
+    text: str = ""
+    tokens: int = 0
+    tool_calls: list[ToolCallState] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a finished response ended, kept for idempotent re-sends."""
+
+    response_id: str
+    status: str
+    seq: int
+    text: str
+
+
+class ChatSession(Aggregate):
+    """One chat: its owner, settings, conversation, and the response in progress."""
+
+    class Event(Aggregate.Event):
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, ChatSession)
+            self.apply_to(aggregate)
+
+        def apply_to(self, chat: ChatSession) -> None:
+            pass
+
+    class Started(Aggregate.Created):
+        owner: str
+        title: str
+        model: str | None
+        system_prompt: str | None
+
+    class Renamed(Event):
+        title: str
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.title = self.title
+
+    class MessageReceived(Event):
+        text: str
+        client_message_id: str | None
+
+        def apply_to(self, chat: ChatSession) -> None:
+            seq = self.originator_version
+            chat.history.append({"role": "user", "content": self.text, "seq": seq})
+            if self.client_message_id is not None:
+                chat.client_message_ids[self.client_message_id] = seq
+            chat.pending.append(seq)
+            chat.message_count += 1
+
+    class ResponseStarted(Event):
+        response_id: str
+        reply_to_seq: int
+        model: str
+        provider: str
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.pending.remove(self.reply_to_seq)
+            chat.replies[str(self.reply_to_seq)] = self.response_id
+            chat.current = ActiveResponse(
+                response_id=self.response_id,
+                reply_to_seq=self.reply_to_seq,
+                model=self.model,
+                provider=self.provider,
+                started_at=self.timestamp,
+            )
+
+    class TokensGenerated(Event):
+        response_id: str
+        text: str
+        offset: int
+        tokens: int
+
+        def apply_to(self, chat: ChatSession) -> None:
+            assert chat.current is not None
+            chat.current.text += self.text
+            chat.current.tokens += self.tokens
+
+    class ToolInvoked(Event):
+        response_id: str
+        call_id: str
+        tool: str
+        arguments: Any
+
+        def apply_to(self, chat: ChatSession) -> None:
+            assert chat.current is not None
+            chat.current.tool_calls.append(ToolCallState(self.call_id, self.tool, self.arguments))
+
+    class ToolCompleted(Event):
+        response_id: str
+        call_id: str
+        result: Any
+        duration_ms: float
+
+        def apply_to(self, chat: ChatSession) -> None:
+            call = chat.tool_call(self.call_id)
+            call.result, call.duration_ms, call.done = self.result, self.duration_ms, True
+
+    class ToolFailed(Event):
+        response_id: str
+        call_id: str
+        error: str
+        duration_ms: float
+
+        def apply_to(self, chat: ChatSession) -> None:
+            call = chat.tool_call(self.call_id)
+            call.error, call.duration_ms, call.done = self.error, self.duration_ms, True
+
+    class ResponseEnded(Event):
+        """Base of the four ways a response ends; never recorded itself."""
+
+        response_id: str
+
+        def apply_to(self, chat: ChatSession) -> None:
+            assert chat.current is not None
+            text = chat.current.text
+            chat.history.append({"role": "assistant", "content": text, "seq": self.originator_version})
+            chat.outcomes[self.response_id] = Outcome(
+                self.response_id, TERMINAL_STATUS[type(self).__name__], self.originator_version, text
+            )
+            chat.current = None
+            chat.message_count += 1
+
+    class ResponseCompleted(ResponseEnded):
+        model: str
+        finish_reason: str
+        usage: dict[str, Any]
+        timing: dict[str, Any]
+
+    class ResponseFailed(ResponseEnded):
+        error: dict[str, str]
+        usage: dict[str, Any]
+        timing: dict[str, Any]
+
+    class ResponseStopped(ResponseEnded):
+        usage: dict[str, Any]
+        timing: dict[str, Any]
+
+    class ResponseInterrupted(ResponseEnded):
+        reason: str
+
+    #: Terminal event classes, for ``isinstance`` checks by readers.
+    ENDINGS: ClassVar[tuple[type[Aggregate.Event], ...]] = ()
+
+    def __init__(
+        self, owner: str, title: str, model: str | None, system_prompt: str | None
+    ) -> None:
+        self.owner = owner
+        self.title = title
+        self.model = model
+        self.system_prompt = system_prompt
+        self.history: list[dict[str, Any]] = []
+        self.client_message_ids: dict[str, int] = {}
+        self.pending: list[int] = []
+        #: user message seq (as str: JSON object keys) -> id of the response answering it
+        self.replies: dict[str, str] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.current: ActiveResponse | None = None
+        self.message_count = 0
+
+    @classmethod
+    def start(
+        cls,
+        owner: str,
+        title: str = "New chat",
+        model: str | None = None,
+        system_prompt: str | None = None,
+        chat_id: UUID | None = None,
+    ) -> ChatSession:
+        return cls._create(
+            cls.Started,
+            id=chat_id or uuid4(),
+            owner=owner,
+            title=title.strip() or "New chat",
+            model=model,
+            system_prompt=system_prompt,
+        )
+
+    # -- commands -------------------------------------------------------------------------
+
+    def rename(self, title: str) -> None:
+        title = title.strip()
+        if not title:
+            raise EmptyMessageError("a title cannot be empty")
+        if title != self.title:
+            self.trigger_event(self.Renamed, title=title[:200])
+
+    def receive_message(
+        self, text: str, client_message_id: str | None = None, max_chars: int = 32_000
+    ) -> int:
+        """Records a user message and returns its seq.
+
+        Raises ``DuplicateMessageError`` (carrying the original seq) for a
+        ``client_message_id`` already accepted, and the rule errors for bad text.
+        """
+        if client_message_id is not None and client_message_id in self.client_message_ids:
+            raise DuplicateMessageError(client_message_id, self.client_message_ids[client_message_id])
+        if not text.strip():
+            raise EmptyMessageError("a message cannot be empty")
+        if len(text) > max_chars:
+            raise MessageTooLongError(f"a message is limited to {max_chars} characters")
+        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id)
+        return self.version
+
+    def start_response(self, model: str, provider: str, response_id: str | None = None) -> str:
+        """Starts answering the oldest waiting user message; returns the response id."""
+        if self.current is not None:
+            raise ResponseInProgressError("a response is already being generated")
+        if not self.pending:
+            raise NoResponseInProgressError("no user message is waiting for an answer")
+        response_id = response_id or uuid4().hex
+        self.trigger_event(
+            self.ResponseStarted,
+            response_id=response_id,
+            reply_to_seq=self.pending[0],
+            model=model,
+            provider=provider,
+        )
+        return response_id
+
+    def record_tokens(self, response_id: str, text: str, tokens: int) -> None:
+        current = self._require_current(response_id)
+        if text:
+            self.trigger_event(
+                self.TokensGenerated,
+                response_id=response_id,
+                text=text,
+                offset=len(current.text),
+                tokens=tokens,
+            )
+
+    def invoke_tool(self, response_id: str, call_id: str, tool: str, arguments: Any) -> None:
+        self._require_current(response_id)
+        self.trigger_event(
+            self.ToolInvoked, response_id=response_id, call_id=call_id, tool=tool, arguments=arguments
+        )
+
+    def complete_tool(self, response_id: str, call_id: str, result: Any, duration_ms: float) -> None:
+        self._require_open_call(response_id, call_id)
+        self.trigger_event(
+            self.ToolCompleted,
+            response_id=response_id,
+            call_id=call_id,
+            result=result,
+            duration_ms=duration_ms,
+        )
+
+    def fail_tool(self, response_id: str, call_id: str, error: str, duration_ms: float) -> None:
+        self._require_open_call(response_id, call_id)
+        self.trigger_event(
+            self.ToolFailed, response_id=response_id, call_id=call_id, error=error, duration_ms=duration_ms
+        )
+
+    def complete_response(
+        self,
+        response_id: str,
+        model: str,
+        finish_reason: str,
+        usage: dict[str, Any],
+        timing: dict[str, Any],
+    ) -> None:
+        self._require_current(response_id)
+        self.trigger_event(
+            self.ResponseCompleted,
+            response_id=response_id,
+            model=model,
+            finish_reason=finish_reason,
+            usage=usage,
+            timing=timing,
+        )
+
+    def fail_response(
+        self, response_id: str, error: dict[str, str], usage: dict[str, Any], timing: dict[str, Any]
+    ) -> None:
+        self._require_current(response_id)
+        self.trigger_event(
+            self.ResponseFailed, response_id=response_id, error=error, usage=usage, timing=timing
+        )
+
+    def stop_response(self, response_id: str, usage: dict[str, Any], timing: dict[str, Any]) -> None:
+        self._require_current(response_id)
+        self.trigger_event(self.ResponseStopped, response_id=response_id, usage=usage, timing=timing)
+
+    def interrupt_response(self, reason: str) -> str | None:
+        """Ends a response left unfinished by a crash; returns its id, or None if none was."""
+        if self.current is None:
+            return None
+        response_id = self.current.response_id
+        self.trigger_event(self.ResponseInterrupted, response_id=response_id, reason=reason)
+        return response_id
+
+    # -- queries --------------------------------------------------------------------------
+
+    def reply_to(self, seq: int) -> tuple[str | None, Outcome | None]:
+        """The response answering user message ``seq`` (if started) and how it ended."""
+        response_id = self.replies.get(str(seq))
+        return response_id, self.outcomes.get(response_id) if response_id else None
+
+    def tool_call(self, call_id: str) -> ToolCallState:
+        assert self.current is not None
+        for call in self.current.tool_calls:
+            if call.call_id == call_id:
+                return call
+        raise KeyError(call_id)
+
+    def context(self, limit: int) -> list[dict[str, str]]:
+        """The conversation as model messages: system prompt, then the last ``limit`` turns."""
+        turns = [
+            {"role": m["role"], "content": m["content"]}
+            for m in self.history[-limit:]
+            if m["role"] == "user" or m["content"]
+        ]
+        if self.system_prompt:
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return turns
+
+    def _require_current(self, response_id: str) -> ActiveResponse:
+        if self.current is None or self.current.response_id != response_id:
+            raise NoResponseInProgressError(f"response {response_id} is not in progress")
+        return self.current
+
+    def _require_open_call(self, response_id: str, call_id: str) -> None:
+        self._require_current(response_id)
+        try:
+            call = self.tool_call(call_id)
+        except KeyError:
+            raise NoResponseInProgressError(f"tool call {call_id} was not invoked") from None
+        if call.done:
+            raise NoResponseInProgressError(f"tool call {call_id} has already ended")
+
+
+ChatSession.ENDINGS = (
+    ChatSession.ResponseCompleted,
+    ChatSession.ResponseFailed,
+    ChatSession.ResponseStopped,
+    ChatSession.ResponseInterrupted,
+)

@@ -1,0 +1,65 @@
+"""Errors of the domain and the event store.
+
+    EventsError
+    ├── ChatRuleError            an invariant of a chat would be broken; nothing was recorded
+    │   ├── EmptyMessageError
+    │   ├── MessageTooLongError
+    │   ├── ResponseInProgressError
+    │   ├── NoResponseInProgressError
+    │   └── DuplicateMessageError
+    ├── ChatNotFoundError         no such chat (or not the caller's)
+    └── StoreError                the store could not be read or written
+        ├── StoreUnavailableError the database is unreachable
+        └── ConcurrencyError      another writer saved the chat first: reload and retry
+"""
+
+from __future__ import annotations
+
+
+class EventsError(Exception):
+    """Base of every error raised by ``app.events``."""
+
+
+class ChatRuleError(EventsError):
+    code = "invalid_request"
+
+
+class EmptyMessageError(ChatRuleError):
+    code = "empty_message"
+
+
+class MessageTooLongError(ChatRuleError):
+    code = "message_too_long"
+
+
+class ResponseInProgressError(ChatRuleError):
+    code = "response_in_progress"
+
+
+class NoResponseInProgressError(ChatRuleError):
+    code = "no_response_in_progress"
+
+
+class DuplicateMessageError(ChatRuleError):
+    code = "duplicate_message"
+
+    def __init__(self, client_message_id: str, seq: int) -> None:
+        super().__init__(f"client_message_id {client_message_id!r} was accepted as seq {seq}")
+        self.client_message_id = client_message_id
+        self.seq = seq
+
+
+class ChatNotFoundError(EventsError):
+    code = "chat_not_found"
+
+
+class StoreError(EventsError):
+    code = "store_unavailable"
+
+
+class StoreUnavailableError(StoreError):
+    pass
+
+
+class ConcurrencyError(StoreError):
+    code = "conflict"

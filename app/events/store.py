@@ -1,0 +1,94 @@
+"""The trio face of the event store: every blocking call in a worker thread.
+
+``EventStore`` wraps a ``ChatApplication``; each method runs the library call in
+``trio.to_thread.run_sync`` through one ``CapacityLimiter`` sized to the database pool, and
+maps the library's errors to ours once, here. On cancellation the worker thread finishes its
+call (a save is never half-done) and the cancellation propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from uuid import UUID
+
+import trio
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import (
+    IntegrityError,
+    Notification,
+    PersistenceError,
+    Recording,
+)
+
+from ..config import Settings
+from .application import ChatApplication, persistence_env
+from .domain import ChatSession
+from .errors import ChatNotFoundError, ConcurrencyError, StoreUnavailableError
+
+T = TypeVar("T")
+
+
+@contextmanager
+def mapped_store_errors() -> Iterator[None]:
+    try:
+        yield
+    except AggregateNotFoundError as exc:
+        raise ChatNotFoundError("chat not found") from exc
+    except IntegrityError as exc:
+        raise ConcurrencyError("the chat was changed by another writer") from exc
+    except PersistenceError as exc:
+        raise StoreUnavailableError(f"event store unavailable: {type(exc).__name__}") from exc
+
+
+class EventStore:
+    """Async access to the chat event log.
+
+    ``on_saved`` callbacks run on the trio thread after every successful save with the
+    highest notification id written (the projection runner uses it as a nudge).
+    """
+
+    def __init__(self, app: ChatApplication, limiter: trio.CapacityLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.on_saved: list[Callable[[int], None]] = []
+
+    @classmethod
+    def open(cls, settings: Settings) -> EventStore:
+        """Builds the application for ``settings`` (blocking: creates tables if needed)."""
+        with mapped_store_errors():
+            app = ChatApplication(
+                env=persistence_env(settings), snapshot_interval=settings.snapshot_interval
+            )
+        return cls(app, trio.CapacityLimiter(settings.store_threads))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs a blocking store call in a worker thread, with errors mapped."""
+
+        def call() -> T:
+            with mapped_store_errors():
+                return fn(*args)
+
+        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+
+    async def get(self, chat_id: UUID) -> ChatSession:
+        return await self.run(self.app.get_chat, chat_id)
+
+    async def save(self, *objs: Any) -> list[Recording[UUID]]:
+        """Saves the pending events of ``objs`` atomically; raises ``ConcurrencyError``."""
+        recordings = await self.run(self.app.save, *objs)
+        if recordings:
+            position = max(r.notification.id for r in recordings)
+            for callback in list(self.on_saved):
+                callback(position)
+        return recordings
+
+    async def select(self, start: int, limit: int) -> list[Notification]:
+        return await self.run(self.app.select, start, limit)
+
+    async def max_position(self) -> int:
+        return await self.run(self.app.max_position)
+
+    def close(self) -> None:
+        self.app.close()

@@ -1,0 +1,130 @@
+"""What a model provider is, as the actors see it.
+
+A provider turns a ``ModelRequest`` into a stream of ``StreamItem``s. The stream is an async
+context manager so that leaving it (normally, on error, or on cancellation by a stop) always
+closes the upstream request:
+
+    async with provider.stream(request) as items:
+        async for item in items:
+            ...
+
+Items arrive in this order: any number of ``TextDelta`` and ``ToolCallRequest``, then one
+``Usage``, then one ``Finish``. A provider raises only ``app.llm.errors.LLMError``s (and
+``trio.Cancelled``); partial text already yielded stays valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool as declared to the model: name, description, JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """One call to the model.
+
+    ``messages`` are OpenAI-style chat messages (``role``/``content``; assistant messages may
+    carry ``tool_calls``; ``tool`` messages carry ``tool_call_id``).
+    """
+
+    messages: list[dict[str, Any]]
+    model: str | None = None
+    tools: tuple[ToolSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    #: Tokens this delta stands for (one streamed chunk is one token for OpenAI-style servers).
+    tokens: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRequest:
+    """The model asks for a tool; ``arguments`` is the raw JSON text the model produced."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    #: True when the server reported no usage and these are our estimates.
+    estimated: bool = False
+    #: Server-side timings when the server sends them (llama.cpp ``timings``, Ollama durations).
+    server_timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.estimated:
+            data["estimated"] = True
+        if self.server_timings:
+            data["server_timings"] = self.server_timings
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    #: ``stop``, ``length``, ``tool_calls``, ``content_filter``...
+    reason: str
+    #: The model name the server says answered.
+    model: str
+
+
+StreamItem = TextDelta | ToolCallRequest | Usage | Finish
+
+
+class Provider(Protocol):
+    """A source of streamed model output."""
+
+    #: ``openai`` or ``offline``.
+    name: str
+
+    @property
+    def default_model(self) -> str: ...
+
+    def stream(
+        self, request: ModelRequest
+    ) -> AbstractAsyncContextManager[AsyncIterator[StreamItem]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """Who a tool call runs for: tools that read data (``search_chats``) stay within ``owner``."""
+
+    owner: str
+    chat_id: str
