@@ -1,0 +1,105 @@
+"""The projection runner: follows the event log and keeps the views up to date.
+
+A pull loop: read notifications after the tracked position, project them and record the new
+position in one transaction, repeat until the log is drained; then sleep until a local save
+nudges it (``store.on_saved``) or ``poll_interval`` passes (so writes of other processes are
+seen). Start it with ``await nursery.start(runner.run)``: it reports started once it has
+caught up with the log as it was at start-up. Cancelling it stops it promptly; a batch being
+written in a worker thread finishes (or rolls back) first, never half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..config import Settings
+from ..events.errors import StoreError
+from ..events.store import EventStore
+from .errors import ViewStoreError
+from .views import Views
+
+log = logging.getLogger(__name__)
+
+
+class ProjectionRunner:
+    """Keeps ``views`` up to date with ``store``'s log; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: EventStore,
+        views: Views,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 0.5,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.views = views
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.max_backoff = max_backoff
+        self.position = 0
+        self._max_known = 0
+        self._nudged = trio.Event()
+
+    @property
+    def lag(self) -> int:
+        """Notifications known to exist beyond the views' position."""
+        return max(0, self._max_known - self.position)
+
+    def _nudge(self, position: int) -> None:
+        self._max_known = max(self._max_known, position)
+        self._nudged.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follows the log until cancelled.
+
+        Store and views errors are logged and retried with backoff (up to ``max_backoff``
+        seconds apart); at start-up they propagate, so a broken store fails the caller of
+        ``nursery.start``. Any other error (a bug in a projection) propagates.
+        """
+        self._nudged = trio.Event()
+        self.store.on_saved.append(self._nudge)
+        try:
+            self.position = await self.views.position()
+            self._max_known = max(self._max_known, await self.store.max_position())
+            await self.catch_up()
+            task_status.started()
+            backoff = self.poll_interval
+            while True:
+                with trio.move_on_after(backoff):
+                    await self._nudged.wait()
+                self._nudged = trio.Event()
+                try:
+                    await self.catch_up()
+                except (StoreError, ViewStoreError) as exc:
+                    backoff = min(self.max_backoff, max(backoff * 2, 0.1))
+                    log.warning("projection runner: %s; retrying in %.1f s", exc, backoff)
+                else:
+                    backoff = self.poll_interval
+        finally:
+            self.store.on_saved.remove(self._nudge)
+
+    async def catch_up(self) -> int:
+        """Projects every notification after the position; returns how many were read."""
+        read = 0
+        while True:
+            notifications = await self.store.select(self.position + 1, self.batch_size)
+            if not notifications:
+                self._max_known = max(self._max_known, self.position)
+                return read
+            read += len(notifications)
+            self._max_known = max(self._max_known, notifications[-1].id)
+            self.position = await trio.to_thread.run_sync(
+                self.views.apply, notifications, self.store.app.mapper,
+                limiter=self.views.limiter,
+            )
+            self.views.advanced(self.position)
+            if len(notifications) < self.batch_size:
+                # A short read drained the log as it was; look again only when told to.
+                self._max_known = max(self._max_known, self.position)
+                return read

@@ -1,0 +1,271 @@
+"""The read side: chat lists, message pages, search and stats, all read from the views.
+
+``Views`` is shared by the web layer (reads) and the ``ProjectionRunner`` (writes through
+``apply``). Its async methods run the blocking database work in worker threads through one
+``CapacityLimiter``; on cancellation the worker finishes its statement and the cancellation
+propagates. Database failures raise ``ViewStoreError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, TypeVar
+from uuid import UUID
+
+import trio
+from eventsourcing.persistence import Mapper, Notification
+
+from ..config import Settings
+from . import projector, stats
+from .database import TRACKED, Database, Tx, open_database
+from .projector import CHAT_COLUMNS, MESSAGE_COLUMNS, Batch
+from .search import search_rows
+
+T = TypeVar("T")
+
+
+class Views:
+    """Async reads of the views, and the blocking ``apply`` the runner writes with."""
+
+    def __init__(self, db: Database, limiter: trio.CapacityLimiter) -> None:
+        self.db = db
+        self.limiter = limiter
+        self._known = 0
+        self._advanced: trio.Event | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter)
+
+    # -- writing (blocking, called by the runner in a worker thread) ---------------------
+
+    def apply(self, notifications: Sequence[Notification], mapper: Mapper[Any]) -> int:
+        """Projects ``notifications`` and records their position, in one transaction.
+
+        Notifications at or below the tracked position are skipped, so delivering an event
+        twice changes nothing. Returns the tracked position afterwards.
+        """
+        events = [(n.id, mapper.to_domain_event(n)) for n in notifications]
+        with self.db.write() as tx:
+            position = _tracked(tx)
+            fresh = [event for nid, event in events if nid > position]
+            if not fresh:
+                return position
+            batch = Batch(tx)
+            for event in fresh:
+                projector.apply(batch, event)
+            batch.flush()
+            position = notifications[-1].id
+            tx.run("UPDATE view_tracking SET position = ? WHERE name = ?", (position, TRACKED))
+            return position
+
+    def reset(self) -> None:
+        """Drops every view and its position (blocking); the next run rebuilds from zero."""
+        self.db.drop()
+        self._known = 0
+
+    def advanced(self, position: int) -> None:
+        """Told by a runner of this process that the views reached ``position``."""
+        self._known = max(self._known, position)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+
+    # -- reading ------------------------------------------------------------------------
+
+    def read_position(self) -> int:
+        with self.db.read() as tx:
+            return _tracked(tx)
+
+    async def position(self) -> int:
+        """The notification id up to which the views are built."""
+        return await self._run(self.read_position)
+
+    # The web layer's read-your-writes call wants a bounded wait that answers False, not an
+    # exception, hence a timeout argument rather than the caller's cancel scope.
+    async def wait_for(self, position: int, timeout: float = 2.0) -> bool:  # noqa: ASYNC109
+        """Waits until the views include notification ``position``; False after ``timeout``.
+
+        Woken by this process's runner, and polls the database (every 50 ms) for a runner
+        in another process.
+        """
+        with trio.move_on_after(timeout):
+            while self._known < position:
+                self._known = max(self._known, await self.position())
+                if self._known >= position:
+                    break
+                if self._advanced is None:
+                    self._advanced = trio.Event()
+                with trio.move_on_after(0.05):
+                    await self._advanced.wait()
+            return True
+        return False
+
+    async def list_chats(
+        self, owner: str, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """``owner``'s chats, most recent activity first, and the cursor of the next page.
+
+        A malformed cursor reads as the first page.
+        """
+        return await self._run(self._list_chats, owner, max(1, min(limit, 500)), cursor)
+
+    def _list_chats(
+        self, owner: str, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        after = _decode_cursor(cursor)
+        where, params = "owner = ?", [owner]
+        if after is not None:
+            where += " AND (updated_at, chat_id) < (?, ?)"
+            params += after
+        with self.db.read() as tx:
+            rows = tx.all(f"SELECT {CHAT_COLUMNS} FROM view_chats WHERE {where}"
+                          " ORDER BY updated_at DESC, chat_id DESC LIMIT ?", (*params, limit + 1))
+        chats = [chat_dict(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return chats, _encode_cursor(rows[limit - 1]) if more else None
+
+    async def get_chat(self, owner: str, chat_id: UUID | str) -> dict[str, Any] | None:
+        """The chat, or None when it does not exist or is not ``owner``'s."""
+        return await self._run(self._get_chat, owner, str(chat_id))
+
+    def _get_chat(self, owner: str, chat_id: str) -> dict[str, Any] | None:
+        with self.db.read() as tx:
+            row = _chat_row(tx, owner, chat_id)
+        return None if row is None else chat_dict(row)
+
+    async def messages(
+        self,
+        owner: str,
+        chat_id: UUID | str,
+        limit: int = 100,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of the chat's messages, oldest first, and whether more exist beyond it.
+
+        With ``after_seq`` the page starts just after it (``has_more``: newer ones remain);
+        otherwise it ends just before ``before_seq`` or at the latest message (``has_more``:
+        older ones remain). A chat that is not ``owner``'s has no messages.
+        """
+        limit = max(1, min(limit, 1000))
+        return await self._run(self._messages, owner, str(chat_id), limit, before_seq, after_seq)
+
+    def _messages(
+        self, owner: str, chat_id: str, limit: int, before: int | None, after: int | None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        select = f"SELECT {MESSAGE_COLUMNS} FROM view_messages WHERE chat_id = ?"
+        with self.db.read() as tx:
+            if tx.one("SELECT 1 FROM view_chats WHERE chat_id = ? AND owner = ?",
+                      (chat_id, owner)) is None:
+                return [], False
+            if after is not None:
+                rows = tx.all(f"{select} AND seq > ? ORDER BY seq LIMIT ?",
+                              (chat_id, after, limit + 1))
+            else:
+                bound = before if before is not None else 2**31 - 1
+                rows = tx.all(f"{select} AND seq < ? ORDER BY seq DESC LIMIT ?",
+                              (chat_id, bound, limit + 1))
+                rows.reverse()
+        more = len(rows) > limit
+        if more:
+            rows = rows[:limit] if after is not None else rows[1:]
+        return [message_dict(row) for row in rows], more
+
+    async def search(self, owner: str, q: str, limit: int = 20) -> list[dict[str, Any]]:
+        """``owner``'s chats matching ``q`` (words, quoted phrases, ``-word``), best first,
+        each with up to three matching message snippets. Never another user's chats."""
+        return await self._run(self._search, owner, q, max(1, min(limit, 100)))
+
+    def _search(self, owner: str, q: str, limit: int) -> list[dict[str, Any]]:
+        with self.db.read() as tx:
+            hits = search_rows(tx, owner, q, limit)
+            results = []
+            for chat_id, snippets in hits:
+                row = _chat_row(tx, owner, chat_id)
+                if row is not None:
+                    results.append({"chat": chat_dict(row), "snippets": snippets})
+        return results
+
+    async def stats(
+        self, owner: str | None = None, chat_id: UUID | str | None = None
+    ) -> dict[str, Any]:
+        """Stats (the contract's shape, without ``live``): overall, ``owner``'s, or one of
+        ``owner``'s chats. A chat that is not ``owner``'s reads as empty stats."""
+        return await self._run(self._stats, owner, None if chat_id is None else str(chat_id))
+
+    def _stats(self, owner: str | None, chat_id: str | None) -> dict[str, Any]:
+        with self.db.read() as tx:
+            if chat_id is not None:
+                if owner is not None and _chat_row(tx, owner, chat_id) is None:
+                    return stats.empty()
+                return stats.read(tx, projector.chat_scope(chat_id))
+            if owner is not None:
+                return stats.read(tx, projector.user_scope(owner))
+            return stats.read(tx, "all")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_views(settings: Settings) -> Views:
+    """Opens the views for ``settings``' store, creating their tables if needed (blocking)."""
+    return Views(open_database(settings), trio.CapacityLimiter(max(2, settings.store_threads)))
+
+
+def _tracked(tx: Tx) -> int:
+    row = tx.one("SELECT position FROM view_tracking WHERE name = ?", (TRACKED,))
+    return int(row[0]) if row else 0
+
+
+def _chat_row(tx: Tx, owner: str, chat_id: str) -> Any:
+    return tx.one(f"SELECT {CHAT_COLUMNS} FROM view_chats WHERE chat_id = ? AND owner = ?",
+                  (chat_id, owner))
+
+
+def chat_dict(row: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "id": row[0], "title": row[2], "created_at": row[3], "updated_at": row[4],
+        "model": row[5], "message_count": row[6],
+        "usage": {"prompt_tokens": row[7], "completion_tokens": row[8], "total_tokens": row[9]},
+        "last_message_preview": row[10],
+    }
+
+
+def message_dict(row: Sequence[Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"seq": row[1], "role": row[2], "content": row[3],
+                               "created_at": row[4]}
+    if row[2] == "user":
+        if row[5] is not None:
+            message["client_message_id"] = row[5]
+        return message
+    message.update(
+        response_id=row[6], status=row[7], model=row[8], usage=_json(row[9]),
+        timing=_json(row[10]), tool_calls=_json(row[11]) or [], error=_json(row[12]),
+    )
+    return message
+
+
+def _json(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _encode_cursor(row: Sequence[Any]) -> str:
+    raw = json.dumps([row[4], row[0]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> list[str] | None:
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return value
+    return None
