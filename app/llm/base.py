@@ -15,7 +15,9 @@ Items arrive in this order: any number of ``TextDelta`` and ``ToolCallRequest``,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import math
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -128,3 +130,20 @@ class ToolContext:
 
     owner: str
     chat_id: str
+
+
+def estimate_tokens(texts: Iterable[str]) -> int:
+    """About four characters per token, at least one: for servers that report no usage."""
+    return max(1, math.ceil(sum(len(text) for text in texts) / 4))
+
+
+def message_texts(messages: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """The text of chat messages as the model reads it (content and tool calls)."""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield content
+        elif content is not None:
+            yield json.dumps(content)
+        for call in message.get("tool_calls") or ():
+            yield json.dumps(call)

@@ -1,0 +1,307 @@
+"""The provider for any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama, ...).
+
+Retries happen only before the first chunk: the ``openai`` client retries a refused request
+(429, 5xx, connection errors) up to ``settings.max_retries`` times; once a chunk has arrived
+nothing is retried, because the text already streamed to users cannot be taken back.
+
+Every ``openai``/``httpx2`` error is mapped once, here, to an ``app.llm.errors`` error (with
+``raise ... from exc``); the API key never appears in their messages. ``trio.Cancelled``
+always propagates; leaving ``stream()`` for any reason closes the upstream HTTP response, so a
+user's stop also closes the connection to the model server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+import trio
+from openai.types.chat import ChatCompletionChunk
+
+from app.config import Settings
+from app.llm.base import (
+    Finish,
+    ModelRequest,
+    StreamItem,
+    TextDelta,
+    ToolCallRequest,
+    Usage,
+    estimate_tokens,
+    message_texts,
+)
+from app.llm.errors import (
+    LLMError,
+    ProviderProtocolError,
+    ProviderRateLimitedError,
+    ProviderRequestError,
+    ProviderStreamError,
+    ProviderTimeoutError,
+    ProviderUnavailableError,
+)
+
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: Chunk fields kept as server timings: llama.cpp's ``timings`` and Ollama's durations.
+SERVER_TIMING_FIELDS = (
+    "timings",
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
+#: How long closing an abandoned stream may take, even under cancellation.
+_CLOSE_TIMEOUT_S = 2.0
+_MAX_ERROR_TEXT = 300
+
+
+class OpenAIProvider:
+    """Streams chat completions from an OpenAI-compatible server.
+
+    ``http_client`` (an ``httpx2.AsyncClient``) is handed to the ``openai`` client, which then
+    owns it: ``aclose()`` closes it.
+    """
+
+    name = "openai"
+
+    def __init__(self, settings: Settings, http_client: httpx2.AsyncClient | None = None) -> None:
+        self._settings = settings
+        self._secret = settings.openai_api_key or ""
+        self._client = openai.AsyncOpenAI(
+            # Local servers (llama.cpp, Ollama) need no key, but the client insists on one.
+            api_key=settings.openai_api_key or "unused",
+            base_url=settings.openai_base_url or DEFAULT_BASE_URL,
+            max_retries=settings.max_retries,
+            timeout=httpx2.Timeout(settings.request_timeout_s),
+            http_client=http_client,
+        )
+
+    @property
+    def default_model(self) -> str:
+        return self._settings.model or DEFAULT_MODEL
+
+    @asynccontextmanager
+    async def stream(self, request: ModelRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
+        """Opens the completion; raises ``LLMError`` if the server refuses it (after retries).
+
+        Iterating raises ``ProviderTimeoutError`` when no chunk comes within
+        ``request_timeout_s``, ``ProviderStreamError`` when the connection breaks and
+        ``ProviderProtocolError`` on a chunk that cannot be parsed. On exit (end, error or
+        cancellation) the upstream response is closed, shielded, within a short timeout.
+        """
+        model = request.model or self.default_model
+        upstream = await self._open(request, model)
+        try:
+            yield _ChunkReader(upstream, request, model, self._settings.request_timeout_s,
+                               self._redact)
+        finally:
+            with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+                try:
+                    await upstream.close()
+                except (openai.OpenAIError, httpx2.HTTPError, httpx2.StreamError):
+                    pass  # The connection is being abandoned anyway.
+
+    async def aclose(self) -> None:
+        """Closes the ``openai`` client and its connection pool."""
+        await self._client.close()
+
+    async def _open(
+        self, request: ModelRequest, model: str
+    ) -> openai.AsyncStream[ChatCompletionChunk]:
+        tools: Any = [tool.to_openai() for tool in request.tools] or openai.omit
+        messages: Any = request.messages
+        try:
+            return await self._client.chat.completions.create(
+                model=model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                tools=tools,
+            )
+        except openai.OpenAIError as exc:
+            raise self._request_error(exc) from exc
+
+    def _request_error(self, exc: openai.OpenAIError) -> LLMError:
+        timeout = self._settings.request_timeout_s
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderTimeoutError(f"the model server did not answer within {timeout} s")
+        if isinstance(exc, openai.APIConnectionError):
+            url = self._client.base_url
+            return ProviderUnavailableError(f"cannot reach the model server at {url}")
+        if isinstance(exc, openai.RateLimitError):
+            return ProviderRateLimitedError(
+                f"the model server is rate limiting us: {self._describe(exc)}"
+            )
+        if isinstance(exc, openai.APIStatusError):
+            if exc.status_code >= 500:
+                return ProviderUnavailableError(
+                    f"the model server failed ({exc.status_code}): {self._describe(exc)}"
+                )
+            return ProviderRequestError(
+                f"the model server refused the request ({exc.status_code}): "
+                f"{self._describe(exc)}"
+            )
+        return ProviderProtocolError(
+            f"unexpected answer from the model server: {self._redact(str(exc))}"
+        )
+
+    def _describe(self, exc: openai.APIError) -> str:
+        body = exc.body
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return self._redact(body["message"])
+        return self._redact(exc.message)
+
+    def _redact(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text[:_MAX_ERROR_TEXT]
+
+
+@dataclass
+class _ToolCallParts:
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def add(self, fragment: Any) -> None:
+        if fragment.id:
+            self.call_id = self.call_id or fragment.id
+        function = fragment.function
+        if function is None:
+            return
+        # Some servers repeat the whole name in every fragment; OpenAI sends it once.
+        if function.name and function.name != self.name:
+            self.name += function.name
+        self.arguments += function.arguments or ""
+
+
+class _ChunkReader:
+    """Turns ``chat.completion.chunk``s into ``StreamItem``s (see ``app.llm.base``)."""
+
+    def __init__(
+        self,
+        upstream: openai.AsyncStream[ChatCompletionChunk],
+        request: ModelRequest,
+        model: str,
+        idle_timeout_s: float,
+        redact: Any,
+    ) -> None:
+        self._chunks = upstream.__aiter__()
+        self._request = request
+        self._model = model
+        self._idle_timeout_s = idle_timeout_s
+        self._redact = redact
+        self._pending: deque[StreamItem] = deque()
+        self._tool_calls: dict[int, _ToolCallParts] = {}
+        self._tool_calls_sent = False
+        self._text_chars = 0
+        self._usage: Any = None
+        self._timings: dict[str, Any] = {}
+        self._finish_reason: str | None = None
+        self._done = False
+
+    def __aiter__(self) -> _ChunkReader:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        while not self._pending:
+            if self._done:
+                raise StopAsyncIteration
+            chunk = await self._next_chunk()
+            if chunk is None:
+                self._end()
+            else:
+                self._absorb(chunk)
+        return self._pending.popleft()
+
+    async def _next_chunk(self) -> ChatCompletionChunk | None:
+        with trio.move_on_after(self._idle_timeout_s):
+            try:
+                return await self._chunks.__anext__()
+            except StopAsyncIteration:
+                return None
+            except openai.APITimeoutError as exc:
+                raise self._stalled() from exc
+            except (openai.APIConnectionError, httpx2.HTTPError, httpx2.StreamError) as exc:
+                raise ProviderStreamError(
+                    "the connection to the model server broke in mid-answer"
+                ) from exc
+            except openai.APIError as exc:
+                raise ProviderStreamError(
+                    f"the model server reported an error in mid-answer: {self._redact(exc.message)}"
+                ) from exc
+            except ValueError as exc:  # json.JSONDecodeError and friends
+                raise ProviderProtocolError(
+                    f"the model server sent a chunk that is not valid JSON: {exc}"
+                ) from exc
+        raise self._stalled()
+
+    def _stalled(self) -> ProviderTimeoutError:
+        return ProviderTimeoutError(
+            f"the model server sent nothing for {self._idle_timeout_s} s in mid-answer"
+        )
+
+    def _absorb(self, chunk: Any) -> None:
+        choices = getattr(chunk, "choices", None)
+        if not isinstance(chunk, ChatCompletionChunk) or not isinstance(choices, list):
+            raise ProviderProtocolError(
+                f"the model server sent an unexpected chunk: {chunk!r:.200}"
+            )
+        self._model = getattr(chunk, "model", None) or self._model
+        if getattr(chunk, "usage", None) is not None:
+            self._usage = chunk.usage
+        self._timings.update(_server_timings(chunk))
+        for choice in choices:
+            self._absorb_choice(choice)
+
+    def _absorb_choice(self, choice: Any) -> None:
+        delta = choice.delta
+        if delta is not None and delta.content:
+            self._text_chars += len(delta.content)
+            self._pending.append(TextDelta(delta.content))
+        for position, fragment in enumerate((delta and delta.tool_calls) or ()):
+            index = fragment.index if fragment.index is not None else position
+            self._tool_calls.setdefault(index, _ToolCallParts()).add(fragment)
+        if choice.finish_reason:
+            self._finish_reason = choice.finish_reason
+            self._flush_tool_calls()
+
+    def _flush_tool_calls(self) -> None:
+        if self._tool_calls_sent:
+            return
+        self._tool_calls_sent = True
+        for index, parts in sorted(self._tool_calls.items()):
+            call_id = parts.call_id or f"call_{index}"
+            self._pending.append(ToolCallRequest(call_id, parts.name, parts.arguments or "{}"))
+
+    def _end(self) -> None:
+        self._done = True
+        self._flush_tool_calls()
+        self._pending.append(self._final_usage())
+        reason = self._finish_reason or ("tool_calls" if self._tool_calls else "stop")
+        self._pending.append(Finish(reason, self._model))
+
+    def _final_usage(self) -> Usage:
+        usage = self._usage
+        if usage is not None and usage.prompt_tokens is not None:
+            return Usage(usage.prompt_tokens, usage.completion_tokens or 0,
+                         server_timings=self._timings)
+        arguments = sum(len(parts.arguments) for parts in self._tool_calls.values())
+        return Usage(
+            prompt_tokens=estimate_tokens(message_texts(self._request.messages)),
+            completion_tokens=max(1, math.ceil((self._text_chars + arguments) / 4)),
+            estimated=True,
+            server_timings=self._timings,
+        )
+
+
+def _server_timings(chunk: Any) -> dict[str, Any]:
+    extra = getattr(chunk, "model_extra", None) or {}
+    return {key: extra[key] for key in SERVER_TIMING_FIELDS if extra.get(key) is not None}
