@@ -116,9 +116,7 @@ class OfflineProvider:
     async def aclose(self) -> None:
         """Nothing to release."""
 
-    async def _items(
-        self, request: ModelRequest, plan: _Plan
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def _items(self, request: ModelRequest, plan: _Plan) -> AsyncGenerator[StreamItem, None]:
         for index, token in enumerate(plan.tokens):
             if index == plan.fail_after:
                 raise ProviderStreamError("the offline model failed on purpose (/fail)")
@@ -165,8 +163,9 @@ def compose_reply(text: str) -> str:
     words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", text)]
     keywords = list(dict.fromkeys(w for w in words if w not in _STOPWORDS)) or ["this"]
     sentences = [f'You said: "{echo}".']
-    for template in rng.sample(_THOUGHTS, 2):
-        keyword = rng.choice(keywords)
+    chosen = rng.sample(keywords, min(2, len(keywords)))
+    for index, template in enumerate(rng.sample(_THOUGHTS, 2)):
+        keyword = chosen[index % len(chosen)]
         sentences.append(template.format(kw=keyword, Kw=keyword.capitalize()))
     sentences.append(rng.choice(_CLOSERS))
     return " ".join(sentences)

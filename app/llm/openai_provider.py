@@ -99,8 +99,9 @@ class OpenAIProvider:
         model = request.model or self.default_model
         upstream = await self._open(request, model)
         try:
-            yield _ChunkReader(upstream, request, model, self._settings.request_timeout_s,
-                               self._redact)
+            yield _ChunkReader(
+                upstream, request, model, self._settings.request_timeout_s, self._redact
+            )
         finally:
             with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
                 try:
@@ -145,8 +146,7 @@ class OpenAIProvider:
                     f"the model server failed ({exc.status_code}): {self._describe(exc)}"
                 )
             return ProviderRequestError(
-                f"the model server refused the request ({exc.status_code}): "
-                f"{self._describe(exc)}"
+                f"the model server refused the request ({exc.status_code}): {self._describe(exc)}"
             )
         return ProviderProtocolError(
             f"unexpected answer from the model server: {self._redact(str(exc))}"
@@ -291,8 +291,9 @@ class _ChunkReader:
     def _final_usage(self) -> Usage:
         usage = self._usage
         if usage is not None and usage.prompt_tokens is not None:
-            return Usage(usage.prompt_tokens, usage.completion_tokens or 0,
-                         server_timings=self._timings)
+            return Usage(
+                usage.prompt_tokens, usage.completion_tokens or 0, server_timings=self._timings
+            )
         arguments = sum(len(parts.arguments) for parts in self._tool_calls.values())
         return Usage(
             prompt_tokens=estimate_tokens(message_texts(self._request.messages)),

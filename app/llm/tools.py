@@ -117,8 +117,10 @@ def schema_problem(schema: dict[str, Any], value: Any, where: str = "arguments")
     if kinds is not None:
         names = [kinds] if isinstance(kinds, str) else list(kinds)
         is_bool = isinstance(value, bool)
-        if not any(isinstance(value, _JSON_TYPES.get(n, object)) and (n == "boolean") == is_bool
-                   for n in names):
+        if not any(
+            isinstance(value, _JSON_TYPES.get(n, object)) and (n == "boolean") == is_bool
+            for n in names
+        ):
             return f"{where} must be of type {' or '.join(names)}"
     if "enum" in schema and value not in schema["enum"]:
         return f"{where} must be one of {schema['enum']}"
@@ -213,8 +215,7 @@ def _evaluate(node: ast.expr) -> Any:
             raise ToolArgumentsError(f"the result would have more than {MAX_RESULT_DIGITS} digits")
         return result
     raise ToolArgumentsError(
-        "only numbers, + - * / // % ** and parentheses are allowed "
-        f"(not {type(node).__name__})"
+        f"only numbers, + - * / // % ** and parentheses are allowed (not {type(node).__name__})"
     )
 
 

@@ -241,8 +241,8 @@ class _Connection:
         if isinstance(behaviour, ErrorReply):
             await trio.sleep(behaviour.delay_s)
             extra = {"retry-after": "0", "retry-after-ms": str(behaviour.retry_after_ms)}
-            body = _error_body(behaviour.message, behaviour.status)
-            await self._send_json(behaviour.status, body, extra)
+            error = _error_body(behaviour.message, behaviour.status)
+            await self._send_json(behaviour.status, error, extra)
             return True
         await trio.sleep(behaviour.headers_delay_s)
         if not request.get("stream"):
@@ -314,8 +314,15 @@ class _Connection:
         await self._stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def _chunked(data: bytes) -> bytes:
@@ -323,8 +330,13 @@ def _chunked(data: bytes) -> bytes:
 
 
 def _error_body(message: str, status: int) -> dict[str, Any]:
-    kind = "rate_limit_exceeded" if status == 429 else "server_error" if status >= 500 else (
-        "invalid_request_error")
+    kind = (
+        "rate_limit_exceeded"
+        if status == 429
+        else "server_error"
+        if status >= 500
+        else ("invalid_request_error")
+    )
     return {"error": {"message": message, "type": kind, "code": kind, "param": None}}
 
 
@@ -340,19 +352,30 @@ def _usage(reply: StreamReply, request: dict[str, Any], completion: int) -> dict
         return reply.usage
     chars = sum(len(_text_of(m)) for m in request.get("messages", []))
     prompt = max(1, math.ceil(chars / 4))
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _tool_fragments(reply: StreamReply) -> list[dict[str, Any]]:
     fragments: list[dict[str, Any]] = []
     for index, call in enumerate(reply.tool_calls):
         call_id = call.call_id or f"call_fake_{index}"
-        fragments.append({"index": index, "id": call_id, "type": "function",
-                          "function": {"name": call.name, "arguments": ""}})
+        fragments.append(
+            {
+                "index": index,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+        )
         text, size = call.arguments_json, max(1, call.fragment_chars)
         for start in range(0, len(text), size):
-            fragments.append({"index": index, "function": {"arguments": text[start:start + size]}})
+            fragments.append(
+                {"index": index, "function": {"arguments": text[start : start + size]}}
+            )
     return fragments
 
 
@@ -378,8 +401,15 @@ def _chunks(reply: StreamReply, request: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def _chunk(reply: StreamReply, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1_700_000_000,
-            "model": reply.model, "system_fingerprint": None, "choices": choices, "usage": None}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": reply.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": None,
+    }
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
@@ -390,16 +420,23 @@ def _completion(reply: StreamReply, request: dict[str, Any]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.pieces)}
     if reply.tool_calls:
         message["tool_calls"] = [
-            {"id": call.call_id or f"call_fake_{index}", "type": "function",
-             "function": {"name": call.name, "arguments": call.arguments_json}}
+            {
+                "id": call.call_id or f"call_fake_{index}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json},
+            }
             for index, call in enumerate(reply.tool_calls)
         ]
     reason = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
     completion = len(reply.pieces) + len(reply.tool_calls)
-    body = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1_700_000_000,
-            "model": reply.model, "choices": [{"index": 0, "message": message,
-                                                 "logprobs": None, "finish_reason": reason}],
-            "usage": _usage(reply, request, completion)}
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": reply.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
+        "usage": _usage(reply, request, completion),
+    }
     if reply.timings is not None:
         body["timings"] = reply.timings
     body.update(reply.extra or {})

@@ -289,3 +289,17 @@ async def test_build_provider_picks_openai_from_the_settings() -> None:
             await provider.aclose()
 
     assert "".join(texts(items)) == "You said: Say hello to the world"
+
+
+async def test_leaving_the_stream_early_closes_the_upstream_connection() -> None:
+    reply = StreamReply([f" t{i}" for i in range(200)], delay_s=0.02)
+    async with fake_openai_server(reply) as server:
+        async with provider_for(server) as provider:
+            with trio.fail_after(10):
+                async with provider.stream(HELLO) as stream:
+                    async for item in stream:
+                        assert isinstance(item, TextDelta)
+                        break
+                await server.client_disconnected.wait()
+
+    assert server.disconnects == 1
