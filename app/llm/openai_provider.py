@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -134,8 +134,9 @@ class OpenAIProvider:
         if isinstance(exc, openai.APITimeoutError):
             return ProviderTimeoutError(f"the model server did not answer within {timeout} s")
         if isinstance(exc, openai.APIConnectionError):
-            url = self._client.base_url
-            return ProviderUnavailableError(f"cannot reach the model server at {url}")
+            url = self._client.base_url  # shown without any credentials it may carry
+            where = f"{url.scheme}://{url.host}{f':{url.port}' if url.port else ''}{url.path}"
+            return ProviderUnavailableError(f"cannot reach the model server at {where}")
         if isinstance(exc, openai.RateLimitError):
             return ProviderRateLimitedError(
                 f"the model server is rate limiting us: {self._describe(exc)}"
@@ -191,7 +192,7 @@ class _ChunkReader:
         request: ModelRequest,
         model: str,
         idle_timeout_s: float,
-        redact: Any,
+        redact: Callable[[str], str],
     ) -> None:
         self._chunks = upstream.__aiter__()
         self._request = request

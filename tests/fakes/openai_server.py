@@ -27,7 +27,8 @@ Behaviours:
                  ``stream_options.include_usage``, a usage chunk with ``choices: []``, then
                  ``data: [DONE]``. Faults: ``delay_s`` between chunks, ``drop_after`` N chunks
                  (the connection is closed mid-body), ``malformed_after`` N chunks (sends
-                 ``data: {not json``), ``stall_after`` N chunks for ``stall_s`` seconds,
+                 ``data: {not json``), ``error_after`` N chunks (sends an in-stream
+                 ``{"error": ...}`` event), ``stall_after`` N chunks for ``stall_s`` seconds,
                  ``usage=False`` (no usage chunk), ``headers_delay_s`` before the status line.
                  A request with ``"stream": false`` gets one ``chat.completion`` instead.
 ``ErrorReply``   answers ``status`` with an OpenAI-style JSON error body and ``Retry-After: 0``
@@ -92,6 +93,8 @@ class StreamReply:
     delay_s: float = 0.0
     drop_after: int | None = None
     malformed_after: int | None = None
+    #: Sends ``data: {"error": {...}}`` after N chunks, as servers do when failing mid-answer.
+    error_after: int | None = None
     stall_after: int | None = None
     stall_s: float = 3600.0
     headers_delay_s: float = 0.0
@@ -292,6 +295,9 @@ class _Connection:
                 return None
             if sent == reply.malformed_after:
                 await self._send_chunk(b"data: {not json\n\n")
+            if sent == reply.error_after:
+                error = _error_body("the fake server failed in mid-answer", 500)
+                await self._send_chunk(b"data: " + json.dumps(error).encode() + b"\n\n")
             if sent == reply.stall_after:
                 await trio.sleep(reply.stall_s)
             if sent and reply.delay_s:

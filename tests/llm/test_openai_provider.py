@@ -303,3 +303,20 @@ async def test_leaving_the_stream_early_closes_the_upstream_connection() -> None
                 await server.client_disconnected.wait()
 
     assert server.disconnects == 1
+
+
+async def test_an_error_event_mid_stream_is_a_stream_error() -> None:
+    items: list[StreamItem] = []
+    async with fake_openai_server(StreamReply(["a", "b"], error_after=1)) as server:
+        async with provider_for(server) as provider:
+            with pytest.raises(ProviderStreamError, match="failed in mid-answer"):
+                await collect(provider, into=items)
+
+    assert texts(items) == ["a"]
+
+
+async def test_no_answer_at_all_times_out() -> None:
+    async with fake_openai_server(StreamReply(["late"], headers_delay_s=30)) as server:
+        async with provider_for(server, request_timeout_s=0.3, max_retries=0) as provider:
+            with pytest.raises(ProviderTimeoutError, match="did not answer within 0.3 s"):
+                await collect(provider)
