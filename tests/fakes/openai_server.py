@@ -175,10 +175,6 @@ async def fake_openai_server(
             nursery.cancel_scope.cancel()
 
 
-class _ClientGone(Exception):
-    """The client closed the connection."""
-
-
 class _Connection:
     """One client connection: requests one after the other (keep-alive)."""
 
@@ -193,7 +189,7 @@ class _Connection:
                 while (request := await self._read_request()) is not None:
                     if not await self._answer(*request):
                         return
-            except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
     async def _read_request(self) -> tuple[str, str, dict[str, str], bytes] | None:
@@ -203,12 +199,15 @@ class _Connection:
         head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
         self._buffer = bytearray(rest)
         lines = head.decode("latin-1").split("\r\n")
-        method, path, _version = lines[0].split(" ", 2)
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
+        try:
+            method, path, _version = lines[0].split(" ", 2)
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            return None  # not HTTP: hang up
         while len(self._buffer) < length:
             if not await self._fill():
                 return None
