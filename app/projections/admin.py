@@ -10,7 +10,7 @@ from ..config import Settings
 from ..events.application import ChatApplication, persistence_env
 from .views import open_views
 
-REBUILD_BATCH = 1000
+REBUILD_BATCH = 2000
 
 
 def rebuild(settings: Settings, progress: bool = True, batch_size: int = REBUILD_BATCH) -> int:

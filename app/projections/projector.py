@@ -93,25 +93,52 @@ MESSAGE_COLUMNS = ("chat_id, seq, role, content, created_at, client_message_id, 
                    " status, model, usage, timing, tool_calls, error")
 
 
-def _upsert(table: str, columns: str, key: str) -> str:
-    names = [c.strip() for c in columns.split(",")]
+@dataclass(frozen=True)
+class Upsert:
+    """An ``INSERT ... ON CONFLICT`` of many rows: ``executemany`` on SQLite, one statement
+    over ``unnest``ed column arrays on PostgreSQL (one round trip per table and batch)."""
+
+    table: str
+    columns: tuple[str, ...]
+    pg_types: tuple[str, ...]
+    on_conflict: str
+
+    def write(self, tx: Tx, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        names = ", ".join(self.columns)
+        if tx.postgres:
+            arrays = ", ".join(f"%b::{t}[]" for t in self.pg_types)  # binary: no escaping
+            tx.run(f"INSERT INTO {self.table} ({names}) SELECT * FROM unnest({arrays})"
+                   f" {self.on_conflict}", [list(column) for column in zip(*rows, strict=True)])
+        else:
+            marks = ", ".join("?" for _ in self.columns)
+            tx.many(f"INSERT INTO {self.table} ({names}) VALUES ({marks}) {self.on_conflict}",
+                    rows)
+
+
+def _replace(table: str, columns: str, pg_types: str, key: str) -> Upsert:
+    names = tuple(c.strip() for c in columns.split(","))
     keys = {k.strip() for k in key.split(",")}
     updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in keys)
-    marks = ", ".join("?" for _ in names)
-    return (f"INSERT INTO {table} ({columns}) VALUES ({marks})"
-            f" ON CONFLICT ({key}) DO UPDATE SET {updates}")
+    return Upsert(table, names, tuple(pg_types.split()),
+                  f"ON CONFLICT ({key}) DO UPDATE SET {updates}")
 
 
-UPSERT_CHAT = _upsert("view_chats", CHAT_COLUMNS, "chat_id")
-UPSERT_MESSAGE = _upsert("view_messages", MESSAGE_COLUMNS, "chat_id, seq")
-ADD_COUNTER = ("INSERT INTO view_counters (scope, name, value) VALUES (?, ?, ?)"
-               " ON CONFLICT (scope, name)"
-               " DO UPDATE SET value = view_counters.value + excluded.value")
-ADD_BUCKET = ("INSERT INTO view_sketches (scope, metric, bucket, count) VALUES (?, ?, ?, ?)"
-              " ON CONFLICT (scope, metric, bucket)"
-              " DO UPDATE SET count = view_sketches.count + excluded.count")
-INSERT_SEARCH = ("INSERT INTO view_search (content, owner, chat_id, seq, role)"
-                 " VALUES (?, ?, ?, ?, ?)")
+UPSERT_CHAT = _replace("view_chats", CHAT_COLUMNS,
+                       "text text text text text text int int8 int8 int8 text int", "chat_id")
+UPSERT_MESSAGE = _replace("view_messages", MESSAGE_COLUMNS,
+                          "text int text text text text text text text text text text text",
+                          "chat_id, seq")
+ADD_COUNTER = Upsert("view_counters", ("scope", "name", "value"), ("text", "text", "int8"),
+                     "ON CONFLICT (scope, name)"
+                     " DO UPDATE SET value = view_counters.value + excluded.value")
+ADD_BUCKET = Upsert("view_sketches", ("scope", "metric", "bucket", "count"),
+                    ("text", "text", "int", "int8"),
+                    "ON CONFLICT (scope, metric, bucket)"
+                    " DO UPDATE SET count = view_sketches.count + excluded.count")
+INSERT_SEARCH = Upsert("view_search", ("content", "owner", "chat_id", "seq", "role"),
+                       ("text", "text", "text", "int", "text"), "")
 
 
 def chat_scope(chat_id: str) -> str:
@@ -186,11 +213,11 @@ class Batch:
 
     def flush(self) -> None:
         tx = self.tx
-        tx.many(UPSERT_CHAT, [row.as_row() for row in self.chats.values()])
-        tx.many(UPSERT_MESSAGE, [row.as_row() for row in self.messages.values()])
-        tx.many(INSERT_SEARCH, self.search)
-        tx.many(ADD_COUNTER, [(s, n, v) for (s, n), v in self.counters.items() if v])
-        tx.many(ADD_BUCKET, [(s, m, b, c) for (s, m, b), c in self.buckets.items()])
+        UPSERT_CHAT.write(tx, [row.as_row() for row in self.chats.values()])
+        UPSERT_MESSAGE.write(tx, [row.as_row() for row in self.messages.values()])
+        INSERT_SEARCH.write(tx, list(self.search))
+        ADD_COUNTER.write(tx, [(s, n, v) for (s, n), v in self.counters.items() if v])
+        ADD_BUCKET.write(tx, [(s, m, b, c) for (s, m, b), c in self.buckets.items()])
 
 
 # -- event handlers -------------------------------------------------------------------
