@@ -1,0 +1,87 @@
+"""The app factory: one QuartTrio app per call, its collaborators wired in one place.
+
+``create_app(settings, store=..., views=..., provider=..., tools=...)`` builds the app; the
+lifespan (``before_serving``) opens what was not given, starts the projection runner, the
+actor system and the metrics follower in the app's nursery, and ``after_serving`` lets
+running responses finish for ``grace_s`` before interrupting them, then stops everything.
+"""
+
+from __future__ import annotations
+
+from quart import Response
+from quart_schema import QuartSchema
+from quart_trio import QuartTrio
+
+from ..config import Settings
+from ..events.store import EventStore
+from ..llm.base import Provider
+from ..llm.tools import ToolRegistry
+from ..projections.views import Views
+from .auth import install_auth
+from .errors import register_error_handlers
+from .rest import rest
+from .services import Services, build_services
+from .users import UserStore
+from .ws import ws
+
+#: Largest request body: a maximal message, JSON-escaped, with room to spare.
+MAX_BODY_BYTES = 256 * 1024
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: EventStore | None = None,
+    views: Views | None = None,
+    provider: Provider | None = None,
+    tools: ToolRegistry | None = None,
+    users: UserStore | None = None,
+    grace_s: float = 10.0,
+) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=max(MAX_BODY_BYTES, settings.max_message_chars * 8),
+        # our tasks stop in after_serving; never wait seconds for stragglers
+        BACKGROUND_TASK_SHUTDOWN_TIMEOUT=grace_s + 5,
+        JSON_SORT_KEYS=False,
+        PROVIDE_AUTOMATIC_OPTIONS=True,
+    )
+    QuartSchema(
+        app,
+        info={"title": "eventchat", "version": "1",
+              "description": "Real-time backend for AI chat apps (wire contract version 1)."},
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        swagger_ui_path=None, redoc_ui_path=None, scalar_ui_path=None,
+    )
+    register_error_handlers(app)
+    install_auth(app, lambda: app.extensions["eventchat"].auth)
+    app.register_blueprint(rest)
+    app.register_blueprint(ws)
+
+    @app.before_serving
+    async def start() -> None:
+        services = await build_services(
+            settings, store=store, views=views, provider=provider, tools=tools, users=users,
+            grace_s=grace_s,
+        )
+        try:
+            await app.nursery.start(services.run)
+        except BaseException:
+            await services.close()
+            raise
+        app.extensions["eventchat"] = services
+
+    @app.after_serving
+    async def stop() -> None:
+        services: Services | None = app.extensions.pop("eventchat", None)
+        if services is not None:
+            await services.close()
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        services: Services | None = app.extensions.get("eventchat")
+        if services is not None:
+            services.metrics.http_requests.labels(str(response.status_code)).inc()
+        return response
+
+    return app

@@ -1,0 +1,60 @@
+"""Bearer-token authentication for every route but the public ones.
+
+``Authorization: Bearer <token>`` on every request; the WebSocket also accepts
+``?access_token=<token>`` (browsers cannot set headers on a WebSocket). A missing or unknown
+token raises ``UnauthorizedError`` (401, and a refused WebSocket handshake). The user's name
+is put in ``g.user``; routes read it with ``current_user()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from quart import Quart, g, request, websocket
+from quart.wrappers import Request, Websocket
+
+from .errors import UnauthorizedError
+from .users import Authenticator
+
+#: Endpoints anyone may call: the health check, the contract itself, the web client.
+PUBLIC_ENDPOINTS = frozenset({"rest.health", "openapi", "static", "index"})
+
+
+def bearer_token(conn: Request | Websocket, allow_query: bool = False) -> str | None:
+    header = conn.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if allow_query:
+        return conn.args.get("access_token") or None
+    return None
+
+
+async def authenticate(auth: Authenticator, token: str | None) -> str:
+    if token is None:
+        raise UnauthorizedError("missing bearer token")
+    user = await auth.user_for(token)
+    if user is None:
+        raise UnauthorizedError("invalid bearer token")
+    return user
+
+
+def current_user() -> str:
+    user = g.get("user")
+    if user is None:  # a route forgot to be protected: fail closed
+        raise UnauthorizedError("not authenticated")
+    return str(user)
+
+
+def install_auth(app: Quart, auth: Callable[[], Authenticator]) -> None:
+    """Checks the token before every non-public request and every WebSocket handshake."""
+
+    @app.before_request
+    async def check_request() -> None:
+        if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS":
+            return
+        g.user = await authenticate(auth(), bearer_token(request))
+
+    @app.before_websocket
+    async def check_websocket() -> None:
+        g.user = await authenticate(auth(), bearer_token(websocket, allow_query=True))

@@ -1,0 +1,154 @@
+"""Sending a user message, shared by ``POST /generate`` (JSON or SSE) and the WebSocket.
+
+``admit`` checks the text and the user's limits before anything is written; ``send`` records
+the message through the chat's actor and returns once it is durable (``Accepted``). A
+duplicate ``client_message_id`` is answered with the original ``Accepted`` (and, if its turn
+is done, its outcome) without counting against the limits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+from uuid import UUID
+
+import trio
+from quart import Response
+
+from ..actors.messages import Accepted
+from ..events.domain import ChatSession
+from . import schemas as s
+from .errors import BadRequestError, NotFoundError, UnavailableError, web_error
+from .feed import ChatFeed, Frame, open_feed
+from .services import Services
+
+
+def check_text(text: str, max_chars: int) -> None:
+    if not text.strip():
+        raise BadRequestError("a message cannot be empty", "empty_message")
+    if len(text) > max_chars:
+        raise BadRequestError(f"a message is limited to {max_chars} characters",
+                              "message_too_long")
+
+
+def admit(svc: Services, owner: str, text: str) -> None:
+    """Raises the contract's error if this message may not be sent now; else counts it."""
+    if svc.closing.is_set():
+        raise UnavailableError("the server is shutting down", "shutting_down")
+    check_text(text, svc.settings.max_message_chars)
+    svc.limiter.check(owner)
+
+
+async def send(
+    svc: Services, owner: str, chat_id: UUID, text: str, client_message_id: str | None
+) -> Accepted:
+    """Records the message (durable on return); refunds the limit if refused or a duplicate."""
+    try:
+        accepted = await svc.system.send_message(chat_id, owner, text, client_message_id)
+    except BaseException:
+        svc.limiter.refund(owner)
+        raise
+    if accepted.duplicate:
+        svc.limiter.refund(owner)
+    return accepted
+
+
+def ack_frame(accepted: Accepted) -> Frame:
+    return {"event": "ack", "chat_id": str(accepted.chat_id),
+            "client_message_id": accepted.client_message_id, "seq": accepted.seq}
+
+
+async def answer_frames(feed: ChatFeed, sub: Any, accepted: Accepted) -> AsyncIterator[Frame]:
+    """The frames of the turn answering ``accepted``, ending with its ``chat_history``.
+
+    Frames of other responses of the chat (one still running when this message arrived) are
+    left out; the subscription must have started before the message was sent.
+    """
+    if accepted.outcome is not None:
+        for frame in await feed.outcome_frames(accepted):
+            yield frame
+        return
+    response_id = accepted.response_id
+    if response_id is not None:  # a re-send of a message whose answer is under way
+        feed.replies.setdefault(response_id, accepted.seq)
+        state = sub.state.response
+        if state is not None and state.response_id == response_id:
+            for frame in feed.in_progress(sub.state):
+                yield frame
+    async for item in sub:
+        if isinstance(item, ChatSession.ResponseStarted) and item.reply_to_seq == accepted.seq:
+            response_id = item.response_id
+        frames = await feed.frames(item)
+        if response_id is None or getattr(item, "response_id", None) != response_id:
+            continue
+        for frame in frames:
+            yield frame
+        if isinstance(item, ChatSession.ResponseEnded):
+            return
+
+
+async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str, Any]:
+    admit(svc, owner, data.message)
+    chat_id = data.chat_id or await svc.system.create_chat(owner)
+    async with open_feed(svc, owner, chat_id) as (feed, sub):
+        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id)
+        message: dict[str, Any] | None = None
+        async for frame in answer_frames(feed, sub, accepted):
+            if frame["event"] == "chat_history":
+                message = next((m for m in frame["messages"] if m["role"] == "assistant"), None)
+    if message is None:
+        raise NotFoundError("the answer could not be read back", "chat_not_found")
+    return {"chat_id": str(chat_id), "response_id": message["response_id"], "message": message}
+
+
+class EventStream:
+    """An SSE body that owns the chat subscription: closing it (even unstarted) releases it."""
+
+    def __init__(self, stack: AsyncExitStack, frames: AsyncIterator[Frame]) -> None:
+        self._stack = stack
+        self._frames = frames
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        frame = await self._frames.__anext__()
+        return f"event: {frame['event']}\ndata: {json.dumps(frame)}\n\n".encode()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._frames.aclose()  # type: ignore[attr-defined]
+            await self._stack.aclose()
+
+
+async def generate_stream(svc: Services, owner: str, data: s.Generate) -> Response:
+    """Checks, records the message, then streams the turn's frames (``ack`` first)."""
+    admit(svc, owner, data.message)
+    stack = AsyncExitStack()
+    try:
+        chat_id = data.chat_id or await svc.system.create_chat(owner)
+        feed, sub = await stack.enter_async_context(open_feed(svc, owner, chat_id))
+        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stack.aclose()
+        raise
+
+    async def frames() -> AsyncIterator[Frame]:
+        yield ack_frame(accepted)
+        try:
+            async for frame in answer_frames(feed, sub, accepted):
+                yield frame
+        except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band
+            error = web_error(exc)
+            if error is None:
+                raise
+            yield error.frame(chat_id=str(chat_id))
+
+    response = Response(EventStream(stack, frames()), content_type="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.timeout = None
+    return response

@@ -1,0 +1,200 @@
+"""The REST routes of the contract (``/chat``, ``/chats``, ``/generate``, ``/stats``...).
+
+Routes read the views (never the log, except ``/chat/{id}/events``, the audit trail), write
+through the actor system, and after a write wait (bounded) for the views to include it, so
+a following GET sees it. Errors are raised and turned into JSON bodies by ``errors``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import trio
+from quart import Blueprint, Response, current_app
+from quart_schema import (
+    document_response,
+    security_scheme,
+    validate_querystring,
+    validate_request,
+)
+
+from ..events.errors import ChatNotFoundError, StoreError
+from ..projections.projector import iso
+from . import schemas as s
+from .auth import current_user
+from .errors import NotFoundError
+from .generate import generate_json, generate_stream
+from .metrics import CONTENT_TYPE
+from .services import Services
+
+rest = Blueprint("rest", __name__)
+HEALTH_TIMEOUT_S = 3.0
+ERRORS = {400: s.ErrorBody, 401: s.ErrorBody, 404: s.ErrorBody, 503: s.ErrorBody}
+
+
+def services() -> Services:
+    return current_app.extensions["eventchat"]  # type: ignore[no-any-return]
+
+
+def documented(model: Any, status: int = 200, *errors: int) -> Any:
+    """Documents the answer and the error answers of a route."""
+
+    def decorate(fn: Any) -> Any:
+        fn = document_response(model, status)(fn)
+        for code in (400, 401, 503, *errors):
+            fn = document_response(s.ErrorBody, code)(fn)
+        return security_scheme([{"bearer": []}])(fn)
+
+    return decorate
+
+
+@rest.post("/chat")
+@validate_request(s.CreateChat)
+@documented(s.Chat, 201, 413, 429)
+async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
+    """Creates a chat."""
+    owner, svc = current_user(), services()
+    chat_id = await svc.system.create_chat(owner, data.title, data.model, data.system_prompt)
+    await svc.caught_up()
+    chat = await svc.views.get_chat(owner, chat_id)
+    if chat is None:  # the views lag beyond the bound: answer from what was written
+        now = iso(datetime.now(UTC))
+        chat = {"id": str(chat_id), "title": data.title or "New chat", "created_at": now,
+                "updated_at": now, "model": data.model, "message_count": 0,
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    return chat, 201
+
+
+@rest.get("/chats")
+@validate_querystring(s.ChatsQuery)
+@documented(s.ChatList)
+async def list_chats(query_args: s.ChatsQuery) -> dict[str, Any]:
+    """The caller's chats, most recent activity first; ``q`` searches them instead."""
+    owner, views = current_user(), services().views
+    if query_args.q is not None and query_args.q.strip():
+        hits = await views.search(owner, query_args.q, query_args.limit)
+        return {"chats": [{**h["chat"], "snippets": h["snippets"]} for h in hits],
+                "next_cursor": None}
+    chats, cursor = await views.list_chats(owner, query_args.limit, query_args.cursor)
+    return {"chats": chats, "next_cursor": cursor}
+
+
+@rest.get("/chat/<uuid:chat_id>")
+@validate_querystring(s.ChatQuery)
+@documented(s.ChatPage, 200, 404)
+async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, Any]:
+    """A chat and a page of its messages, oldest first."""
+    owner, views = current_user(), services().views
+    chat = await views.get_chat(owner, chat_id)
+    if chat is None:
+        raise NotFoundError("chat not found", "chat_not_found")
+    messages, more = await views.messages(owner, chat_id, query_args.limit,
+                                          before_seq=query_args.before_seq)
+    return {"chat": chat, "messages": messages, "has_more": more}
+
+
+@rest.post("/generate")
+@validate_request(s.Generate)
+@documented(s.GenerateAnswer, 200, 404, 409, 413, 429)
+async def generate(data: s.Generate) -> Any:
+    """Sends a message and answers with the reply (or streams its frames as SSE)."""
+    if data.stream:
+        return await generate_stream(services(), current_user(), data)
+    return await generate_json(services(), current_user(), data)
+
+
+@rest.post("/chat/<uuid:chat_id>/stop")
+@documented(s.Stopped, 202, 404)
+async def stop(chat_id: UUID) -> tuple[dict[str, Any], int]:
+    """Stops the chat's running response, if any."""
+    stopped = await services().system.stop_generation(chat_id, current_user())
+    return {"chat_id": str(chat_id), "stopped": stopped}, 202
+
+
+@rest.get("/chat/<uuid:chat_id>/events")
+@validate_querystring(s.EventsQuery)
+@documented(s.EventPage, 200, 404)
+async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
+    """The chat's stored event log (the audit trail), after ``after_seq``."""
+    svc = services()
+    found = await svc.store.run(_read_events, svc.store.app, chat_id, current_user(),
+                                query_args.after_seq, query_args.limit)
+    page = [_event_dict(e) for e in found]
+    last = page[-1]["seq"] if page else query_args.after_seq
+    return {"events": page, "next_after_seq": last}
+
+
+@rest.get("/stats")
+@validate_querystring(s.StatsQuery)
+@documented(s.Stats, 200, 404)
+async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
+    """The caller's stats (or one chat's), and the live counts of this server."""
+    owner, svc = current_user(), services()
+    if query_args.chat_id is not None:
+        if await svc.views.get_chat(owner, query_args.chat_id) is None:
+            raise NotFoundError("chat not found", "chat_not_found")
+    result = await svc.views.stats(owner, query_args.chat_id)
+    counts = svc.system.counts()
+    result["live"] = {"connections": svc.connections, "active_chats": counts["active_chats"],
+                      "generating": counts["generating"]}
+    return result
+
+
+@rest.get("/health")
+@document_response(s.Health, 200)
+@document_response(s.Health, 503)
+async def health() -> tuple[dict[str, Any], int]:
+    """200 when the event store answers, 503 when it does not."""
+    svc = services()
+    body: dict[str, Any] = {"status": "ok", "store": svc.settings.store_kind}
+    try:
+        with trio.fail_after(HEALTH_TIMEOUT_S):
+            body["position"] = await svc.store.max_position()
+    except (StoreError, trio.TooSlowError):
+        body["status"] = "unavailable"
+        body["error"] = {"code": "store_unavailable", "message": "the event store is unreachable"}
+        return body, 503
+    body["projection_lag"] = svc.runner.lag
+    body.update(svc.system.counts())
+    body["connections"] = svc.connections
+    return body, 200
+
+
+@rest.get("/metrics")
+@security_scheme([{"bearer": []}])
+async def metrics() -> Response:
+    """Prometheus text format."""
+    return Response(services().metrics.render(), content_type=CONTENT_TYPE)
+
+
+def _read_events(app: Any, chat_id: UUID, owner: str, after_seq: int, limit: int) -> list[Any]:
+    """Blocking: the chat's events after ``after_seq``, if ``owner``'s."""
+    first = list(app.events.get(chat_id, lte=1))
+    if not first or getattr(first[0], "owner", None) != owner:
+        raise ChatNotFoundError("chat not found")
+    return list(app.events.get(chat_id, gt=after_seq, limit=limit))
+
+
+HIDDEN = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+
+
+def _event_dict(event: Any) -> dict[str, Any]:
+    data = {k: jsonable(v) for k, v in event.__dict__.items() if k not in HIDDEN}
+    return {"seq": event.originator_version, "type": type(event).__name__,
+            "timestamp": iso(event.timestamp), "data": data}
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "isoformat"):
+        return iso(value)
+    return str(value)
+
+

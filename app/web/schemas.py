@@ -1,0 +1,177 @@
+"""Request and response models of the REST API: validation and the served ``/openapi.json``.
+
+Requests forbid unknown fields only where a typo would silently change the meaning; answers
+are documented with the contract's shapes (``Chat``, ``Message``, ``Stats``, ``Error``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID = 200
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class CreateChat(BaseModel):
+    title: str | None = Field(None, max_length=200)
+    model: str | None = Field(None, max_length=200)
+    system_prompt: str | None = Field(None, max_length=32_000)
+
+
+class Generate(BaseModel):
+    message: str
+    chat_id: UUID | None = None
+    client_message_id: str | None = Field(None, min_length=1, max_length=MAX_ID)
+    stream: bool = False
+
+
+class ChatsQuery(BaseModel):
+    limit: int = Field(50, ge=1, le=200)
+    cursor: str | None = Field(None, max_length=500)
+    q: str | None = Field(None, max_length=500)
+
+
+class ChatQuery(BaseModel):
+    limit: int = Field(100, ge=1, le=500)
+    before_seq: int | None = Field(None, ge=1)
+
+
+class EventsQuery(BaseModel):
+    after_seq: int = Field(0, ge=0)
+    limit: int = Field(500, ge=1, le=1000)
+
+
+class StatsQuery(BaseModel):
+    chat_id: UUID | None = None
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Timing(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ttft_ms: float | None = None
+    duration_ms: float | None = None
+    tokens_per_second: float | None = None
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    call_id: str
+    tool: str
+    arguments: Any = None
+    result: Any = None
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seq: int
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: str
+    client_message_id: str | None = None
+    response_id: str | None = None
+    status: Literal["complete", "streaming", "failed", "stopped", "interrupted"] | None = None
+    model: str | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+    tool_calls: list[ToolCall] | None = None
+    error: Any = None
+
+
+class Chat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: UUID
+    title: str
+    created_at: str
+    updated_at: str
+    model: str | None = None
+    message_count: int
+    usage: Usage
+
+
+class ChatList(BaseModel):
+    chats: list[Chat]
+    next_cursor: str | None
+
+
+class ChatPage(BaseModel):
+    chat: Chat
+    messages: list[Message]
+    has_more: bool
+
+
+class GenerateAnswer(BaseModel):
+    chat_id: UUID
+    response_id: str
+    message: Message
+
+
+class Stopped(BaseModel):
+    chat_id: UUID
+    stopped: bool
+
+
+class StoredEvent(BaseModel):
+    seq: int
+    type: str
+    timestamp: str
+    data: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    events: list[StoredEvent]
+    next_after_seq: int
+
+
+class Percentiles(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+
+class Live(BaseModel):
+    connections: int
+    active_chats: int
+    generating: int
+
+
+class Stats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    totals: dict[str, int | float]
+    latency_ms: Percentiles
+    ttft_ms: Percentiles
+    tokens_per_second: dict[str, float | None]
+    tools: dict[str, dict[str, Any]]
+    models: dict[str, dict[str, Any]]
+    live: Live
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok", "unavailable"]
+    store: str

@@ -1,0 +1,163 @@
+"""The collaborators of the web layer, wired in one place, and their lifetime.
+
+``Services`` holds the store, views, actor system, projection runner, users, limits and
+metrics. ``run()`` starts the projection runner, the actor system and the metrics follower
+in a nursery of its own (itself started in the app's lifespan nursery) and reports started
+once all three are; ``close()`` lets running responses finish for the grace period, then
+interrupts them (recorded), cancels the tasks and closes what it opened. Collaborators given
+to ``build_services`` are the caller's to close.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from ..actors.system import ActorSystem
+from ..config import Settings
+from ..events.store import EventStore
+from ..llm import build_provider, default_registry
+from ..llm.base import Provider
+from ..llm.tools import ToolRegistry
+from ..projections.runner import ProjectionRunner
+from ..projections.search import register_search_tool
+from ..projections.views import Views, open_views
+from .limits import MessageLimiter
+from .metrics import Metrics, MetricsFollower
+from .users import Authenticator, UserStore
+
+log = logging.getLogger(__name__)
+
+#: How long a POST waits for the views to include its write before answering anyway.
+READ_YOUR_WRITES_S = 2.0
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: EventStore
+    views: Views
+    provider: Provider
+    tools: ToolRegistry
+    system: ActorSystem
+    runner: ProjectionRunner
+    auth: Authenticator
+    metrics: Metrics
+    limiter: MessageLimiter
+    grace_s: float = 10.0
+    connections: int = 0
+    #: Set when the server begins to shut down: connections close, new messages are refused.
+    closing: trio.Event = field(default_factory=trio.Event)
+    #: Set once running responses have ended: WebSocket connections close (1001).
+    disconnect: trio.Event = field(default_factory=trio.Event)
+    owned: list[object] = field(default_factory=list)
+    _scope: trio.CancelScope | None = None
+    _stopped: trio.Event = field(default_factory=trio.Event)
+    _drained: bool = False
+
+    async def caught_up(self, limit_s: float = READ_YOUR_WRITES_S) -> bool:
+        """Waits (at most ``limit_s``) until the views include every event saved so far."""
+        position = await self.store.max_position()
+        return await self.views.wait_for(position, limit_s)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs the background tasks until ``close()`` (or cancellation)."""
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.runner.run)
+                    await nursery.start(self.system.run)
+                    await nursery.start(MetricsFollower(self.store, self.metrics).run)
+                    task_status.started()
+        finally:
+            self._stopped.set()
+
+    async def drain(self) -> None:
+        """Refuses new work, lets responses finish for ``grace_s``, then interrupts them."""
+        if self._drained:
+            return
+        self._drained = True
+        self.closing.set()
+        try:
+            await self.system.shutdown(self.grace_s)
+            with trio.move_on_after(1):  # the endings reach the views, then the followers
+                await self.caught_up(1)
+        finally:
+            self.disconnect.set()
+
+    async def close(self) -> None:
+        """Drains, stops the background tasks and closes what ``build_services`` opened."""
+        try:
+            if self._scope is not None:
+                await self.drain()
+                self._scope.cancel()
+                await self._stopped.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                for resource in reversed(self.owned):
+                    await _close(resource)
+
+
+async def _close(resource: object) -> None:
+    try:
+        if isinstance(resource, EventStore | Views):
+            await trio.to_thread.run_sync(resource.close)
+        else:
+            await resource.aclose()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - closing must go on with the others
+        log.warning("closing %s failed: %s", type(resource).__name__, exc)
+
+
+async def build_services(
+    settings: Settings,
+    *,
+    store: EventStore | None = None,
+    views: Views | None = None,
+    provider: Provider | None = None,
+    tools: ToolRegistry | None = None,
+    users: UserStore | None = None,
+    grace_s: float = 10.0,
+) -> Services:
+    """Opens what is not given (blocking parts in worker threads) and wires it all."""
+    owned: list[object] = []
+    if store is None:
+        store = await trio.to_thread.run_sync(EventStore.open, settings)
+        owned.append(store)
+    if views is None:
+        views = await trio.to_thread.run_sync(open_views, settings)
+        owned.append(views)
+    if provider is None:
+        provider = build_provider(settings)
+        owned.append(provider)
+    if tools is None:
+        tools = default_registry(settings)
+        register_search_tool(tools, views)
+    system = ActorSystem(settings, store, provider, tools)
+    metrics = Metrics()
+    services = Services(
+        settings=settings, store=store, views=views, provider=provider, tools=tools,
+        system=system, runner=ProjectionRunner(settings, store, views),
+        auth=Authenticator(users or UserStore(settings)), metrics=metrics,
+        limiter=MessageLimiter(settings.messages_per_minute, settings.concurrent_responses,
+                               system.generating_for),
+        grace_s=grace_s, owned=owned,
+    )
+    _register_gauges(services)
+    return services
+
+
+def _register_gauges(s: Services) -> None:
+    m = s.metrics
+    m.gauge("eventchat_websocket_connections", "Open WebSocket connections",
+            lambda: s.connections)
+    m.gauge("eventchat_active_chats", "Chats with a running actor",
+            lambda: s.system.counts()["active_chats"])
+    m.gauge("eventchat_generating_responses", "Responses being generated",
+            lambda: s.system.counts()["generating"])
+    m.gauge("eventchat_mailbox_depth", "Commands waiting in actor mailboxes",
+            lambda: s.system.counts()["queue_depth"])
+    m.gauge("eventchat_projection_lag", "Events not yet in the views", lambda: s.runner.lag)
+    m.gauge("eventchat_projection_position", "Log position the views include",
+            lambda: s.runner.position)

@@ -1,0 +1,309 @@
+"""The WebSocket ``/ws/chat``: one connection, many chats, every frame of the contract.
+
+Per connection: one task reads and dispatches frames; one *sender* task records user
+messages one at a time, in arrival order; one *follower* task per followed chat turns its
+subscription into frames; one *writer* task drains a bounded outbound queue to the socket.
+Nothing waits on a slow client: a follower or a command that finds the queue full closes
+the connection (1013, with the reason) rather than slowing the chat's other followers.
+
+Ordering: a follower subscribes before its history is read (``feed``), and frames of a chat
+are held back while this connection is recording a message in it, so its ``ack`` always
+comes before the frames of the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import trio
+from pydantic import BaseModel, Field, ValidationError
+from quart import Blueprint, current_app, websocket
+
+from ..actors.errors import SubscriberDroppedError
+from ..config import Settings
+from .auth import current_user
+from .errors import BadRequestError, ForbiddenError, RateLimitedError, WebError, web_error
+from .feed import ChatFeed, Frame, open_feed
+from .generate import ack_frame, admit, send
+from .services import Services
+
+log = logging.getLogger(__name__)
+ws = Blueprint("ws", __name__)
+
+OUTBOUND_FRAMES = 1024
+PENDING_MESSAGES = 32
+CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN = 1001, 1013
+#: Queued after the last frames on shutdown: the writer closes the connection on reaching it.
+GOING_AWAY: Frame = {}
+
+
+class UserMessage(BaseModel):
+    message: str
+    chat_id: UUID | None = None
+    client_message_id: str | None = Field(None, min_length=1, max_length=200)
+
+
+class Subscribe(BaseModel):
+    chat_id: UUID
+    after_seq: int | None = Field(None, ge=0)
+
+
+class ChatCommand(BaseModel):
+    chat_id: UUID
+
+
+@ws.websocket("/ws/chat")
+async def chat_socket() -> None:
+    svc: Services = current_app.extensions["eventchat"]
+    check_origin(svc.settings, websocket.headers.get("Origin"), websocket.headers.get("Host"))
+    owner = current_user()
+    await websocket.accept()
+    svc.connections += 1
+    try:
+        await Connection(svc, owner).serve()
+    finally:
+        svc.connections -= 1
+
+
+def check_origin(settings: Settings, origin: str | None, host: str | None) -> None:
+    """Browsers send ``Origin``: it must be ours or listed; other clients send none."""
+    if origin is None:
+        return
+    allowed = settings.allowed_origins
+    if "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
+        return
+    if host is not None and urlsplit(origin).netloc.lower() == host.lower():
+        return
+    raise ForbiddenError(f"origin {origin} is not allowed", "origin_not_allowed")
+
+
+class Gate:
+    """Open unless held; followers wait for it before sending a chat's frames."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self._open = trio.Event()
+        self._open.set()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.holders == 0:
+            self._open = trio.Event()
+        self.holders += 1
+        try:
+            yield
+        finally:
+            self.holders -= 1
+            if self.holders == 0:
+                self._open.set()
+
+    async def wait(self) -> None:
+        await self._open.wait()
+
+
+class Connection:
+    def __init__(self, svc: Services, owner: str) -> None:
+        self.svc = svc
+        self.owner = owner
+        self.out_send, self.out_receive = trio.open_memory_channel[Frame](OUTBOUND_FRAMES)
+        self.pending_send, self.pending_receive = trio.open_memory_channel[UserMessage](
+            PENDING_MESSAGES
+        )
+        self.following: dict[UUID, trio.CancelScope] = {}
+        self.gates: dict[UUID, Gate] = {}
+        self.close_reason: tuple[int, str] | None = None
+        self.nursery: trio.Nursery
+
+    async def serve(self) -> None:
+        """Runs until the client leaves (cancellation), or it is closed for a reason."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._write)
+            nursery.start_soon(self._send_messages)
+            nursery.start_soon(self._watch_shutdown)
+            await self._read()
+        if self.close_reason is not None:
+            code, reason = self.close_reason
+            with trio.move_on_after(1):
+                await websocket.close(code, reason)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = (code, reason[:120])
+        self.nursery.cancel_scope.cancel()
+
+    def put(self, frame: Frame) -> None:
+        """Queues a frame; a client too slow to take it is disconnected."""
+        try:
+            self.out_send.send_nowait(frame)
+        except trio.WouldBlock:
+            self.close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def _write(self) -> None:
+        async for frame in self.out_receive:
+            if frame is GOING_AWAY:  # every frame queued before it has gone out
+                self.close(CLOSE_GOING_AWAY, "server shutting down")
+                return
+            await websocket.send(json.dumps(frame))
+
+    async def _read(self) -> None:
+        while True:
+            raw = await websocket.receive()
+            self.svc.metrics.ws_frames.inc()
+            try:
+                await self._dispatch(raw)
+            except WebError as error:
+                self.put(error.frame())
+
+    async def _watch_shutdown(self) -> None:
+        await self.svc.disconnect.wait()
+        self.put(GOING_AWAY)
+        await trio.sleep(1)  # the writer did not get to it: close anyway
+        self.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def _dispatch(self, raw: str | bytes) -> None:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequestError("the frame is not valid JSON", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise BadRequestError("a frame must be a JSON object", "invalid_frame")
+        event = data.get("event")
+        if event is None and "message" in data:
+            event = "user_message"
+        if event == "user_message":
+            self._queue_message(_parse(UserMessage, data))
+        elif event == "subscribe":
+            command = _parse(Subscribe, data)
+            await self._follow(command.chat_id, command.after_seq, history=True)
+        elif event == "unsubscribe":
+            chat_id = _parse(ChatCommand, data).chat_id
+            scope = self.following.pop(chat_id, None)
+            if scope is not None:
+                scope.cancel()
+        elif event == "stop":
+            chat_id = _parse(ChatCommand, data).chat_id
+            await self._stop(chat_id)
+        else:
+            raise BadRequestError(f"unknown event {event!r}", "unknown_event")
+
+    def _queue_message(self, message: UserMessage) -> None:
+        extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
+        try:
+            admit(self.svc, self.owner, message.message)
+            try:
+                self.pending_send.send_nowait(message)
+            except trio.WouldBlock:
+                self.svc.limiter.refund(self.owner)
+                raise RateLimitedError("too many messages waiting on this connection") from None
+        except WebError as error:
+            self.put(error.frame(**extra))
+
+    async def _stop(self, chat_id: UUID) -> None:
+        try:
+            stopped = await self.svc.system.stop_generation(chat_id, self.owner)
+        except Exception as exc:
+            raise _mapped(exc) from exc
+        if not stopped:
+            self.put({"event": "error", "code": "no_response_in_progress",
+                      "message": "no response is being generated", "chat_id": str(chat_id)})
+
+    async def _send_messages(self) -> None:
+        async for message in self.pending_receive:
+            try:
+                await self._send_one(message)
+            except Exception as exc:  # noqa: BLE001 - reported to the client, then go on
+                error = web_error(exc)
+                if error is None:
+                    log.exception("sending a message failed", exc_info=exc)
+                    error = WebError("internal error")
+                self.put(error.frame(chat_id=_str(message.chat_id),
+                                     client_message_id=message.client_message_id))
+
+    async def _send_one(self, message: UserMessage) -> None:
+        chat_id = message.chat_id
+        if chat_id is None:
+            chat_id = await self.svc.system.create_chat(self.owner)
+            message = message.model_copy(update={"chat_id": chat_id})
+        if chat_id not in self.following:
+            await self._follow(chat_id, None, history=False)
+        with self.gates.setdefault(chat_id, Gate()).hold():
+            accepted = await send(self.svc, self.owner, chat_id, message.message,
+                                  message.client_message_id)
+            self.put(ack_frame(accepted))
+            if accepted.outcome is not None:
+                feed = ChatFeed(self.svc, self.owner, chat_id)
+                for frame in await feed.outcome_frames(accepted):
+                    self.put(frame)
+
+    # -- following --------------------------------------------------------------------------
+
+    async def _follow(self, chat_id: UUID, after_seq: int | None, history: bool) -> None:
+        """Starts following ``chat_id`` (again); raises if the chat cannot be followed."""
+        old = self.following.pop(chat_id, None)
+        if old is not None:
+            old.cancel()
+        try:
+            scope = await self.nursery.start(self._follower, chat_id, after_seq, history)
+        except Exception as exc:
+            raise _mapped(exc) from exc
+        self.following[chat_id] = scope
+
+    async def _follower(
+        self, chat_id: UUID, after_seq: int | None, history: bool,
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        gate = self.gates.setdefault(chat_id, Gate())
+        started = False
+        with trio.CancelScope() as scope:
+            try:
+                async with open_feed(self.svc, self.owner, chat_id) as (feed, sub):
+                    task_status.started(scope)
+                    started = True
+                    if history:
+                        self.put(await feed.history(sub.state, after_seq))
+                    for frame in feed.in_progress(sub.state):
+                        self.put(frame)
+                    async for item in sub:
+                        frames = await feed.frames(item)
+                        await gate.wait()
+                        for frame in frames:
+                            self.put(frame)
+            except SubscriberDroppedError as exc:
+                self.close(CLOSE_TRY_AGAIN, f"too slow: {exc.reason}")
+            except Exception as exc:
+                error = web_error(exc)
+                if error is None or not started:
+                    raise
+                self.put(error.frame(chat_id=str(chat_id)))
+                self.following.pop(chat_id, None)
+
+
+def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "frame"
+        raise BadRequestError(f"invalid frame: {where}: {first.get('msg')}") from None
+
+
+def _mapped(exc: Exception) -> WebError:
+    error = web_error(exc)
+    if error is None:
+        raise exc
+    return error
+
+
+def _str(value: UUID | None) -> str | None:
+    return None if value is None else str(value)

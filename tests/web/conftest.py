@@ -1,0 +1,106 @@
+"""A real Hypercorn server on 127.0.0.1 port 0 per test, on each store, with real clients."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from app.config import Settings
+from app.web.server import serve
+from app.web.users import add_user
+
+START_S = 20.0
+STOP_S = 15.0
+
+
+@dataclass
+class Server:
+    settings: Settings
+    base_url: str
+    tokens: dict[str, str]
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://") + "/ws/chat"
+
+    def headers(self, user: str = "alice") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[user]}"}
+
+    def client(self, user: str | None = "alice", **kwargs: Any) -> httpx.AsyncClient:
+        headers = self.headers(user) if user else {}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=20, **kwargs)
+
+    def websocket(self, user: str = "alice", **kwargs: Any) -> Any:
+        header = (b"Authorization", f"Bearer {self.tokens[user]}".encode())
+        return open_websocket_url(self.ws_url, extra_headers=[header], **kwargs)
+
+
+def web_settings(settings: Settings, **changes: Any) -> Settings:
+    return settings.replace(host="127.0.0.1", port=0, offline_token_delay_s=0.002, **changes)
+
+
+@asynccontextmanager
+async def running_server(settings: Settings, grace_s: float = 1.0) -> AsyncIterator[Server]:
+    """Serves ``settings`` until the block ends, then shuts the server down gracefully."""
+    tokens = {}
+    for name in ("alice", "bob"):
+        tokens[name] = await trio.to_thread.run_sync(add_user, settings, name)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(START_S):
+            host, port = await nursery.start(
+                partial(serve, settings, shutdown_trigger=stop.wait, grace_s=grace_s,
+                        handle_signals=False)
+            )
+        try:
+            yield Server(settings, f"http://{host}:{port}", tokens)
+        finally:
+            stop.set()
+            with trio.fail_after(STOP_S):
+                while nursery.child_tasks:
+                    await trio.sleep(0.01)
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    async with running_server(web_settings(settings)) as srv:
+        yield srv
+
+
+async def receive(ws: WebSocketConnection, timeout: float = 10.0) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        frame = json.loads(await ws.get_message())
+    assert isinstance(frame, dict)
+    return frame
+
+
+async def receive_until(
+    ws: WebSocketConnection, predicate: Any, timeout: float = 20.0
+) -> list[dict[str, Any]]:
+    """Frames received up to and including the first one ``predicate`` accepts."""
+    frames = []
+    with trio.fail_after(timeout):
+        while True:
+            frame = json.loads(await ws.get_message())
+            frames.append(frame)
+            if predicate(frame):
+                return frames
+
+
+def turn_done(frame: dict[str, Any]) -> bool:
+    return frame["event"] == "chat_history" and any(
+        m["role"] == "assistant" and m.get("status") != "streaming" for m in frame["messages"]
+    ) and frame.get("has_more") is False and len(frame["messages"]) <= 2
+
+
+async def send(ws: WebSocketConnection, frame: dict[str, Any]) -> None:
+    await ws.send_message(json.dumps(frame))
