@@ -65,3 +65,19 @@ async def save_and_wait(store: EventStore, views: Views, *chats: ChatSession) ->
     with trio.fail_after(10):
         assert await views.wait_for(position, timeout=5)
     return position
+
+
+def dump(views: Views) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every view, in a stable order (blocking)."""
+    queries = {
+        "tracking": "SELECT name, position FROM view_tracking ORDER BY name",
+        "chats": "SELECT * FROM view_chats ORDER BY chat_id",
+        "messages": "SELECT * FROM view_messages ORDER BY chat_id, seq",
+        "counters": "SELECT scope, name, value FROM view_counters ORDER BY scope, name",
+        "sketches": "SELECT scope, metric, bucket, count FROM view_sketches"
+        " ORDER BY scope, metric, bucket",
+        "search": "SELECT content, owner, chat_id, seq, role FROM view_search"
+        " ORDER BY chat_id, seq, role",
+    }
+    with views.db.read() as tx:
+        return {name: [tuple(row) for row in tx.all(sql)] for name, sql in queries.items()}

@@ -12,8 +12,8 @@ from .conftest import plain_turn, save_and_wait, timing, usage
 
 
 def assert_iso_utc(value: str) -> None:
-    parsed = datetime.fromisoformat(value)
-    assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0
+    offset = datetime.fromisoformat(value).utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
 
 
 async def test_plain_turn(store: EventStore, views: Views, runner: ProjectionRunner) -> None:
