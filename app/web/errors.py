@@ -89,6 +89,10 @@ class ConflictError(WebError):
 class PayloadTooLargeError(WebError):
     status, code = 413, "payload_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # the rest of the body is never read: the connection cannot be reused
+        return {"Connection": "close"}
+
 
 class RateLimitedError(WebError):
     status, code = 429, "rate_limited"

@@ -187,5 +187,6 @@ async def open_feed(
     services: Services, owner: str, chat_id: UUID
 ) -> AsyncIterator[tuple[ChatFeed, Subscription]]:
     """Subscribes to the chat's actor (raises ``ChatNotFoundError``) and builds its feed."""
+    await services.require_chat(owner, chat_id)
     async with services.system.subscribe(chat_id, owner) as sub:
         yield ChatFeed(services, owner, chat_id), sub

@@ -42,7 +42,7 @@ class Metrics:
         r = self.registry
         self.token_usage = Histogram(
             "gen_ai_client_token_usage", "Tokens used per response, by token type",
-            (*MODEL_LABELS, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=r, unit="token",
+            (*MODEL_LABELS, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=r,
         )
         self.duration = Histogram(
             "gen_ai_client_operation_duration_seconds", "Duration of a response",

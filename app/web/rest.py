@@ -20,7 +20,7 @@ from quart_schema import (
     validate_request,
 )
 
-from ..events.errors import ChatNotFoundError, StoreError
+from ..events.errors import StoreError
 from ..projections.projector import iso
 from . import schemas as s
 from .auth import current_user
@@ -109,7 +109,9 @@ async def generate(data: s.Generate) -> Any:
 @documented(s.Stopped, 202, 404)
 async def stop(chat_id: UUID) -> tuple[dict[str, Any], int]:
     """Stops the chat's running response, if any."""
-    stopped = await services().system.stop_generation(chat_id, current_user())
+    owner, svc = current_user(), services()
+    await svc.require_chat(owner, chat_id)
+    stopped = await svc.system.stop_generation(chat_id, owner)
     return {"chat_id": str(chat_id), "stopped": stopped}, 202
 
 
@@ -119,8 +121,9 @@ async def stop(chat_id: UUID) -> tuple[dict[str, Any], int]:
 async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
     """The chat's stored event log (the audit trail), after ``after_seq``."""
     svc = services()
-    found = await svc.store.run(_read_events, svc.store.app, chat_id, current_user(),
-                                query_args.after_seq, query_args.limit)
+    await svc.require_chat(current_user(), chat_id)
+    found = await svc.store.run(_read_events, svc.store.app, chat_id, query_args.after_seq,
+                                query_args.limit)
     page = [_event_dict(e) for e in found]
     last = page[-1]["seq"] if page else query_args.after_seq
     return {"events": page, "next_after_seq": last}
@@ -169,11 +172,8 @@ async def metrics() -> Response:
     return Response(services().metrics.render(), content_type=CONTENT_TYPE)
 
 
-def _read_events(app: Any, chat_id: UUID, owner: str, after_seq: int, limit: int) -> list[Any]:
-    """Blocking: the chat's events after ``after_seq``, if ``owner``'s."""
-    first = list(app.events.get(chat_id, lte=1))
-    if not first or getattr(first[0], "owner", None) != owner:
-        raise ChatNotFoundError("chat not found")
+def _read_events(app: Any, chat_id: UUID, after_seq: int, limit: int) -> list[Any]:
+    """Blocking: the chat's events after ``after_seq``."""
     return list(app.events.get(chat_id, gt=after_seq, limit=limit))
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
 
 import trio
 
 from ..actors.system import ActorSystem
 from ..config import Settings
+from ..events.errors import ChatNotFoundError
 from ..events.store import EventStore
 from ..llm import build_provider, default_registry
 from ..llm.base import Provider
@@ -62,6 +65,15 @@ class Services:
         position = await self.store.max_position()
         return await self.views.wait_for(position, limit_s)
 
+    async def require_chat(self, owner: str, chat_id: UUID) -> None:
+        """Raises ``ChatNotFoundError`` unless ``chat_id`` exists and is ``owner``'s.
+
+        The views answer first; the log decides when they do not know the chat (yet).
+        """
+        if await self.views.get_chat(owner, chat_id) is not None:
+            return
+        await self.store.run(chat_owned_by, self.store.app, chat_id, owner)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Runs the background tasks until ``close()`` (or cancellation)."""
         try:
@@ -98,6 +110,13 @@ class Services:
             with trio.CancelScope(shield=True):
                 for resource in reversed(self.owned):
                     await _close(resource)
+
+
+def chat_owned_by(app: Any, chat_id: UUID, owner: str) -> None:
+    """Blocking: raises ``ChatNotFoundError`` unless the chat's first event names ``owner``."""
+    first = list(app.events.get(chat_id, lte=1))
+    if not first or getattr(first[0], "owner", None) != owner:
+        raise ChatNotFoundError("chat not found")
 
 
 async def _close(resource: object) -> None:

@@ -211,6 +211,7 @@ class Connection:
 
     async def _stop(self, chat_id: UUID) -> None:
         try:
+            await self.svc.require_chat(self.owner, chat_id)
             stopped = await self.svc.system.stop_generation(chat_id, self.owner)
         except Exception as exc:
             raise _mapped(exc) from exc

@@ -66,7 +66,7 @@ async def running_server(settings: Settings, grace_s: float = 1.0) -> AsyncItera
         finally:
             stop.set()
             with trio.fail_after(STOP_S):
-                while nursery.child_tasks:
+                while nursery.child_tasks:  # noqa: ASYNC110 - waiting for serve() to return
                     await trio.sleep(0.01)
 
 
@@ -76,19 +76,19 @@ async def server(settings: Settings) -> AsyncIterator[Server]:
         yield srv
 
 
-async def receive(ws: WebSocketConnection, timeout: float = 10.0) -> dict[str, Any]:
-    with trio.fail_after(timeout):
+async def receive(ws: WebSocketConnection, limit_s: float = 10.0) -> dict[str, Any]:
+    with trio.fail_after(limit_s):
         frame = json.loads(await ws.get_message())
     assert isinstance(frame, dict)
     return frame
 
 
 async def receive_until(
-    ws: WebSocketConnection, predicate: Any, timeout: float = 20.0
+    ws: WebSocketConnection, predicate: Any, limit_s: float = 20.0
 ) -> list[dict[str, Any]]:
     """Frames received up to and including the first one ``predicate`` accepts."""
     frames = []
-    with trio.fail_after(timeout):
+    with trio.fail_after(limit_s):
         while True:
             frame = json.loads(await ws.get_message())
             frames.append(frame)
@@ -104,3 +104,11 @@ def turn_done(frame: dict[str, Any]) -> bool:
 
 async def send(ws: WebSocketConnection, frame: dict[str, Any]) -> None:
     await ws.send_message(json.dumps(frame))
+
+
+async def eventually(check: Any, limit_s: float = 10.0) -> Any:
+    """Polls ``check()`` (async) until it returns something truthy; fails after ``limit_s``."""
+    with trio.fail_after(limit_s):
+        while not (result := await check()):  # noqa: ASYNC110 - polling another process' state
+            await trio.sleep(0.02)
+    return result
