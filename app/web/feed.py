@@ -72,22 +72,27 @@ class ChatFeed:
 
     # -- live -------------------------------------------------------------------------------
 
-    async def frames(self, item: Any) -> list[Frame]:
-        """The frames for one live item (none for bookkeeping events)."""
+    async def frames(self, item: Any) -> AsyncIterator[Frame]:
+        """The frames for one live item (none for bookkeeping events).
+
+        A response's end yields its ``done`` frame at once, before waiting for the views.
+        """
         if isinstance(item, TokenDelta):
-            return self._text(item.response_id, item.text, item.offset)
+            for frame in self._text(item.response_id, item.text, item.offset):
+                yield frame
+            return
         kind = type(item).__name__
         if kind == "TokensGenerated":
-            return self._text(item.response_id, item.text, item.offset)
-        if kind == "ResponseStarted":
+            for frame in self._text(item.response_id, item.text, item.offset):
+                yield frame
+        elif kind == "ResponseStarted":
             self.replies[item.response_id] = item.reply_to_seq
             self.sent[item.response_id], self.texts[item.response_id] = 0, ""
-            return []
-        if kind in ("ToolInvoked", "ToolCompleted", "ToolFailed"):
-            return [self._tool(kind, item)]
-        if isinstance(item, ChatSession.ResponseEnded):
-            return await self._ended(item)
-        return []
+        elif kind in ("ToolInvoked", "ToolCompleted", "ToolFailed"):
+            yield self._tool(kind, item)
+        elif isinstance(item, ChatSession.ResponseEnded):
+            async for frame in self._ended(item):
+                yield frame
 
     def _text(self, response_id: str, text: str, offset: int) -> list[Frame]:
         sent = self.sent.get(response_id, 0)
@@ -115,23 +120,21 @@ class ChatFeed:
                          error=item.error, duration_ms=item.duration_ms)
         return frame
 
-    async def _ended(self, event: Any) -> list[Frame]:
+    async def _ended(self, event: Any) -> AsyncIterator[Frame]:
         kind = type(event).__name__
         response_id, seq = event.response_id, event.originator_version
         status = TERMINAL_STATUS[kind]
-        done = self._done(response_id, self.texts.pop(response_id, ""), status, seq,
-                          getattr(event, "finish_reason", None))
+        yield self._done(response_id, self.texts.pop(response_id, ""), status, seq,
+                         getattr(event, "finish_reason", None))
         self.sent.pop(response_id, None)
-        frames = [done]
         if kind == "ResponseFailed":
             error = event.error or {}
-            frames.append({"event": "error", "chat_id": self.cid, "response_id": response_id,
-                           "code": error.get("code", "model_error"),
-                           "message": error.get("message", "the response failed")})
+            yield {"event": "error", "chat_id": self.cid, "response_id": response_id,
+                   "code": error.get("code", "model_error"),
+                   "message": error.get("message", "the response failed")}
         turn = await self._turn_messages(response_id, seq)
-        frames.append(self._status(response_id, turn, event))
-        frames.append(self._history_frame(turn, False, seq))
-        return frames
+        yield self._status(response_id, turn, event)
+        yield self._history_frame(turn, False, seq)
 
     async def outcome_frames(self, accepted: Accepted) -> list[Frame]:
         """The result of a turn that ended before a duplicate re-send asked for it."""

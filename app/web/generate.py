@@ -80,7 +80,7 @@ async def answer_frames(feed: ChatFeed, sub: Any, accepted: Accepted) -> AsyncIt
     async for item in sub:
         if isinstance(item, ChatSession.ResponseStarted) and item.reply_to_seq == accepted.seq:
             response_id = item.response_id
-        frames = await feed.frames(item)
+        frames = [frame async for frame in feed.frames(item)]
         if response_id is None or getattr(item, "response_id", None) != response_id:
             continue
         for frame in frames:

@@ -41,7 +41,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.websocket_ping_interval = PING_INTERVAL_S
     config.keep_alive_timeout = KEEP_ALIVE_S
     config.read_timeout = None
-    config.graceful_timeout = 2.0
+    config.graceful_timeout = 1.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
     return config

@@ -276,9 +276,8 @@ class Connection:
                     for frame in feed.in_progress(sub.state):
                         self.put(frame)
                     async for item in sub:
-                        frames = await feed.frames(item)
                         await gate.wait()
-                        for frame in frames:
+                        async for frame in feed.frames(item):
                             self.put(frame)
             except SubscriberDroppedError as exc:
                 self.close(CLOSE_TRY_AGAIN, f"too slow: {exc.reason}")
