@@ -15,8 +15,8 @@ A ``ChatFeed`` turns what a subscription yields (stored ``ChatSession`` events a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -72,7 +72,7 @@ class ChatFeed:
 
     # -- live -------------------------------------------------------------------------------
 
-    async def frames(self, item: Any) -> AsyncIterator[Frame]:
+    async def frames(self, item: Any) -> AsyncGenerator[Frame, None]:
         """The frames for one live item (none for bookkeeping events).
 
         A response's end yields its ``done`` frame at once, before waiting for the views.
@@ -91,8 +91,9 @@ class ChatFeed:
         elif kind in ("ToolInvoked", "ToolCompleted", "ToolFailed"):
             yield self._tool(kind, item)
         elif isinstance(item, ChatSession.ResponseEnded):
-            async for frame in self._ended(item):
-                yield frame
+            async with aclosing(self._ended(item)) as frames:
+                async for frame in frames:
+                    yield frame
 
     def _text(self, response_id: str, text: str, offset: int) -> list[Frame]:
         sent = self.sent.get(response_id, 0)
@@ -120,7 +121,7 @@ class ChatFeed:
                          error=item.error, duration_ms=item.duration_ms)
         return frame
 
-    async def _ended(self, event: Any) -> AsyncIterator[Frame]:
+    async def _ended(self, event: Any) -> AsyncGenerator[Frame, None]:
         kind = type(event).__name__
         response_id, seq = event.response_id, event.originator_version
         status = TERMINAL_STATUS[kind]

@@ -9,8 +9,8 @@ is done, its outcome) without counting against the limits.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, aclosing
 from typing import Any
 from uuid import UUID
 
@@ -60,7 +60,9 @@ def ack_frame(accepted: Accepted) -> Frame:
             "client_message_id": accepted.client_message_id, "seq": accepted.seq}
 
 
-async def answer_frames(feed: ChatFeed, sub: Any, accepted: Accepted) -> AsyncIterator[Frame]:
+async def answer_frames(
+    feed: ChatFeed, sub: Any, accepted: Accepted
+) -> AsyncGenerator[Frame, None]:
     """The frames of the turn answering ``accepted``, ending with its ``chat_history``.
 
     Frames of other responses of the chat (one still running when this message arrived) are
@@ -80,7 +82,8 @@ async def answer_frames(feed: ChatFeed, sub: Any, accepted: Accepted) -> AsyncIt
     async for item in sub:
         if isinstance(item, ChatSession.ResponseStarted) and item.reply_to_seq == accepted.seq:
             response_id = item.response_id
-        frames = [frame async for frame in feed.frames(item)]
+        async with aclosing(feed.frames(item)) as produced:
+            frames = [frame async for frame in produced]
         if response_id is None or getattr(item, "response_id", None) != response_id:
             continue
         for frame in frames:
@@ -95,9 +98,11 @@ async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str
     async with open_feed(svc, owner, chat_id) as (feed, sub):
         accepted = await send(svc, owner, chat_id, data.message, data.client_message_id)
         message: dict[str, Any] | None = None
-        async for frame in answer_frames(feed, sub, accepted):
-            if frame["event"] == "chat_history":
-                message = next((m for m in frame["messages"] if m["role"] == "assistant"), None)
+        async with aclosing(answer_frames(feed, sub, accepted)) as frames:
+            async for frame in frames:
+                if frame["event"] == "chat_history":
+                    message = next((m for m in frame["messages"] if m["role"] == "assistant"),
+                                   None)
     if message is None:
         raise NotFoundError("the answer could not be read back", "chat_not_found")
     return {"chat_id": str(chat_id), "response_id": message["response_id"], "message": message}
@@ -139,8 +144,9 @@ async def generate_stream(svc: Services, owner: str, data: s.Generate) -> Respon
     async def frames() -> AsyncIterator[Frame]:
         yield ack_frame(accepted)
         try:
-            async for frame in answer_frames(feed, sub, accepted):
-                yield frame
+            async with aclosing(answer_frames(feed, sub, accepted)) as answer:
+                async for frame in answer:
+                    yield frame
         except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band
             error = web_error(exc)
             if error is None:

@@ -166,7 +166,7 @@ async def health() -> tuple[dict[str, Any], int]:
 
 
 @rest.get("/metrics")
-@security_scheme([{"bearer": []}])
+@documented(s.PrometheusText)
 async def metrics() -> Response:
     """Prometheus text format."""
     return Response(services().metrics.render(), content_type=CONTENT_TYPE)

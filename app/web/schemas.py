@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 MAX_ID = 200
 
@@ -175,3 +175,7 @@ class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: Literal["ok", "unavailable"]
     store: str
+
+
+class PrometheusText(RootModel[str]):
+    """The Prometheus text exposition format (``text/plain; version=0.0.4``)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -277,8 +277,9 @@ class Connection:
                         self.put(frame)
                     async for item in sub:
                         await gate.wait()
-                        async for frame in feed.frames(item):
-                            self.put(frame)
+                        async with aclosing(feed.frames(item)) as frames:
+                            async for frame in frames:
+                                self.put(frame)
             except SubscriberDroppedError as exc:
                 self.close(CLOSE_TRY_AGAIN, f"too slow: {exc.reason}")
             except Exception as exc:
