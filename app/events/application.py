@@ -45,8 +45,33 @@ class ChatApplication(Application[UUID]):
         """Notifications (every event of every chat) from ``start`` inclusive, in log order."""
         return list(self.recorder.select_notifications(start, limit, stop=stop))
 
+    def unfinished_chats(self, page: int = 5000) -> list[UUID]:
+        """Chats with a response left open or a user message not yet answered.
+
+        Scans only the message and response events of the log, in pages.
+        """
+        topics = [_topic(cls) for cls in (ChatSession.MessageReceived, ChatSession.ResponseStarted)]
+        ending_topics = {_topic(cls) for cls in ChatSession.ENDINGS}
+        balance: dict[UUID, int] = {}
+        start = 1
+        while True:
+            batch = self.recorder.select_notifications(
+                start, page, topics=[*topics, *ending_topics]
+            )
+            for n in batch:
+                # received +1, started 0 (+1 open response, -1 waiting message), ended -1
+                step = 1 if n.topic == topics[0] else (-1 if n.topic in ending_topics else 0)
+                balance[n.originator_id] = balance.get(n.originator_id, 0) + step
+            if len(batch) < page:
+                return [chat_id for chat_id, open_items in balance.items() if open_items > 0]
+            start = batch[-1].id + 1
+
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
+
+
+def _topic(cls: type[Any]) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 class DataclassAsDict(Transcoding):

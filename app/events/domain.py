@@ -168,7 +168,14 @@ class ChatSession(Aggregate):
         def apply_to(self, chat: ChatSession) -> None:
             assert chat.current is not None
             text = chat.current.text
-            chat.history.append({"role": "assistant", "content": text, "seq": self.originator_version})
+            # The answer goes right after the message it answers, before any queued ones.
+            reply_to = chat.current.reply_to_seq
+            at = next(
+                (i + 1 for i in range(len(chat.history) - 1, -1, -1)
+                 if chat.history[i]["seq"] == reply_to),
+                len(chat.history),
+            )
+            chat.history.insert(at, {"role": "assistant", "content": text, "seq": self.originator_version})
             chat.outcomes[self.response_id] = Outcome(
                 self.response_id, TERMINAL_STATUS[type(self).__name__], self.originator_version, text
             )
@@ -358,10 +365,16 @@ class ChatSession(Aggregate):
         raise KeyError(call_id)
 
     def context(self, limit: int) -> list[dict[str, str]]:
-        """The conversation as model messages: system prompt, then the last ``limit`` turns."""
+        """What the model sees to answer the oldest waiting message: the system prompt, then
+        at most ``limit`` turns up to that message (later queued messages wait their turn)."""
+        history = self.history
+        if self.pending:
+            upto = self.pending[0]
+            end = next(i for i, m in enumerate(history) if m["seq"] == upto and m["role"] == "user")
+            history = history[: end + 1]
         turns = [
             {"role": m["role"], "content": m["content"]}
-            for m in self.history[-limit:]
+            for m in history[-limit:]
             if m["role"] == "user" or m["content"]
         ]
         if self.system_prompt:

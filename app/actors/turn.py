@@ -1,0 +1,263 @@
+"""One response, from ``ResponseStarted`` to its ending: the model call, tools and batching.
+
+A ``Turn`` streams the model's reply, publishes every delta at once, persists the text in
+batches (at most one transaction per ``token_flush_ms``, sooner only when
+``token_flush_tokens`` are waiting and the interval has passed), runs the tools the model asks
+for (bounded rounds) and records how the response ended. ``stop()`` cancels the model call,
+which closes the upstream request; the turn then records ``ResponseStopped``. A model error
+records ``ResponseFailed`` with the partial text kept. Cancellation from outside (shutdown,
+crash) leaves the response open for ``ResponseInterrupted``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+import trio
+
+from ..events.domain import ChatSession
+from ..llm.base import (
+    Finish,
+    ModelRequest,
+    Provider,
+    TextDelta,
+    ToolCallRequest,
+    ToolContext,
+    Usage,
+)
+from ..llm.errors import LLMError, ToolError
+from .messages import TokenDelta
+
+if TYPE_CHECKING:
+    from .session import SessionActor
+
+Mutation = Callable[[ChatSession], Any]
+
+
+@dataclass
+class Meter:
+    """Usage and timing of one response, summed over its model rounds."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+    server_timings: dict[str, Any] = field(default_factory=dict)
+
+    def add_usage(self, usage: Usage) -> None:
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.estimated = self.estimated or usage.estimated
+        self.server_timings.update(usage.server_timings)
+
+    def usage(self) -> dict[str, Any]:
+        return Usage(
+            self.prompt_tokens, self.completion_tokens, self.estimated, self.server_timings
+        ).as_dict()
+
+    def timing(self) -> dict[str, Any]:
+        end = time.perf_counter()
+        duration = end - self.started
+        ttft = None if self.first_token is None else self.first_token - self.started
+        generating = end - self.first_token if self.first_token is not None else 0.0
+        rate = self.completion_tokens / generating if generating > 0 else 0.0
+        return {
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
+            "tokens_per_second": round(rate, 2),
+        }
+
+
+class TokenBatch:
+    """Streamed text not yet persisted; ``full`` is set once ``limit`` tokens wait."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.text: list[str] = []
+        self.tokens = 0
+        self.waiting = trio.Event()
+        self.full = trio.Event()
+
+    def add(self, text: str, tokens: int) -> None:
+        self.text.append(text)
+        self.tokens += tokens
+        self.waiting.set()
+        if self.tokens >= self.limit:
+            self.full.set()
+
+    def take(self) -> tuple[str, int]:
+        text, tokens = "".join(self.text), self.tokens
+        self.text, self.tokens = [], 0
+        self.waiting, self.full = trio.Event(), trio.Event()
+        return text, tokens
+
+
+class Turn:
+    def __init__(self, actor: SessionActor, response_id: str, model: str) -> None:
+        self.actor = actor
+        self.response_id = response_id
+        self.model = model
+        self.text = ""
+        self.meter = Meter()
+        self.batch = TokenBatch(actor.settings.token_flush_tokens)
+        self.finish_reason = "stop"
+        self.stop_scope = trio.CancelScope()
+        self.interrupted: str | None = None
+
+    @property
+    def provider(self) -> Provider:
+        return self.actor.provider
+
+    def stop(self) -> None:
+        self.stop_scope.cancel()
+
+    def interrupt(self, reason: str) -> None:
+        """Ends the response early as interrupted (server shutdown), keeping its text."""
+        self.interrupted = reason
+        self.stop_scope.cancel()
+
+    async def run(self, messages: list[dict[str, Any]]) -> None:
+        """Generates, then records the ending; ``trio.Cancelled`` from outside propagates."""
+        error: LLMError | None = None
+        with self.stop_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_loop)
+                try:
+                    await self._rounds(messages)
+                except LLMError as exc:
+                    error = exc
+                nursery.cancel_scope.cancel()
+        await self._end(error)
+
+    async def _rounds(self, messages: list[dict[str, Any]]) -> None:
+        settings = self.actor.settings
+        tools = self.actor.tools.specs()
+        for round_number in range(settings.max_tool_rounds + 1):
+            offered = tools if round_number < settings.max_tool_rounds else ()
+            request = ModelRequest(messages=messages, model=self.actor.chat.model, tools=offered)
+            calls = await self._stream(request)
+            if not calls or not offered:  # tools asked for when none were offered are ignored
+                return
+            await self._flush()
+            messages = messages + await self._run_tools(calls)
+
+    async def _stream(self, request: ModelRequest) -> list[ToolCallRequest]:
+        calls: list[ToolCallRequest] = []
+        async with self.provider.stream(request) as items:
+            async for item in items:
+                if isinstance(item, TextDelta):
+                    self._on_text(item)
+                elif isinstance(item, ToolCallRequest):
+                    calls.append(item)
+                elif isinstance(item, Usage):
+                    self.meter.add_usage(item)
+                elif isinstance(item, Finish):
+                    self.finish_reason, self.model = item.reason, item.model or self.model
+        return calls
+
+    def _on_text(self, delta: TextDelta) -> None:
+        if not delta.text:
+            return
+        if self.meter.first_token is None:
+            self.meter.first_token = time.perf_counter()
+        offset = len(self.text)
+        self.text += delta.text
+        self.batch.add(delta.text, delta.tokens)
+        self.actor.publish(TokenDelta(self.actor.chat_id, self.response_id, delta.text, offset))
+
+    async def _flush_loop(self) -> None:
+        """Flushes a batch when it is ``token_flush_ms`` old or full, never more often."""
+        interval = self.actor.settings.token_flush_ms / 1000
+        last = -interval
+        while True:
+            await self.batch.waiting.wait()
+            with trio.move_on_after(interval):
+                await self.batch.full.wait()
+            await trio.sleep_until(last + interval)
+            last = trio.current_time()
+            await self._flush()
+
+    async def _flush(self, *then: Mutation) -> None:
+        """Persists the waiting text (and ``then`` mutations) in one transaction."""
+        text, tokens = self.batch.take()
+        mutations: list[Mutation] = []
+        if text:
+            mutations.append(lambda chat: chat.record_tokens(self.response_id, text, tokens))
+        mutations.extend(then)
+        if mutations:
+            await self.actor.record(*mutations)
+
+    async def _run_tools(self, calls: list[ToolCallRequest]) -> list[dict[str, Any]]:
+        assistant = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": c.call_id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls
+            ],
+        }
+        results = [await self._run_tool(call) for call in calls]
+        return [assistant, *results]
+
+    async def _run_tool(self, call: ToolCallRequest) -> dict[str, Any]:
+        # The recorded id is unique within the response even if a server reuses or omits ids;
+        # the model gets its own id back.
+        used = {c.call_id for c in self.actor.chat.current.tool_calls} if self.actor.chat.current else set()
+        call_id = call.call_id if call.call_id and call.call_id not in used else f"call_{uuid4().hex[:12]}"
+        arguments = _decode_arguments(call.arguments)
+        await self.actor.record(
+            lambda chat: chat.invoke_tool(self.response_id, call_id, call.name, arguments)
+        )
+        context = ToolContext(owner=self.actor.chat.owner, chat_id=str(self.actor.chat_id))
+        started = time.perf_counter()
+        record: Callable[[ChatSession], Any]
+        try:
+            result = await self.actor.tools.call(call.name, call.arguments, context)
+        except ToolError as exc:
+            duration = _ms_since(started)
+            message = f"{exc.code}: {exc}"
+            record = lambda chat: chat.fail_tool(self.response_id, call_id, message, duration)  # noqa: E731
+            content = json.dumps({"error": message})
+        else:
+            duration = _ms_since(started)
+            record = lambda chat: chat.complete_tool(self.response_id, call_id, result, duration)  # noqa: E731
+            content = json.dumps(result, default=str)
+        await self.actor.record(record)
+        return {"role": "tool", "tool_call_id": call.call_id or call_id, "content": content}
+
+    async def _end(self, error: LLMError | None) -> None:
+        """Records the ending; shielded so that a stop or shutdown cannot lose it."""
+        rid, usage, timing = self.response_id, self.meter.usage(), self.meter.timing()
+        ending: Mutation
+        if self.interrupted is not None:
+            reason = self.interrupted
+            ending = lambda chat: chat.interrupt_response(reason)  # noqa: E731
+        elif error is not None:
+            detail = {"code": error.code, "message": str(error) or type(error).__name__}
+            ending = lambda chat: chat.fail_response(rid, detail, usage, timing)  # noqa: E731
+        elif self.stop_scope.cancelled_caught:
+            ending = lambda chat: chat.stop_response(rid, usage, timing)  # noqa: E731
+        else:
+            model, reason = self.model, self.finish_reason
+            ending = lambda chat: chat.complete_response(rid, model, reason, usage, timing)  # noqa: E731
+        with trio.CancelScope(shield=True):
+            await self._flush(ending)
+
+
+def _decode_arguments(raw: str) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return raw
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
