@@ -1,0 +1,180 @@
+"""The ``eventchat`` command: serve, users, replay, export, projections, chat, bench.
+
+Settings come from flags, then the environment, then defaults (``Settings.from_env``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import trio
+
+from .config import Settings, SettingsError
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", True) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env(
+            data_dir=getattr(args, "data_dir", None),
+            database_url=getattr(args, "database_url", None),
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+        )
+    except SettingsError as exc:
+        parser.exit(2, f"eventchat: {exc}\n")
+    try:
+        args.run(settings, args)
+    except KeyboardInterrupt:
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventchat", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--data-dir", type=Path, help="embedded store directory (./data)")
+        sub.add_argument("--database-url", help="postgresql://... (else SQLite in the data dir)")
+        sub.set_defaults(run=run)
+        return sub
+
+    serve = command("serve", _serve, "serve HTTP and WebSocket")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    users = command("users", _users, "manage users")
+    users.add_argument("action", choices=["add"])
+    users.add_argument("name")
+
+    replay = command("replay", _replay, "print a chat's event log and its state at any seq")
+    replay.add_argument("chat_id", type=UUID)
+    replay.add_argument("--until-seq", type=int, help="stop at this event and show the chat then")
+    replay.add_argument("--json", action="store_true", help="one JSON record a line")
+
+    export = command("export", _export, "export event logs as JSON Lines")
+    export.add_argument("chat_id", type=UUID, nargs="?", help="one chat (default: every chat)")
+
+    projections = command("projections", _projections, "rebuild the views or show their lag")
+    projections.add_argument("action", choices=["rebuild", "status"])
+
+    chat = command("chat", _chat, "talk to a running server from the terminal")
+    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat")
+    chat.add_argument("--token", required=True)
+    chat.add_argument("--chat-id")
+
+    bench = command("bench", _bench, "measure eventchat against a direct model call")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    return parser
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> None:
+    from .web.server import serve
+
+    store = f"PostgreSQL ({_redact(settings.database_url)})" if settings.database_url else (
+        f"SQLite in {settings.data_dir.resolve()}"
+    )
+    model = settings.model or ("offline" if settings.provider == "offline" else "provider default")
+    upstream = f" at {settings.openai_base_url}" if settings.openai_base_url else ""
+    logging.getLogger("eventchat").info(
+        "store: %s; model: %s via %s%s", store, model, settings.provider, upstream
+    )
+    trio.run(serve, settings)
+
+
+def _users(settings: Settings, args: argparse.Namespace) -> None:
+    from .web.users import add_user
+
+    token = add_user(settings, args.name)
+    print(f"Created user {args.name!r}. Bearer token:")
+    print(token)
+
+
+def _open_app(settings: Settings) -> Any:
+    from .events.application import ChatApplication, persistence_env
+
+    return ChatApplication(env=persistence_env(settings), snapshot_interval=settings.snapshot_interval)
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> None:
+    from .events.errors import ChatNotFoundError
+    from .events.replay import chat_at, chat_records, describe
+
+    app = _open_app(settings)
+    try:
+        for record in chat_records(app, args.chat_id, until_seq=args.until_seq):
+            print(json.dumps(record) if args.json else describe(record))
+    except ChatNotFoundError as exc:
+        sys.exit(f"eventchat: {exc}")
+    if not args.json:
+        chat = chat_at(app, args.chat_id, args.until_seq)
+        print(f"\nchat {chat.id} at seq {chat.version}: {chat.title!r} (owner {chat.owner})")
+        for message in chat.history:
+            print(f"  [{message['seq']}] {message['role']}: {message['content']}")
+        if chat.current is not None:
+            print(f"  [streaming {chat.current.response_id}] assistant: {chat.current.text}")
+        if chat.pending:
+            print(f"  waiting for an answer: seq {', '.join(map(str, chat.pending))}")
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> None:
+    from .events.replay import all_chat_ids, chat_records
+
+    app = _open_app(settings)
+    chat_ids = [args.chat_id] if args.chat_id else all_chat_ids(app)
+    for chat_id in chat_ids:
+        for record in chat_records(app, chat_id):
+            print(json.dumps({"chat_id": str(chat_id), **record}))
+
+
+def _projections(settings: Settings, args: argparse.Namespace) -> None:
+    from .projections import rebuild, status
+
+    if args.action == "rebuild":
+        count = rebuild(settings, progress=True)
+        print(f"rebuilt every view from {count} events")
+    else:
+        print(json.dumps(status(settings), indent=2))
+
+
+def _chat(settings: Settings, args: argparse.Namespace) -> None:
+    from .terminal import run_terminal_chat
+
+    trio.run(run_terminal_chat, args.url, args.token, args.chat_id)
+
+
+def _bench(settings: Settings, args: argparse.Namespace) -> None:
+    rest = list(args.rest)
+    if rest[:1] == ["projections"]:
+        from .projections.bench import main as projections_bench
+
+        projections_bench(rest[1:])
+        return
+    from .bench import main as bench_main
+
+    bench_main(rest)
+
+
+def _redact(url: str | None) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url or "")
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Reading a chat's log back: the audit trail as records, and the chat as it was at any seq.
+
+Blocking (it reads the store directly); the CLI runs it outside any event loop and the web
+layer in worker threads. Each record is ``{"seq", "type", "timestamp", "data"}``, the shape of
+``GET /chat/{id}/events``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from .application import ChatApplication
+from .domain import ChatSession
+from .errors import ChatNotFoundError
+
+_ENVELOPE = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+
+
+def event_record(event: Aggregate.Event) -> dict[str, Any]:
+    """One stored event as a JSON-able record."""
+    data = {k: _plain(v) for k, v in event.__dict__.items() if k not in _ENVELOPE}
+    return {
+        "seq": event.originator_version,
+        "type": type(event).__name__,
+        "timestamp": event.timestamp.isoformat(),
+        "data": data,
+    }
+
+
+def chat_records(
+    app: ChatApplication, chat_id: UUID, after_seq: int = 0, until_seq: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The chat's events after ``after_seq`` up to ``until_seq``, oldest first."""
+    events = app.events.get(chat_id, gt=after_seq or None, lte=until_seq)
+    found = False
+    for event in events:
+        found = True
+        yield event_record(event)
+    if not found and after_seq == 0:
+        raise ChatNotFoundError(f"no chat {chat_id}")
+
+
+def chat_at(app: ChatApplication, chat_id: UUID, seq: int | None = None) -> ChatSession:
+    """The chat exactly as it was after event ``seq`` (the latest state if None)."""
+    chat = app.repository.get(chat_id, version=seq)
+    assert isinstance(chat, ChatSession)
+    return chat
+
+
+def all_chat_ids(app: ChatApplication, page: int = 1000) -> Iterator[UUID]:
+    """Every chat id, in the order the chats were started."""
+    topic = f"{ChatSession.Started.__module__}:{ChatSession.Started.__qualname__}"
+    start = 1
+    while True:
+        batch = app.recorder.select_notifications(start, page, topics=[topic])
+        for notification in batch:
+            yield notification.originator_id
+        if len(batch) < page:
+            return
+        start = batch[-1].id + 1
+
+
+def describe(record: dict[str, Any]) -> str:
+    """A one-line human reading of a record, for ``eventchat replay``."""
+    data = record["data"]
+    kind = record["type"]
+    detail = ""
+    if kind == "MessageReceived":
+        detail = f"user: {data['text']!r}"
+    elif kind == "TokensGenerated":
+        detail = f"+{data['tokens']} tokens @{data['offset']}: {data['text']!r}"
+    elif kind == "ToolInvoked":
+        detail = f"{data['tool']}({data['arguments']}) [{data['call_id']}]"
+    elif kind == "ToolCompleted":
+        detail = f"-> {data['result']!r} in {data['duration_ms']} ms [{data['call_id']}]"
+    elif kind == "ToolFailed":
+        detail = f"!! {data['error']} [{data['call_id']}]"
+    elif kind == "ResponseStarted":
+        detail = f"{data['model']} via {data['provider']}, answering seq {data['reply_to_seq']}"
+    elif kind in ("ResponseCompleted", "ResponseFailed", "ResponseStopped"):
+        detail = f"usage={data.get('usage')} timing={data.get('timing')}"
+        if "error" in data:
+            detail = f"error={data['error']} " + detail
+    elif kind == "ResponseInterrupted":
+        detail = f"reason={data['reason']}"
+    elif kind in ("Started", "Renamed"):
+        detail = f"title={data['title']!r}" + (f" owner={data['owner']}" if "owner" in data else "")
+    return f"{record['seq']:>6}  {record['timestamp']}  {kind:<20} {detail}"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
