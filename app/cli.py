@@ -20,6 +20,11 @@ from .config import Settings, SettingsError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # The benchmarks parse their own options (argparse.REMAINDER would drop leading flags).
+        _run_bench(argv[1:])
+        return
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -84,8 +89,10 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from .web.server import serve
 
-    store = f"PostgreSQL ({_redact(settings.database_url)})" if settings.database_url else (
-        f"SQLite in {settings.data_dir.resolve()}"
+    store = (
+        f"PostgreSQL ({_redact(settings.database_url)})"
+        if settings.database_url
+        else (f"SQLite in {settings.data_dir.resolve()}")
     )
     model = settings.model or ("offline" if settings.provider == "offline" else "provider default")
     upstream = f" at {settings.openai_base_url}" if settings.openai_base_url else ""
@@ -106,7 +113,9 @@ def _users(settings: Settings, args: argparse.Namespace) -> None:
 def _open_app(settings: Settings) -> Any:
     from .events.application import ChatApplication, persistence_env
 
-    return ChatApplication(env=persistence_env(settings), snapshot_interval=settings.snapshot_interval)
+    return ChatApplication(
+        env=persistence_env(settings), snapshot_interval=settings.snapshot_interval
+    )
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> None:
@@ -157,7 +166,10 @@ def _chat(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
-    rest = list(args.rest)
+    _run_bench(list(args.rest))
+
+
+def _run_bench(rest: list[str]) -> None:
     if rest[:1] == ["projections"]:
         from .projections.bench import main as projections_bench
 

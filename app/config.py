@@ -49,6 +49,8 @@ class Settings:
     token_flush_tokens: int = 64
     #: An actor with nothing to do stops after this many seconds and comes back from the log.
     passivate_after_s: float = 300.0
+    #: Several processes on PostgreSQL: how often each looks for chats a dead process left.
+    recovery_interval_s: float = 30.0
     mailbox_size: int = 64
     subscriber_queue_size: int = 1024
     snapshot_interval: int = 200
@@ -94,7 +96,9 @@ class Settings:
 
     def validate(self) -> None:
         if self.provider not in ("openai", "offline"):
-            raise SettingsError(f"EVENTCHAT_PROVIDER must be openai or offline, not {self.provider!r}")
+            raise SettingsError(
+                f"EVENTCHAT_PROVIDER must be openai or offline, not {self.provider!r}"
+            )
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise SettingsError("EVENTCHAT_DATABASE_URL must be a postgresql:// URL")
         if self.token_flush_ms <= 0 or self.token_flush_tokens <= 0:

@@ -42,8 +42,11 @@ async def _send_lines(ws: Any, state: dict[str, Any]) -> None:
             if state["chat_id"]:
                 await ws.send_message(json.dumps({"event": "stop", "chat_id": state["chat_id"]}))
             continue
-        frame: dict[str, Any] = {"event": "user_message", "message": text,
-                                 "client_message_id": uuid.uuid4().hex}
+        frame: dict[str, Any] = {
+            "event": "user_message",
+            "message": text,
+            "client_message_id": uuid.uuid4().hex,
+        }
         if state["chat_id"]:
             frame["chat_id"] = state["chat_id"]
         await ws.send_message(json.dumps(frame))
@@ -71,7 +74,10 @@ def _show(frame: dict[str, Any], state: dict[str, Any]) -> None:
         shown = frame.get("result") if frame["status"] == "completed" else frame.get("error")
         print(f"\n[{frame['tool']}: {shown}]", flush=True)
     elif event == "backend_status":
-        print(f"[{frame['model']}: {frame['tokens_used']} tokens, "
-              f"ttft {frame['ttft_ms']} ms, {frame['tokens_per_second']} tok/s]", file=sys.stderr)
+        print(
+            f"[{frame['model']}: {frame['tokens_used']} tokens, "
+            f"ttft {frame['ttft_ms']} ms, {frame['tokens_per_second']} tok/s]",
+            file=sys.stderr,
+        )
     elif event == "error":
         print(f"[error {frame['code']}: {frame['message']}]", file=sys.stderr)

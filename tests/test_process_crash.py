@@ -84,10 +84,8 @@ async def test_sigkill_mid_stream_keeps_the_message_and_interrupts_the_response(
     settings: Settings, tmp_path: Path
 ) -> None:
     env = server_env(settings)
-    added = subprocess.run(
-        eventchat("users", "add", "alice"), env=env, capture_output=True, check=True, text=True
-    )
-    token = added.stdout.strip().splitlines()[-1]
+    added = await trio.run_process(eventchat("users", "add", "alice"), env=env, capture_stdout=True)
+    token = added.stdout.decode().strip().splitlines()[-1]
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     ws_url = f"ws://127.0.0.1:{port}/ws/chat?access_token={token}"
@@ -97,9 +95,11 @@ async def test_sigkill_mid_stream_keeps_the_message_and_interrupts_the_response(
     with server_process(env, port, log) as process:
         await wait_healthy(base_url, process)
         async with open_websocket_url(ws_url) as ws:
-            await ws.send_message(json.dumps(
-                {"event": "user_message", "message": "/slow", "client_message_id": "m-1"}
-            ))
+            await ws.send_message(
+                json.dumps(
+                    {"event": "user_message", "message": "/slow", "client_message_id": "m-1"}
+                )
+            )
             with trio.fail_after(15):
                 while len(streamed) < 60:
                     frame = json.loads(await ws.get_message())

@@ -21,6 +21,7 @@ from ..events.domain import ChatSession
 from ..events.errors import (
     ChatNotFoundError,
     ChatRuleError,
+    ConcurrencyError,
     DuplicateMessageError,
     EventsError,
     StoreError,
@@ -34,6 +35,7 @@ from .messages import (
     LiveState,
     SendMessage,
     StopGeneration,
+    TokenDelta,
 )
 from .turn import Mutation, Turn
 
@@ -41,6 +43,11 @@ if TYPE_CHECKING:
     from .system import ActorSystem
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two attempts of a follower to take over a chat's lease.
+LEASE_RETRY_S = 2.0
+#: Saves tried again after another process wrote the chat first.
+CONFLICT_RETRIES = 5
 
 
 class SessionActor:
@@ -57,35 +64,56 @@ class SessionActor:
         self.published_seq = 0
         self._lock = trio.Lock()
         self._work = trio.Event()
+        self._stale = False
         self.passivated = False
+        #: True when this process holds the chat's lease and so runs its responses; a
+        #: follower only records messages (the owner picks them up from the log) and
+        #: forwards stops, and takes over if the owner goes away.
+        self.owns = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self, recovery_reason: str) -> None:
-        """Loads the chat, ends a response left open, then serves until idle."""
+        """Loads the chat, takes its lease if free (ending a response its dead owner left
+        open), then serves until idle."""
         self.turn, self._lock, self._work = None, trio.Lock(), trio.Event()
+        self.owns = False
         self.chat = await self.store.get(self.chat_id)
         self.published_seq = self.chat.version
-        if self.chat.current is not None:
-            await self.record(lambda chat: chat.interrupt_response(recovery_reason))
+        await self._try_to_own(recovery_reason)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._generate_loop)
             await self._receive_loop()
             nursery.cancel_scope.cancel()
 
+    async def _try_to_own(self, recovery_reason: str) -> None:
+        if not await self.system.leases.acquire(self.chat_id):
+            return
+        self.owns = True
+        await self._reload()
+        if self.chat.current is not None:
+            await self.record(lambda chat: chat.interrupt_response(recovery_reason))
+        self._work.set()
+
     async def _receive_loop(self) -> None:
+        idle_since = trio.current_time()
         while True:
-            with trio.move_on_after(self.settings.passivate_after_s) as idle:
+            wait = self.settings.passivate_after_s if self.owns else LEASE_RETRY_S
+            with trio.move_on_after(wait) as timeout:
                 command = await self._inbox.receive()
-            if idle.cancelled_caught:
-                if self.is_idle():
-                    self.passivated = True
-                    return
+            if not timeout.cancelled_caught:
+                await self._handle(command)
+                idle_since = trio.current_time()
                 continue
-            await self._handle(command)
+            if not self.owns:
+                await self._try_to_own("owner_lost")
+            idle = trio.current_time() - idle_since >= self.settings.passivate_after_s
+            if idle and self.is_idle():
+                self.passivated = True
+                return
 
     def is_idle(self) -> bool:
-        return self.turn is None and not self.chat.pending
+        return not self.owns or (self.turn is None and not self.chat.pending)
 
     def fail_waiting(self, error: BaseException) -> None:
         """Answers every command still in the mailbox with ``error`` and closes it."""
@@ -110,12 +138,15 @@ class SessionActor:
             if isinstance(command, SendMessage):
                 command.reply.set(await self._receive_message(command))
             elif isinstance(command, StopGeneration):
-                command.reply.set(self._stop())
+                command.reply.set(await self._stop())
             elif isinstance(command, Attach):
+                if not self.owns:
+                    async with self._lock:
+                        await self._reload()
                 command.reply.set(None)
         except EventsError as exc:
             command.reply.fail(exc)
-        except BaseException as exc:
+        except BaseException:
             command.reply.fail(ActorStoppedError("the chat's actor stopped; try again"))
             raise
 
@@ -127,25 +158,48 @@ class SessionActor:
         max_chars = self.settings.max_message_chars
         try:
             seq = await self.record(
-                lambda chat: chat.receive_message(command.text, command.client_message_id, max_chars)
+                lambda chat: chat.receive_message(
+                    command.text, command.client_message_id, max_chars
+                )
             )
         except DuplicateMessageError as exc:
             response_id, outcome = self.chat.reply_to(exc.seq)
-            return Accepted(self.chat_id, exc.seq, command.client_message_id, True, response_id, outcome)
+            return Accepted(
+                self.chat_id, exc.seq, command.client_message_id, True, response_id, outcome
+            )
         self._work.set()
         return Accepted(self.chat_id, seq, command.client_message_id)
 
-    def _stop(self) -> bool:
+    async def _stop(self) -> bool:
+        if self.owns:
+            return self.stop_here()
+        async with self._lock:
+            await self._reload()
+        if self.chat.current is None:
+            return False
+        self.system.tell_others(k="x", c=str(self.chat_id))
+        return True
+
+    def stop_here(self) -> bool:
         if self.turn is None:
             return False
         self.turn.stop()
         return True
 
+    def refresh_soon(self) -> None:
+        """Another process wrote this chat: reload it before the next answer."""
+        self._stale = True
+        self._work.set()
+
     # -- generation ---------------------------------------------------------------------
 
     async def _generate_loop(self) -> None:
         while True:
-            while self.chat.pending:
+            if self._stale:
+                self._stale = False
+                async with self._lock:
+                    await self._reload()
+            while self.owns and self.chat.pending:
                 await self._answer_next()
             await self._work.wait()
             self._work = trio.Event()
@@ -161,6 +215,7 @@ class SessionActor:
         finally:
             self.turn = None
             self.system.generating_changed(self.chat.owner, -1)
+            self.system.tell_others(k="z", c=str(self.chat_id), r=response_id)
 
     def interrupt(self, reason: str) -> None:
         """Ends the running response as interrupted (recorded, text kept)."""
@@ -172,40 +227,62 @@ class SessionActor:
     async def record(self, *mutations: Mutation) -> Any:
         """Applies ``mutations`` to the chat and saves their events in one transaction.
 
-        Returns the last mutation's result. A rule error leaves everything unchanged; a
-        store error reloads the chat from the log and propagates. The save is shielded:
-        once started, it completes and its events are published, even on cancellation.
+        Returns the last mutation's result. A rule error leaves everything unchanged. If
+        another process wrote the chat first, the chat is reloaded and the mutations are
+        checked and applied again (a few times). Any other store error reloads the chat and
+        propagates. The save is shielded: once started, it completes and its events are
+        published, even on cancellation.
         """
         async with self._lock:
             with trio.CancelScope(shield=True):
-                result = None
-                try:
-                    for mutate in mutations:
-                        result = mutate(self.chat)
-                    recordings = await self.store.save(self.chat)
-                except (ChatRuleError, StoreError):
-                    if self.chat.pending_events or self.chat.version != self.published_seq:
+                for attempt in range(CONFLICT_RETRIES):
+                    try:
+                        result = None
+                        for mutate in mutations:
+                            result = mutate(self.chat)
+                        recordings = await self.store.save(self.chat)
+                        break
+                    except ConcurrencyError:
                         await self._reload()
-                    raise
-            for recording in recordings:
-                self.published_seq = recording.domain_event.originator_version
-                self.publish(recording.domain_event)
+                        if attempt == CONFLICT_RETRIES - 1:
+                            raise
+                    except (ChatRuleError, StoreError):
+                        if self.chat.pending_events or self.chat.version != self.published_seq:
+                            await self._reload()
+                        raise
+            if recordings:
+                first = recordings[0].domain_event.originator_version
+                for recording in recordings:
+                    self.published_seq = recording.domain_event.originator_version
+                    self.system.hub.publish(self.chat_id, recording.domain_event)
+                self.system.tell_others(k="e", c=str(self.chat_id), a=first, b=self.published_seq)
+                self._work.set()
             return result
 
     async def _reload(self) -> None:
         """Replaces the chat in memory by the stored one; a failure here is a crash."""
         try:
             self.chat = await self.store.get(self.chat_id)
+            self.published_seq = max(self.published_seq, self.chat.version)
         except EventsError as exc:
             raise ActorCrashedError(f"chat {self.chat_id} could not be reloaded") from exc
 
-    def publish(self, item: Any) -> None:
-        self.system.hub.publish(self.chat_id, item)
+    def publish_delta(self, delta: TokenDelta) -> None:
+        """Sends streamed text to this process's subscribers and to the other processes."""
+        self.system.hub.publish(self.chat_id, delta)
+        self.system.tell_others(
+            k="d", c=str(self.chat_id), r=delta.response_id, t=delta.text, o=delta.offset
+        )
 
     def live_state(self) -> LiveState:
-        response = None
-        if self.turn is not None and self.chat.current is not None:
-            response = LiveResponse(
-                self.turn.response_id, self.chat.current.reply_to_seq, self.turn.text
-            )
-        return LiveState(self.published_seq, response)
+        """What a subscriber joining now has missed: the last seq and the text so far."""
+        current = self.chat.current
+        if current is None:
+            return LiveState(self.published_seq, None)
+        if self.turn is not None:
+            text = self.turn.text
+        else:  # the response runs in another process: its persisted text, then live deltas
+            text = self.system.remote_text(self.chat_id, current.response_id, current.text)
+        return LiveState(
+            self.published_seq, LiveResponse(current.response_id, current.reply_to_seq, text)
+        )

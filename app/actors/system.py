@@ -29,9 +29,10 @@ from ..events.errors import ChatNotFoundError, EventsError, StoreError
 from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
+from .cluster import Bus, LocalLeases, PostgresLeases
 from .errors import ActorError, ActorStoppedError, MailboxFullError
 from .hub import Hub, Subscription
-from .messages import Accepted, Attach, Command, SendMessage, StopGeneration
+from .messages import Accepted, Attach, Command, SendMessage, StopGeneration, TokenDelta
 from .session import SessionActor
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 MAILBOX_WAIT_S = 5.0
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 5.0
+#: Items from other processes waiting to be applied before new ones are dropped.
+BUS_BACKLOG = 10_000
 
 
 class DataDirLockedError(StoreError):
@@ -62,6 +65,14 @@ class ActorSystem:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._lock_file: IO[str] | None = None
+        self.leases: LocalLeases | PostgresLeases = LocalLeases()
+        self.bus: Bus | None = None
+        if settings.store_kind == "postgres":
+            self.leases = PostgresLeases(settings)
+            self.bus = Bus(settings, self._from_others)
+        self._from_bus, self._bus_items = trio.open_memory_channel[dict[str, Any]](BUS_BACKLOG)
+        #: Text streamed by responses running in other processes (response id, offset, text).
+        self._remote: dict[UUID, tuple[str, int, str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -72,14 +83,34 @@ class ActorSystem:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for chat_id in await self.store.run(self.store.app.unfinished_chats):
-                    self._actor_for(chat_id)
+                if self.bus is not None:
+                    await nursery.start(self.bus.run)
+                    nursery.start_soon(self._feed_from_others)
+                await self._resume_unfinished()
+                if self.bus is not None:
+                    nursery.start_soon(self._resume_periodically)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            self.leases.close()
             if self._lock_file is not None:
                 self._lock_file.close()
+
+    async def _resume_unfinished(self) -> None:
+        """Starts the actors of chats left with an open response or an unanswered message."""
+        for chat_id in await self.store.run(self.store.app.unfinished_chats):
+            if self._nursery is not None:
+                self._actor_for(chat_id)
+
+    async def _resume_periodically(self) -> None:
+        """Several processes: takes over the unfinished chats of a process that died."""
+        while True:
+            await trio.sleep(self.settings.recovery_interval_s)
+            try:
+                await self._resume_unfinished()
+            except StoreError as exc:
+                log.warning("could not look for unfinished chats: %s", exc)
 
     def _claim_data_dir(self) -> None:
         path = self.settings.data_dir / "eventchat.lock"
@@ -162,7 +193,9 @@ class ActorSystem:
         return {
             "active_chats": len(self._actors),
             "generating": sum(self._generating.values()),
-            "queue_depth": sum(a.mailbox.statistics().current_buffer_used for a in self._actors.values()),
+            "queue_depth": sum(
+                a.mailbox.statistics().current_buffer_used for a in self._actors.values()
+            ),
         }
 
     def generating_for(self, owner: str) -> int:
@@ -212,8 +245,11 @@ class ActorSystem:
                     return
                 except Exception as exc:  # noqa: BLE001 - a crash: log it and restart
                     self.restarts += 1
-                    log.error("actor for chat %s crashed; restarting from the log",
-                              actor.chat_id, exc_info=exc)
+                    log.error(
+                        "actor for chat %s crashed; restarting from the log",
+                        actor.chat_id,
+                        exc_info=exc,
+                    )
                     reason = "actor_restarted"
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -222,6 +258,72 @@ class ActorSystem:
                 del self._actors[actor.chat_id]
             for command in actor.drain():
                 self._redeliver(actor.chat_id, command)
+            if actor.owns:
+                with trio.move_on_after(2, shield=True):
+                    try:
+                        await self.leases.release(actor.chat_id)
+                    except StoreError as exc:
+                        log.warning("could not release the lease of %s: %s", actor.chat_id, exc)
+
+    # -- other processes ----------------------------------------------------------------
+
+    def tell_others(self, **item: Any) -> None:
+        if self.bus is not None:
+            self.bus.send(**item)
+
+    def _from_others(self, item: dict[str, Any]) -> None:
+        try:
+            self._from_bus.send_nowait(item)
+        except trio.WouldBlock:
+            log.warning("bus backlog full: a live item from another process was dropped")
+
+    async def _feed_from_others(self) -> None:
+        """Applies other processes' items in arrival order: stops, wake-ups, live frames."""
+        async for item in self._bus_items:
+            chat_id = UUID(item["c"])
+            actor = self._actors.get(chat_id)
+            kind = item["k"]
+            if kind == "x" and actor is not None and actor.owns:
+                actor.stop_here()
+            elif kind == "e":
+                if actor is not None and actor.owns:
+                    actor.refresh_soon()
+                if self.hub.count(chat_id):
+                    await self._publish_stored(chat_id, item["a"], item["b"])
+            elif kind == "d":
+                self._mirror(chat_id, item["r"], item["o"], item["t"])
+                if self.hub.count(chat_id):
+                    self.hub.publish(chat_id, TokenDelta(chat_id, item["r"], item["t"], item["o"]))
+            elif kind == "z":
+                self._remote.pop(chat_id, None)
+
+    async def _publish_stored(self, chat_id: UUID, first: int, last: int) -> None:
+        def fetch() -> list[Any]:
+            return list(self.store.app.events.get(chat_id, gt=first - 1, lte=last))
+
+        try:
+            events = await self.store.run(fetch)
+        except StoreError as exc:
+            log.warning("could not read events %s..%s of chat %s: %s", first, last, chat_id, exc)
+            return
+        for event in events:
+            self.hub.publish(chat_id, event)
+
+    def _mirror(self, chat_id: UUID, response_id: str, offset: int, text: str) -> None:
+        known = self._remote.get(chat_id)
+        if known is not None and known[0] == response_id and known[1] + len(known[2]) == offset:
+            self._remote[chat_id] = (response_id, known[1], known[2] + text)
+        else:
+            self._remote[chat_id] = (response_id, offset, text)
+
+    def remote_text(self, chat_id: UUID, response_id: str, persisted: str) -> str:
+        """The text so far of a response running in another process: what it persisted,
+        completed by the deltas this process saw, when the two join up."""
+        known = self._remote.get(chat_id)
+        if known is None or known[0] != response_id or known[1] > len(persisted):
+            return persisted
+        _, start, seen = known
+        return persisted[:start] + seen if start + len(seen) >= len(persisted) else persisted
 
     def _redeliver(self, chat_id: UUID, command: Command) -> None:
         """Hands a command left in a passivated actor's mailbox to its successor."""

@@ -169,7 +169,9 @@ class Turn:
         offset = len(self.text)
         self.text += delta.text
         self.batch.add(delta.text, delta.tokens)
-        self.actor.publish(TokenDelta(self.actor.chat_id, self.response_id, delta.text, offset))
+        self.actor.publish_delta(
+            TokenDelta(self.actor.chat_id, self.response_id, delta.text, offset)
+        )
 
     async def _flush_loop(self) -> None:
         """Flushes a batch when it is ``token_flush_ms`` old or full, never more often."""
@@ -198,8 +200,11 @@ class Turn:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": c.call_id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "id": c.call_id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
                 for c in calls
             ],
         }
@@ -209,8 +214,16 @@ class Turn:
     async def _run_tool(self, call: ToolCallRequest) -> dict[str, Any]:
         # The recorded id is unique within the response even if a server reuses or omits ids;
         # the model gets its own id back.
-        used = {c.call_id for c in self.actor.chat.current.tool_calls} if self.actor.chat.current else set()
-        call_id = call.call_id if call.call_id and call.call_id not in used else f"call_{uuid4().hex[:12]}"
+        used = (
+            {c.call_id for c in self.actor.chat.current.tool_calls}
+            if self.actor.chat.current
+            else set()
+        )
+        call_id = (
+            call.call_id
+            if call.call_id and call.call_id not in used
+            else f"call_{uuid4().hex[:12]}"
+        )
         arguments = _decode_arguments(call.arguments)
         await self.actor.record(
             lambda chat: chat.invoke_tool(self.response_id, call_id, call.name, arguments)
@@ -260,4 +273,3 @@ def _decode_arguments(raw: str) -> Any:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
-

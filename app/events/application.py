@@ -28,7 +28,8 @@ class ChatApplication(Application[UUID]):
     snapshotting_intervals: ClassVar[dict[type[Any], int]] = {ChatSession: 200}
 
     def __init__(self, env: dict[str, str] | None = None, snapshot_interval: int = 200) -> None:
-        self.snapshotting_intervals = {ChatSession: snapshot_interval}
+        # The library reads the intervals through the instance: one interval per store.
+        self.snapshotting_intervals = {ChatSession: snapshot_interval}  # type: ignore[misc]
         super().__init__(env=env)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
@@ -37,7 +38,7 @@ class ChatApplication(Application[UUID]):
             transcoder.register(DataclassAsDict(cls))
 
     def get_chat(self, chat_id: UUID) -> ChatSession:
-        chat = self.repository.get(chat_id)
+        chat: Any = self.repository.get(chat_id)
         assert isinstance(chat, ChatSession)
         return chat
 
@@ -52,7 +53,7 @@ class ChatApplication(Application[UUID]):
         """
         topics = [_topic(cls) for cls in (ChatSession.MessageReceived, ChatSession.ResponseStarted)]
         ending_topics = {_topic(cls) for cls in ChatSession.ENDINGS}
-        balance: dict[UUID, int] = {}
+        balance: dict[Any, int] = {}
         start = 1
         while True:
             batch = self.recorder.select_notifications(
@@ -63,7 +64,7 @@ class ChatApplication(Application[UUID]):
                 step = 1 if n.topic == topics[0] else (-1 if n.topic in ending_topics else 0)
                 balance[n.originator_id] = balance.get(n.originator_id, 0) + step
             if len(batch) < page:
-                return [chat_id for chat_id, open_items in balance.items() if open_items > 0]
+                return [UUID(str(chat_id)) for chat_id, n in balance.items() if n > 0]
             start = batch[-1].id + 1
 
     def max_position(self) -> int:

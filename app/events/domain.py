@@ -171,13 +171,21 @@ class ChatSession(Aggregate):
             # The answer goes right after the message it answers, before any queued ones.
             reply_to = chat.current.reply_to_seq
             at = next(
-                (i + 1 for i in range(len(chat.history) - 1, -1, -1)
-                 if chat.history[i]["seq"] == reply_to),
+                (
+                    i + 1
+                    for i in range(len(chat.history) - 1, -1, -1)
+                    if chat.history[i]["seq"] == reply_to
+                ),
                 len(chat.history),
             )
-            chat.history.insert(at, {"role": "assistant", "content": text, "seq": self.originator_version})
+            chat.history.insert(
+                at, {"role": "assistant", "content": text, "seq": self.originator_version}
+            )
             chat.outcomes[self.response_id] = Outcome(
-                self.response_id, TERMINAL_STATUS[type(self).__name__], self.originator_version, text
+                self.response_id,
+                TERMINAL_STATUS[type(self).__name__],
+                self.originator_version,
+                text,
             )
             chat.current = None
             chat.message_count += 1
@@ -255,7 +263,9 @@ class ChatSession(Aggregate):
         ``client_message_id`` already accepted, and the rule errors for bad text.
         """
         if client_message_id is not None and client_message_id in self.client_message_ids:
-            raise DuplicateMessageError(client_message_id, self.client_message_ids[client_message_id])
+            raise DuplicateMessageError(
+                client_message_id, self.client_message_ids[client_message_id]
+            )
         if not text.strip():
             raise EmptyMessageError("a message cannot be empty")
         if len(text) > max_chars:
@@ -293,10 +303,16 @@ class ChatSession(Aggregate):
     def invoke_tool(self, response_id: str, call_id: str, tool: str, arguments: Any) -> None:
         self._require_current(response_id)
         self.trigger_event(
-            self.ToolInvoked, response_id=response_id, call_id=call_id, tool=tool, arguments=arguments
+            self.ToolInvoked,
+            response_id=response_id,
+            call_id=call_id,
+            tool=tool,
+            arguments=arguments,
         )
 
-    def complete_tool(self, response_id: str, call_id: str, result: Any, duration_ms: float) -> None:
+    def complete_tool(
+        self, response_id: str, call_id: str, result: Any, duration_ms: float
+    ) -> None:
         self._require_open_call(response_id, call_id)
         self.trigger_event(
             self.ToolCompleted,
@@ -309,7 +325,11 @@ class ChatSession(Aggregate):
     def fail_tool(self, response_id: str, call_id: str, error: str, duration_ms: float) -> None:
         self._require_open_call(response_id, call_id)
         self.trigger_event(
-            self.ToolFailed, response_id=response_id, call_id=call_id, error=error, duration_ms=duration_ms
+            self.ToolFailed,
+            response_id=response_id,
+            call_id=call_id,
+            error=error,
+            duration_ms=duration_ms,
         )
 
     def complete_response(
@@ -338,9 +358,13 @@ class ChatSession(Aggregate):
             self.ResponseFailed, response_id=response_id, error=error, usage=usage, timing=timing
         )
 
-    def stop_response(self, response_id: str, usage: dict[str, Any], timing: dict[str, Any]) -> None:
+    def stop_response(
+        self, response_id: str, usage: dict[str, Any], timing: dict[str, Any]
+    ) -> None:
         self._require_current(response_id)
-        self.trigger_event(self.ResponseStopped, response_id=response_id, usage=usage, timing=timing)
+        self.trigger_event(
+            self.ResponseStopped, response_id=response_id, usage=usage, timing=timing
+        )
 
     def interrupt_response(self, reason: str) -> str | None:
         """Ends a response left unfinished by a crash; returns its id, or None if none was."""

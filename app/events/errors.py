@@ -1,16 +1,16 @@
 """Errors of the domain and the event store.
 
-    EventsError
-    ├── ChatRuleError            an invariant of a chat would be broken; nothing was recorded
-    │   ├── EmptyMessageError
-    │   ├── MessageTooLongError
-    │   ├── ResponseInProgressError
-    │   ├── NoResponseInProgressError
-    │   └── DuplicateMessageError
-    ├── ChatNotFoundError         no such chat (or not the caller's)
-    └── StoreError                the store could not be read or written
-        ├── StoreUnavailableError the database is unreachable
-        └── ConcurrencyError      another writer saved the chat first: reload and retry
+EventsError
+├── ChatRuleError            an invariant of a chat would be broken; nothing was recorded
+│   ├── EmptyMessageError
+│   ├── MessageTooLongError
+│   ├── ResponseInProgressError
+│   ├── NoResponseInProgressError
+│   └── DuplicateMessageError
+├── ChatNotFoundError         no such chat (or not the caller's)
+└── StoreError                the store could not be read or written
+    ├── StoreUnavailableError the database is unreachable
+    └── ConcurrencyError      another writer saved the chat first: reload and retry
 """
 
 from __future__ import annotations

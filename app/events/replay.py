@@ -12,8 +12,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate
-
 from .application import ChatApplication
 from .domain import ChatSession
 from .errors import ChatNotFoundError
@@ -21,7 +19,7 @@ from .errors import ChatNotFoundError
 _ENVELOPE = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
 
-def event_record(event: Aggregate.Event) -> dict[str, Any]:
+def event_record(event: Any) -> dict[str, Any]:
     """One stored event as a JSON-able record."""
     data = {k: _plain(v) for k, v in event.__dict__.items() if k not in _ENVELOPE}
     return {
@@ -47,7 +45,7 @@ def chat_records(
 
 def chat_at(app: ChatApplication, chat_id: UUID, seq: int | None = None) -> ChatSession:
     """The chat exactly as it was after event ``seq`` (the latest state if None)."""
-    chat = app.repository.get(chat_id, version=seq)
+    chat: Any = app.repository.get(chat_id, version=seq)
     assert isinstance(chat, ChatSession)
     return chat
 
@@ -59,7 +57,7 @@ def all_chat_ids(app: ChatApplication, page: int = 1000) -> Iterator[UUID]:
     while True:
         batch = app.recorder.select_notifications(start, page, topics=[topic])
         for notification in batch:
-            yield notification.originator_id
+            yield UUID(str(notification.originator_id))
         if len(batch) < page:
             return
         start = batch[-1].id + 1

@@ -114,9 +114,9 @@ async def stop_system(system: ActorSystem) -> None:
     await wait_until(lambda: system._nursery is None)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 - polling state that has no event
             await trio.sleep(0.005)
 
 

@@ -23,7 +23,7 @@ async def until_answered(system: ActorSystem, chat_id: object, answers: int = 1)
         return sum(t in ENDINGS for t in await event_types(system, chat_id))
 
     with trio.fail_after(10):
-        while await ended() < answers:
+        while await ended() < answers:  # noqa: ASYNC110 - polling the store
             await trio.sleep(0.01)
     return await event_types(system, chat_id)
 
@@ -51,15 +51,21 @@ async def test_plain_turn_records_and_streams(start_system, provider: ScriptedPr
     ending = events[-1]
     assert ending.usage["completion_tokens"] == 3 and ending.usage["total_tokens"] == 13
     assert ending.finish_reason == "stop" and ending.model == "scripted-1"
-    assert ending.timing["ttft_ms"] >= 0 and ending.timing["duration_ms"] >= ending.timing["ttft_ms"]
+    assert (
+        ending.timing["ttft_ms"] >= 0 and ending.timing["duration_ms"] >= ending.timing["ttft_ms"]
+    )
     chat = await system.store.get(chat_id)
     assert chat.history[-1]["content"] == "Hello there"
     assert provider.requests[0].messages[-1] == {"role": "user", "content": "hi"}
 
 
 async def test_tool_calls_are_recorded_and_given_back(start_system, provider) -> None:
-    provider.then(tool_calls=[("call-1", "calculator", '{"expression": "12*7"}'),
-                              ("call-2", "calculator", '{"expression": "9**9**9"}')])
+    provider.then(
+        tool_calls=[
+            ("call-1", "calculator", '{"expression": "12*7"}'),
+            ("call-2", "calculator", '{"expression": "9**9**9"}'),
+        ]
+    )
     provider.then("12*7 is ", "84.")
     system = await start_system(provider)
     chat_id = await system.create_chat("alice")
@@ -141,7 +147,9 @@ async def test_queued_messages_are_answered_one_at_a_time_in_order(start_system,
         open_responses += isinstance(e, ChatSession.ResponseStarted)
         open_responses -= isinstance(e, ChatSession.ENDINGS)
         assert open_responses <= 1
-    answers = [m["content"] for m in (await system.store.get(chat_id)).history if m["role"] == "assistant"]
+    answers = [
+        m["content"] for m in (await system.store.get(chat_id)).history if m["role"] == "assistant"
+    ]
     assert answers == ["one", "two", "three"]
     # each answer sees the conversation up to its own question, not the queued ones
     assert [r.messages[-1]["content"] for r in provider.requests] == ["m0", "m1", "m2"]
@@ -264,7 +272,9 @@ async def test_tokens_are_persisted_in_batches(start_system, provider) -> None:
     batches = [e for e in events if isinstance(e, ChatSession.TokensGenerated)]
     assert "".join(b.text for b in batches) == "".join(tokens)
     assert sum(b.tokens for b in batches) == 500
-    assert [b.offset for b in batches] == [sum(len(x.text) for x in batches[:i]) for i in range(len(batches))]
+    assert [b.offset for b in batches] == [
+        sum(len(x.text) for x in batches[:i]) for i in range(len(batches))
+    ]
 
 
 async def test_slow_stream_flushes_at_most_once_per_interval(start_system, provider) -> None:
@@ -282,7 +292,10 @@ async def test_slow_stream_flushes_at_most_once_per_interval(start_system, provi
 async def test_slow_subscriber_is_dropped_without_slowing_the_turn(start_system, provider) -> None:
     system = await start_system(provider.then(*["y"] * 100), subscriber_queue_size=8)
     chat_id = await system.create_chat("alice")
-    async with system.subscribe(chat_id, "alice") as slow, system.subscribe(chat_id, "alice") as fast:
+    async with (
+        system.subscribe(chat_id, "alice") as slow,
+        system.subscribe(chat_id, "alice") as fast,
+    ):
         await system.send_message(chat_id, "alice", "go")
         received = 0
         with trio.fail_after(5):
