@@ -1,0 +1,200 @@
+"""The load: N concurrent chats of M turns each, sent straight upstream or through eventchat.
+
+Every driver runs each chat's turns one after the other (the next message is sent when the
+previous answer is done), all chats at once, and measures, per turn, the time from sending to
+the first streamed text. A first *warm-up* turn per chat (which also creates the chat) is left
+out of the figures; the wall clock starts once every chat is warm. A turn counts as completed
+only when it ended ``complete`` with exactly the text the upstream sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import openai
+import trio
+from trio_websocket import open_websocket_url
+
+#: One turn: sends message ``n`` of a chat; returns (ttft seconds, chunks, text, status).
+Turn = Callable[[int], Awaitable[tuple[float | None, int, str, str]]]
+
+
+@dataclass
+class LoadResult:
+    name: str
+    chats: int
+    messages: int
+    expected_text: str
+    turns: int = 0
+    chunks: int = 0
+    wrong: int = 0
+    wall_s: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def note(self, ttft: float | None, chunks: int, text: str, status: str) -> None:
+        if status == "complete" and text == self.expected_text and ttft is not None:
+            self.turns += 1
+            self.chunks += chunks
+            self.ttft_s.append(ttft)
+        else:
+            self.wrong += 1
+            if len(self.errors) < 5:
+                self.errors.append(f"status {status}, {len(text)} characters")
+
+
+async def run_load(name: str, chats: int, messages: int, expected_text: str,
+                   open_chat: Callable[[], Any],
+                   on_start: Callable[[], None] = lambda: None,
+                   on_end: Callable[[], None] = lambda: None) -> LoadResult:
+    """Runs ``chats`` chats at once; ``open_chat()`` is an async context manager of a Turn.
+
+    ``on_start`` and ``on_end`` run just before the measured turns and just after the last.
+    """
+    result = LoadResult(name, chats, messages, expected_text)
+    warm, start = trio.Semaphore(0), trio.Event()
+    running, began = chats, 0.0
+
+    async def chat() -> None:
+        nonlocal running
+        async with open_chat() as turn:
+            await turn(0)
+            warm.release()
+            await start.wait()
+            try:
+                for n in range(1, messages + 1):
+                    result.note(*await turn(n))
+            finally:
+                running -= 1
+                if running == 0:
+                    result.wall_s = time.perf_counter() - began
+                    on_end()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(chats):
+            nursery.start_soon(chat)
+        for _ in range(chats):
+            await warm.acquire()
+        on_start()
+        began = time.perf_counter()
+        start.set()
+    return result
+
+
+# -- straight to the upstream ---------------------------------------------------------------
+
+def direct_chats(client: openai.AsyncOpenAI, model: str) -> Callable[[], Any]:
+    class Chat:
+        async def __aenter__(self) -> Turn:
+            return self.turn
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def turn(self, n: int) -> tuple[float | None, int, str, str]:
+            sent, first, chunks, text = time.perf_counter(), None, 0, []
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"hello {n}"}],
+                stream=True, stream_options={"include_usage": True})
+            try:
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter()
+                        chunks += 1
+                        text.append(chunk.choices[0].delta.content)
+            finally:
+                await stream.close()
+            return _since(sent, first), chunks, "".join(text), "complete"
+
+    return Chat
+
+
+# -- through eventchat: WebSocket -----------------------------------------------------------
+
+def websocket_chats(url: str, model_chat: Callable[[], Awaitable[str]] | None = None
+                    ) -> Callable[[], Any]:
+    """Chats over ``/ws/chat``; ``model_chat()`` may create each chat first (its id)."""
+
+    class Chat:
+        async def __aenter__(self) -> Turn:
+            self.chat_id = await model_chat() if model_chat is not None else None
+            self._cm = open_websocket_url(url, message_queue_size=4096,
+                                          max_message_size=16 * 1024 * 1024)
+            self.ws = await self._cm.__aenter__()
+            return self.turn
+
+        async def __aexit__(self, *exc: Any) -> None:
+            await self._cm.__aexit__(*exc)
+
+        async def turn(self, n: int) -> tuple[float | None, int, str, str]:
+            frame: dict[str, Any] = {"event": "user_message", "message": f"hello {n}",
+                                     "client_message_id": uuid4().hex}
+            if self.chat_id is not None:
+                frame["chat_id"] = self.chat_id
+            sent, first, chunks, text = time.perf_counter(), None, 0, []
+            await self.ws.send_message(json.dumps(frame))
+            while True:
+                data = json.loads(await self.ws.get_message())
+                event = data.get("event")
+                if event == "ack":
+                    self.chat_id = data["chat_id"]
+                elif event == "ai_response" and not data["done"]:
+                    first = first or time.perf_counter()
+                    chunks += 1
+                    text.append(data["delta"])
+                elif event == "ai_response":
+                    return _since(sent, first), chunks, "".join(text), data["status"]
+                elif event == "error":
+                    return None, chunks, "".join(text), f"error {data.get('code')}"
+
+    return Chat
+
+
+# -- through eventchat: POST /generate, streamed --------------------------------------------
+
+def sse_chats(client: httpx.AsyncClient) -> Callable[[], Any]:
+    class Chat:
+        async def __aenter__(self) -> Turn:
+            self.chat_id: str | None = None
+            return self.turn
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def turn(self, n: int) -> tuple[float | None, int, str, str]:
+            body: dict[str, Any] = {"message": f"hello {n}", "stream": True,
+                                    "client_message_id": uuid4().hex}
+            if self.chat_id is not None:
+                body["chat_id"] = self.chat_id
+            sent, first, chunks, text, status = time.perf_counter(), None, 0, [], "no end"
+            async with client.stream("POST", "/generate", json=body) as answer:
+                if answer.status_code != 200:
+                    return None, 0, "", f"http {answer.status_code}"
+                async for line in answer.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = json.loads(line[6:])
+                    event = data.get("event")
+                    if event == "ack":
+                        self.chat_id = data["chat_id"]
+                    elif event == "ai_response" and not data["done"]:
+                        first = first or time.perf_counter()
+                        chunks += 1
+                        text.append(data["delta"])
+                    elif event == "ai_response":
+                        status = data["status"]
+                    elif event == "error":
+                        status = f"error {data.get('code')}"
+            return _since(sent, first), chunks, "".join(text), status
+
+    return Chat
+
+
+def _since(sent: float, first: float | None) -> float | None:
+    return None if first is None else first - sent

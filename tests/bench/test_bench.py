@@ -1,0 +1,75 @@
+"""``eventchat bench --quick --store sqlite`` end to end: every figure present and sane.
+
+Real processes (the upstream and ``eventchat serve``), real sockets; no timing thresholds,
+only counts that must match and values that must make sense.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--quick", "--store", "sqlite",
+         "--chats", "3", "--messages", "2", "--chunks", "7", "--idle-connections", "50",
+         "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "turns completed / requested" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["machine"]["cpus"] >= 1
+
+    base = results["baseline"]
+    _check_load(base, turns=6, chunks=7)
+    assert base["client_cpu_us_per_chunk"] > 0
+
+    store = results["stores"]["sqlite"]
+    for name in ("websocket", "sse"):
+        load = store[name]
+        _check_load(load, turns=6, chunks=7)
+        assert load["server_cpu_us_per_chunk"] > 0
+        assert load["added_ttft_ms"]["p50"] is not None
+        assert load["vs_baseline"]["turns_per_s"] > 0
+
+    per_response = store["log"]["events_per_response"]
+    # warm-up and measured turns, every one answered: one of each, tokens in batches
+    assert store["log"]["responses"] == 3 * (2 + 1)
+    for kind in ("MessageReceived", "ResponseStarted", "ResponseCompleted"):
+        assert per_response[kind] == 1.0
+    assert 1.0 <= per_response["TokensGenerated"] <= 7
+
+    for run in store["write_rate"]:
+        assert run["complete"]
+        assert run["token_batches"] >= 1
+        if run["min_periodic_flush_gap_ms"] is not None:
+            assert run["min_periodic_flush_gap_ms"] >= 45  # token_flush_ms = 50
+
+    for key, offered in (("idle", False), ("idle_deflate", True)):
+        idle = store[key]
+        assert idle["connections"] == idle["server_counted"] == 50
+        assert idle["permessage_deflate_offered"] is offered
+        assert idle["extensions_negotiated"] == (["permessage-deflate"] if offered else [])
+        assert idle["server_rss_after_mib"] > 0
+
+    views = store["projections"]
+    assert views["events"] >= 2000
+    assert views["rebuild_events_per_s"] > 0 and views["page_median_ms"] > 0
+
+
+def _check_load(load: dict, turns: int, chunks: int) -> None:
+    assert load["turns_requested"] == turns
+    assert load["turns_completed"] == turns, load["errors"]
+    assert load["turns_wrong"] == 0
+    assert load["chunks_received"] == turns * chunks
+    assert load["turns_per_s"] > 0 and load["chunks_per_s"] > 0
+    assert 0 < load["ttft_ms"]["p50"] <= load["ttft_ms"]["p99"]
