@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -51,11 +52,18 @@ class Accepted:
     outcome: Outcome | None = None
 
 
+#: Called by the actor just before it records a *new* message (never for a re-sent
+#: ``client_message_id``): raises to refuse it (a limit), else returns an undo for when the
+#: message could not be recorded after all.
+Admission = Callable[[], Callable[[], None]]
+
+
 @dataclass(frozen=True, slots=True)
 class SendMessage:
     owner: str
     text: str
     client_message_id: str | None
+    admit: Admission | None = None
     reply: Reply[Accepted] = field(default_factory=Reply)
 
 

@@ -136,7 +136,9 @@ class SessionActor:
         try:
             self._check_owner(command.owner)
             if isinstance(command, SendMessage):
-                command.reply.set(await self._receive_message(command))
+                accepted = await self._receive_message(command)
+                if accepted is not None:
+                    command.reply.set(accepted)
             elif isinstance(command, StopGeneration):
                 command.reply.set(await self._stop())
             elif isinstance(command, Attach):
@@ -154,21 +156,39 @@ class SessionActor:
         if self.chat.owner != owner:
             raise ChatNotFoundError("chat not found")
 
-    async def _receive_message(self, command: SendMessage) -> Accepted:
+    async def _receive_message(self, command: SendMessage) -> Accepted | None:
+        """Records a new message and returns its ``Accepted`` once durable; a re-sent
+        ``client_message_id`` gets the original one (and its outcome) and records nothing."""
+        cmid = command.client_message_id
+        if cmid is not None and cmid in self.chat.client_message_ids:
+            return self._accepted_before(cmid)
+        undo = None
+        if command.admit is not None:
+            try:
+                undo = command.admit()
+            except Exception as exc:  # noqa: BLE001 - the caller's refusal, reported to it
+                command.reply.fail(exc)
+                return None
         max_chars = self.settings.max_message_chars
         try:
             seq = await self.record(
-                lambda chat: chat.receive_message(
-                    command.text, command.client_message_id, max_chars
-                )
+                lambda chat: chat.receive_message(command.text, cmid, max_chars)
             )
-        except DuplicateMessageError as exc:
-            response_id, outcome = self.chat.reply_to(exc.seq)
-            return Accepted(
-                self.chat_id, exc.seq, command.client_message_id, True, response_id, outcome
-            )
+        except DuplicateMessageError:  # recorded meanwhile by another process
+            if undo is not None:
+                undo()
+            return self._accepted_before(cmid or "")
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
         self._work.set()
-        return Accepted(self.chat_id, seq, command.client_message_id)
+        return Accepted(self.chat_id, seq, cmid)
+
+    def _accepted_before(self, client_message_id: str) -> Accepted:
+        seq = self.chat.client_message_ids[client_message_id]
+        response_id, outcome = self.chat.reply_to(seq)
+        return Accepted(self.chat_id, seq, client_message_id, True, response_id, outcome)
 
     async def _stop(self) -> bool:
         if self.owns:

@@ -32,7 +32,7 @@ from ..llm.tools import ToolRegistry
 from .cluster import Bus, LocalLeases, PostgresLeases
 from .errors import ActorError, ActorStoppedError, MailboxFullError
 from .hub import Hub, Subscription
-from .messages import Accepted, Attach, Command, SendMessage, StopGeneration, TokenDelta
+from .messages import Accepted, Admission, Attach, Command, SendMessage, StopGeneration, TokenDelta
 from .session import SessionActor
 
 log = logging.getLogger(__name__)
@@ -157,13 +157,20 @@ class ActorSystem:
         return chat.id
 
     async def send_message(
-        self, chat_id: UUID, owner: str, text: str, client_message_id: str | None = None
+        self,
+        chat_id: UUID,
+        owner: str,
+        text: str,
+        client_message_id: str | None = None,
+        admit: Admission | None = None,
     ) -> Accepted:
         """Returns once the message is durable. Raises ``ChatNotFoundError`` (missing or not
-        ``owner``'s), a ``ChatRuleError``, ``StoreError`` or ``MailboxFullError``."""
+        ``owner``'s), a ``ChatRuleError``, ``StoreError``, ``MailboxFullError``, or what
+        ``admit`` raised. A re-sent ``client_message_id`` returns the first ``Accepted``
+        (``duplicate=True``) without calling ``admit``."""
         if self._closing:
             raise ActorStoppedError("the server is shutting down")
-        return await self._ask(chat_id, SendMessage(owner, text, client_message_id))
+        return await self._ask(chat_id, SendMessage(owner, text, client_message_id, admit))
 
     async def stop_generation(self, chat_id: UUID, owner: str) -> bool:
         """Stops the running response of the chat; False if none was running."""

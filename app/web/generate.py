@@ -1,15 +1,17 @@
 """Sending a user message, shared by ``POST /generate`` (JSON or SSE) and the WebSocket.
 
-``admit`` checks the text and the user's limits before anything is written; ``send`` records
-the message through the chat's actor and returns once it is durable (``Accepted``). A
-duplicate ``client_message_id`` is answered with the original ``Accepted`` (and, if its turn
-is done, its outcome) without counting against the limits.
+``admit`` checks the text before anything is written; ``open_chat`` names the chat, creating
+one (after counting the message against the user's limits, so that a refused message creates
+nothing); ``send`` records the message through the chat's actor and returns once it is
+durable (``Accepted``). In an existing chat the limits are checked by the actor, for new
+messages only: a re-sent ``client_message_id`` is answered with the original ``Accepted``
+(and, if its turn is done, its outcome) whatever the limits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack, aclosing
 from typing import Any
 from uuid import UUID
@@ -33,26 +35,46 @@ def check_text(text: str, max_chars: int) -> None:
                               "message_too_long")
 
 
-def admit(svc: Services, owner: str, text: str) -> None:
-    """Raises the contract's error if this message may not be sent now; else counts it."""
+def admit(svc: Services, text: str) -> None:
+    """Raises the contract's error if this message may not be sent now."""
     if svc.closing.is_set():
         raise UnavailableError("the server is shutting down", "shutting_down")
     check_text(text, svc.settings.max_message_chars)
-    svc.limiter.check(owner)
+
+
+Undo = Callable[[], None]
+
+
+async def open_chat(svc: Services, owner: str, chat_id: UUID | None) -> tuple[UUID, Undo | None]:
+    """``chat_id``, or a new chat for the message about to be sent, already counted (the
+    returned undo gives the count back if the message is not recorded)."""
+    if chat_id is not None:
+        return chat_id, None
+    undo = svc.limiter.check(owner)
+    try:
+        return await svc.system.create_chat(owner), undo
+    except BaseException:
+        undo()
+        raise
 
 
 async def send(
-    svc: Services, owner: str, chat_id: UUID, text: str, client_message_id: str | None
+    svc: Services,
+    owner: str,
+    chat_id: UUID,
+    text: str,
+    client_message_id: str | None,
+    counted: Undo | None = None,
 ) -> Accepted:
-    """Records the message (durable on return); refunds the limit if refused or a duplicate."""
+    """Records the message (durable on return). Unless ``counted`` already, the actor counts
+    it against the user's limits if it is new."""
+    admission = None if counted else (lambda: svc.limiter.check(owner))
     try:
-        accepted = await svc.system.send_message(chat_id, owner, text, client_message_id)
+        return await svc.system.send_message(chat_id, owner, text, client_message_id, admission)
     except BaseException:
-        svc.limiter.refund(owner)
+        if counted is not None:
+            counted()
         raise
-    if accepted.duplicate:
-        svc.limiter.refund(owner)
-    return accepted
 
 
 def ack_frame(accepted: Accepted) -> Frame:
@@ -93,10 +115,10 @@ async def answer_frames(
 
 
 async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str, Any]:
-    admit(svc, owner, data.message)
-    chat_id = data.chat_id or await svc.system.create_chat(owner)
+    admit(svc, data.message)
+    chat_id, counted = await open_chat(svc, owner, data.chat_id)
     async with open_feed(svc, owner, chat_id) as (feed, sub):
-        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id)
+        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id, counted)
         message: dict[str, Any] | None = None
         async with aclosing(answer_frames(feed, sub, accepted)) as frames:
             async for frame in frames:
@@ -130,12 +152,13 @@ class EventStream:
 
 async def generate_stream(svc: Services, owner: str, data: s.Generate) -> Response:
     """Checks, records the message, then streams the turn's frames (``ack`` first)."""
-    admit(svc, owner, data.message)
+    admit(svc, data.message)
     stack = AsyncExitStack()
     try:
-        chat_id = data.chat_id or await svc.system.create_chat(owner)
+        chat_id, counted = await open_chat(svc, owner, data.chat_id)
         feed, sub = await stack.enter_async_context(open_feed(svc, owner, chat_id))
-        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id)
+        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id,
+                              counted)
     except BaseException:
         with trio.CancelScope(shield=True):
             await stack.aclose()

@@ -31,8 +31,11 @@ class MessageLimiter:
         self.clock = clock
         self._sent: dict[str, deque[float]] = defaultdict(deque)
 
-    def check(self, owner: str) -> None:
-        """Counts one message of ``owner``, or raises ``RateLimitedError`` if over a limit."""
+    def check(self, owner: str) -> Callable[[], None]:
+        """Counts one message of ``owner``, or raises ``RateLimitedError`` if over a limit.
+
+        Returns the undo of this count, for a message that could not be recorded after all.
+        """
         now = self.clock()
         sent = self._sent[owner]
         while sent and sent[0] <= now - WINDOW_S:
@@ -48,8 +51,8 @@ class MessageLimiter:
             )
         sent.append(now)
 
-    def refund(self, owner: str) -> None:
-        """Forgets the last counted message (it was refused further on, or a duplicate)."""
-        sent = self._sent.get(owner)
-        if sent:
-            sent.pop()
+        def undo() -> None:
+            if now in sent:
+                sent.remove(now)
+
+        return undo

@@ -30,7 +30,7 @@ from ..config import Settings
 from .auth import current_user
 from .errors import BadRequestError, ForbiddenError, RateLimitedError, WebError, web_error
 from .feed import ChatFeed, Frame, open_feed
-from .generate import ack_frame, admit, send
+from .generate import ack_frame, admit, open_chat, send
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -200,11 +200,10 @@ class Connection:
     def _queue_message(self, message: UserMessage) -> None:
         extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
         try:
-            admit(self.svc, self.owner, message.message)
+            admit(self.svc, message.message)
             try:
                 self.pending_send.send_nowait(message)
             except trio.WouldBlock:
-                self.svc.limiter.refund(self.owner)
                 raise RateLimitedError("too many messages waiting on this connection") from None
         except WebError as error:
             self.put(error.frame(**extra))
@@ -232,15 +231,13 @@ class Connection:
                                      client_message_id=message.client_message_id))
 
     async def _send_one(self, message: UserMessage) -> None:
-        chat_id = message.chat_id
-        if chat_id is None:
-            chat_id = await self.svc.system.create_chat(self.owner)
-            message = message.model_copy(update={"chat_id": chat_id})
+        chat_id, counted = await open_chat(self.svc, self.owner, message.chat_id)
+        message = message.model_copy(update={"chat_id": chat_id})
         if chat_id not in self.following:
             await self._follow(chat_id, None, history=False)
         with self.gates.setdefault(chat_id, Gate()).hold():
             accepted = await send(self.svc, self.owner, chat_id, message.message,
-                                  message.client_message_id)
+                                  message.client_message_id, counted)
             self.put(ack_frame(accepted))
             if accepted.outcome is not None:
                 feed = ChatFeed(self.svc, self.owner, chat_id)

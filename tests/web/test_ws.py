@@ -238,6 +238,21 @@ async def test_message_rate_limit(settings: Any) -> None:
     assert frames[-1]["code"] == "rate_limited" and frames[-1]["client_message_id"] == "t"
 
 
+async def test_a_resent_message_gets_its_ack_even_over_the_rate_limit(settings: Any) -> None:
+    async with running_server(web_settings(settings, messages_per_minute=1)) as server:
+        async with server.websocket() as ws:
+            await send(ws, {"message": "one", "client_message_id": "first"})
+            ack = await receive(ws)
+            await receive_until(ws, lambda f: f["event"] == "chat_history")
+            await send(ws, {"message": "one", "chat_id": ack["chat_id"],
+                            "client_message_id": "first"})
+            again = await receive_until(ws, lambda f: f["event"] in ("ack", "error"))
+        async with server.client() as client:
+            page = (await client.get(f"/chat/{ack['chat_id']}")).json()
+    assert again[-1] == ack  # the same ack, not rate_limited
+    assert [m["content"] for m in page["messages"] if m["role"] == "user"] == ["one"]
+
+
 async def handshake(server: Server, url: str, headers: dict[str, str]) -> int:
     """The status of a WebSocket handshake (sent with httpx: only the answer matters)."""
     upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
