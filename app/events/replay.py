@@ -8,7 +8,7 @@ layer in worker threads. Each record is ``{"seq", "type", "timestamp", "data"}``
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,27 +20,30 @@ _ENVELOPE = {"originator_id", "originator_version", "timestamp", "originator_top
 
 
 def event_record(event: Any) -> dict[str, Any]:
-    """One stored event as a JSON-able record."""
+    """One stored event as a JSON-able record (timestamps ISO-8601 UTC)."""
     data = {k: _plain(v) for k, v in event.__dict__.items() if k not in _ENVELOPE}
     return {
         "seq": event.originator_version,
         "type": type(event).__name__,
-        "timestamp": event.timestamp.isoformat(),
+        "timestamp": _plain(event.timestamp),
         "data": data,
     }
 
 
 def chat_records(
-    app: ChatApplication, chat_id: UUID, after_seq: int = 0, until_seq: int | None = None
-) -> Iterator[dict[str, Any]]:
-    """The chat's events after ``after_seq`` up to ``until_seq``, oldest first."""
-    events = app.events.get(chat_id, gt=after_seq or None, lte=until_seq)
-    found = False
-    for event in events:
-        found = True
-        yield event_record(event)
-    if not found and after_seq == 0:
+    app: ChatApplication,
+    chat_id: UUID,
+    after_seq: int = 0,
+    until_seq: int | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """The chat's events after ``after_seq`` up to ``until_seq`` (at most ``limit``), oldest
+    first. Raises ``ChatNotFoundError`` if the chat has no events at all."""
+    events = app.events.get(chat_id, gt=after_seq or None, lte=until_seq, limit=limit)
+    records = [event_record(event) for event in events]
+    if not records and after_seq == 0:
         raise ChatNotFoundError(f"no chat {chat_id}")
+    return records
 
 
 def chat_at(app: ChatApplication, chat_id: UUID, seq: int | None = None) -> ChatSession:
@@ -92,8 +95,12 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, UUID):
-        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     if isinstance(value, datetime):
-        return value.isoformat()
-    return value
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

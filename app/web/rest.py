@@ -21,6 +21,7 @@ from quart_schema import (
 )
 
 from ..events.errors import StoreError
+from ..events.replay import chat_records
 from ..projections.projector import iso
 from . import schemas as s
 from .auth import current_user
@@ -122,9 +123,8 @@ async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
     """The chat's stored event log (the audit trail), after ``after_seq``."""
     svc = services()
     await svc.require_chat(current_user(), chat_id)
-    found = await svc.store.run(_read_events, svc.store.app, chat_id, query_args.after_seq,
-                                query_args.limit)
-    page = [_event_dict(e) for e in found]
+    page = await svc.store.run(chat_records, svc.store.app, chat_id, query_args.after_seq,
+                               None, query_args.limit)
     last = page[-1]["seq"] if page else query_args.after_seq
     return {"events": page, "next_after_seq": last}
 
@@ -170,31 +170,3 @@ async def health() -> tuple[dict[str, Any], int]:
 async def metrics() -> Response:
     """Prometheus text format."""
     return Response(services().metrics.render(), content_type=CONTENT_TYPE)
-
-
-def _read_events(app: Any, chat_id: UUID, after_seq: int, limit: int) -> list[Any]:
-    """Blocking: the chat's events after ``after_seq``."""
-    return list(app.events.get(chat_id, gt=after_seq, limit=limit))
-
-
-HIDDEN = {"originator_id", "originator_version", "timestamp", "originator_topic"}
-
-
-def _event_dict(event: Any) -> dict[str, Any]:
-    data = {k: jsonable(v) for k, v in event.__dict__.items() if k not in HIDDEN}
-    return {"seq": event.originator_version, "type": type(event).__name__,
-            "timestamp": iso(event.timestamp), "data": data}
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if hasattr(value, "isoformat"):
-        return iso(value)
-    return str(value)
-
-
