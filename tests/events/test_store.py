@@ -1,0 +1,74 @@
+"""The event store on both backends: saving, loading, conflicts, encryption at rest."""
+
+from __future__ import annotations
+
+import sqlite3
+from uuid import uuid4
+
+import psycopg
+import pytest
+import trio
+from eventsourcing.cipher import AESCipher
+
+from app.config import Settings
+from app.events.domain import ChatSession
+from app.events.errors import ChatNotFoundError, ConcurrencyError
+from app.events.store import EventStore
+
+
+async def open_store(settings: Settings) -> EventStore:
+    return await trio.to_thread.run_sync(EventStore.open, settings)
+
+
+async def test_saved_chat_loads_back_and_nudges(settings: Settings) -> None:
+    store = await open_store(settings)
+    positions: list[int] = []
+    store.on_saved.append(positions.append)
+    chat = ChatSession.start("alice", "hello")
+    chat.receive_message("hi", "c-1")
+    await store.save(chat)
+    loaded = await store.get(chat.id)
+    assert (loaded.owner, loaded.title, loaded.version) == ("alice", "hello", 2)
+    assert loaded.client_message_ids == {"c-1": 2}
+    assert positions == [await store.max_position()]
+    with pytest.raises(ChatNotFoundError):
+        await store.get(uuid4())
+    store.close()
+
+
+async def test_a_stale_writer_gets_a_conflict(settings: Settings) -> None:
+    store = await open_store(settings)
+    chat = ChatSession.start("alice")
+    await store.save(chat)
+    first, second = await store.get(chat.id), await store.get(chat.id)
+    first.receive_message("from one writer")
+    await store.save(first)
+    second.receive_message("from another")
+    with pytest.raises(ConcurrencyError):
+        await store.save(second)
+    assert [m["content"] for m in (await store.get(chat.id)).history] == ["from one writer"]
+    store.close()
+
+
+def raw_event_bytes(settings: Settings) -> bytes:
+    if settings.database_url:
+        table = f'"{settings.database_schema}".eventchat_events'
+        with psycopg.connect(settings.database_url) as conn:
+            rows = conn.execute(f"SELECT state FROM {table}").fetchall()  # noqa: S608
+    else:
+        with sqlite3.connect(settings.data_dir / "events.sqlite") as conn:
+            rows = conn.execute("SELECT state FROM stored_events").fetchall()
+    return b"".join(bytes(row[0]) for row in rows)
+
+
+async def test_events_can_be_encrypted_and_compressed_at_rest(settings: Settings) -> None:
+    secret = settings.replace(cipher_key=AESCipher.create_key(16), compress=True)
+    store = await open_store(secret)
+    chat = ChatSession.start("alice", "private")
+    chat.receive_message("my secret plan " * 20)
+    await store.save(chat)
+    raw = await trio.to_thread.run_sync(raw_event_bytes, secret)
+    assert raw and b"secret plan" not in raw and b"alice" not in raw
+    loaded = await store.get(chat.id)
+    assert loaded.history[0]["content"] == "my secret plan " * 20
+    store.close()
