@@ -9,7 +9,7 @@ running responses finish for ``grace_s`` before interrupting them, then stops ev
 from __future__ import annotations
 
 from quart import Response
-from quart_schema import QuartSchema
+from quart_schema import QuartSchema, hide
 from quart_trio import QuartTrio
 
 from ..config import Settings
@@ -26,6 +26,14 @@ from .ws import ws
 
 #: Largest request body: a maximal message, JSON-escaped, with room to spare.
 MAX_BODY_BYTES = 256 * 1024
+#: The page carries its token in the address until its script removes it: never leak it in a
+#: Referer, and run no script or style but its own.
+CLIENT_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none';"
+                               " form-action 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def create_app(
@@ -45,6 +53,9 @@ def create_app(
         BACKGROUND_TASK_SHUTDOWN_TIMEOUT=grace_s + 5,
         JSON_SORT_KEYS=False,
         PROVIDE_AUTOMATIC_OPTIONS=True,
+        # the web client's files are revalidated on each load: never a stale script after
+        # an upgrade
+        SEND_FILE_MAX_AGE_DEFAULT=None,
     )
     QuartSchema(
         app,
@@ -57,6 +68,14 @@ def create_app(
     install_auth(app, lambda: app.extensions["eventchat"].auth)
     app.register_blueprint(rest)
     app.register_blueprint(ws)
+
+    @app.get("/")
+    @hide
+    async def index() -> Response:
+        """The web client (public, like its files under ``/static``: it brings its own token)."""
+        response = await app.send_static_file("index.html")
+        response.headers.update(CLIENT_HEADERS)
+        return response
 
     @app.before_serving
     async def start() -> None:

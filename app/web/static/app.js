@@ -1,0 +1,763 @@
+// The eventchat web client: REST for chats and stats, one WebSocket for everything live.
+// It speaks wire contract version 1 (docs: PROTOCOL). No dependencies, no build step.
+//
+// Rendering is idempotent: a message is keyed by its seq (user) or response_id (assistant)
+// and reply text is placed by `offset`, so REST pages, `chat_history` frames and a resumed
+// stream can overlap in any order without doubling or losing anything.
+
+const TOKEN_KEY = "eventchat.token";
+const PAGE_SIZE = 50;
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 15000;
+const SEARCH_DELAY_MS = 250;
+const STATUS_LABELS = {
+  pending: "sending…", sent: "sent", rejected: "not sent", streaming: "streaming…",
+  complete: "complete", stopped: "stopped", failed: "failed", interrupted: "interrupted",
+};
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  layout: $("layout"), sidebar: $("sidebar"), toggleSidebar: $("toggle-sidebar"),
+  newChat: $("new-chat"), search: $("search-input"), searchForm: $("search-form"),
+  chatList: $("chat-list"), chatListEmpty: $("chat-list-empty"),
+  stats: $("stats"), statsBody: $("stats-body"), statsRefresh: $("stats-refresh"),
+  title: $("chat-title"), connection: $("connection"),
+  alert: $("alert"), alertText: $("alert-text"), alertClose: $("alert-close"),
+  messages: $("messages"), list: $("message-list"), empty: $("messages-empty"),
+  loadOlder: $("load-older"), composer: $("composer"), input: $("composer-input"),
+  send: $("send"), stop: $("stop"),
+  tokenDialog: $("token-dialog"), tokenForm: $("token-form"), tokenInput: $("token-input"),
+  tokenError: $("token-error"),
+};
+
+const state = {
+  token: null,
+  chatId: null, // the selected chat; null while drafting a new one
+  lastSeq: 0, // every frame of the selected chat up to this seq has been applied
+  loaded: false, // its first page is shown: following it may start from lastSeq
+  oldestSeq: null, // the oldest loaded message, for "load older"
+  view: 0, // bumped on every chat switch, so late answers for another chat are dropped
+  responses: new Map(), // response_id -> reply view
+  outbox: new Map(), // client_message_id -> {chatId, message, el}, until acknowledged
+  creating: null, // the POST /chat of a draft in flight
+  ws: null,
+  attempts: 0,
+  retryTimer: null,
+};
+
+// -- token -------------------------------------------------------------------------------
+
+function storage(action, value) {
+  try {
+    if (action === "get") return localStorage.getItem(TOKEN_KEY);
+    if (action === "set") localStorage.setItem(TOKEN_KEY, value);
+    if (action === "remove") localStorage.removeItem(TOKEN_KEY);
+  } catch { /* storage disabled: the token lives as long as the page */ }
+  return null;
+}
+
+function takeToken() {
+  const url = new URL(location.href);
+  const fromUrl = url.searchParams.get("token");
+  if (fromUrl) {
+    storage("set", fromUrl);
+    url.searchParams.delete("token");
+    history.replaceState(history.state, "", url.pathname + url.search + url.hash);
+  }
+  return fromUrl || storage("get");
+}
+
+function askForToken(reason) {
+  state.token = null;
+  storage("remove");
+  disconnect();
+  ui.tokenError.hidden = !reason;
+  ui.tokenError.textContent = reason || "";
+  if (!ui.tokenDialog.open) ui.tokenDialog.showModal();
+}
+
+// -- REST --------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { Authorization: `Bearer ${state.token}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => null);
+  if (response.ok) return data;
+  const error = (data && data.error) || {};
+  if (response.status === 401) askForToken("That token was not accepted.");
+  throw new ApiError(response.status, error.code || `http_${response.status}`,
+    error.message || response.statusText);
+}
+
+// -- WebSocket ---------------------------------------------------------------------------
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  if (!state.token || state.ws) return;
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(
+    `${scheme}//${location.host}/ws/chat?access_token=${encodeURIComponent(state.token)}`);
+  state.ws = ws;
+  setConnection("connecting", "Connecting…");
+  ws.onopen = () => {
+    state.attempts = 0;
+    setConnection("open", "Connected");
+    resume();
+  };
+  ws.onmessage = (event) => {
+    let frame;
+    try { frame = JSON.parse(event.data); } catch { return; }
+    handleFrame(frame);
+  };
+  ws.onclose = (event) => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    reconnectLater(event);
+  };
+}
+
+function disconnect() {
+  clearTimeout(state.retryTimer);
+  const ws = state.ws;
+  state.ws = null;
+  if (ws) ws.close(1000);
+  setConnection("closed", "Signed out");
+}
+
+function reconnectLater(event) {
+  if (!state.token) return;
+  const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** state.attempts);
+  const delay = Math.round(base * (0.75 + Math.random() * 0.5));
+  state.attempts += 1;
+  const why = event.code === 1001 ? "Server restarting" : "Disconnected";
+  setConnection("waiting", `${why}; reconnecting in ${Math.ceil(delay / 1000)} s…`);
+  state.retryTimer = setTimeout(connect, delay);
+  // a refused handshake (bad token) looks like any drop: ask REST, which says 401
+  if (state.attempts >= 2) api("/chats?limit=1").catch(() => {});
+}
+
+function wsSend(frame) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
+  state.ws.send(JSON.stringify(frame));
+  return true;
+}
+
+/** After (re)connecting: follow the selected chat from the last seen seq, resend the unacked. */
+function resume() {
+  if (state.chatId) subscribe();
+  for (const [id, item] of state.outbox) {
+    wsSend({ event: "user_message", chat_id: item.chatId, message: item.message,
+      client_message_id: id });
+  }
+}
+
+function subscribe() {
+  if (!state.loaded) return; // openChat follows it once its page is in
+  wsSend({ event: "subscribe", chat_id: state.chatId, after_seq: state.lastSeq });
+}
+
+function setConnection(kind, text) {
+  ui.connection.dataset.state = kind;
+  ui.connection.textContent = text;
+}
+
+// -- frames ------------------------------------------------------------------------------
+
+function handleFrame(frame) {
+  if (frame.event === "ack") return onAck(frame);
+  if (frame.event === "error") return onError(frame);
+  if (frame.chat_id !== state.chatId) return; // a chat this page no longer shows
+  if (frame.event === "ai_response") return frame.done ? onDone(frame) : onDelta(frame);
+  if (frame.event === "tool_activity") return onTool(frame);
+  if (frame.event === "backend_status") return onStatus(frame);
+  if (frame.event === "chat_history") return onHistory(frame);
+}
+
+function onAck(frame) {
+  const item = state.outbox.get(frame.client_message_id);
+  state.outbox.delete(frame.client_message_id);
+  if (item && frame.chat_id === state.chatId) {
+    setMessageSeq(item.el, frame.seq);
+    setState(item.el, "sent");
+  }
+  refreshChats();
+}
+
+function onDelta(frame) {
+  const reply = replyView(frame.response_id);
+  if (frame.offset > reply.text.length) {
+    // text is missing before this piece: follow again, which resends the reply from 0
+    if (!reply.resyncing) { reply.resyncing = true; subscribe(); }
+    return;
+  }
+  reply.resyncing = false;
+  const end = frame.offset + frame.delta.length;
+  setReplyText(reply, reply.text.slice(0, frame.offset) + frame.delta + reply.text.slice(end));
+  setReplyStatus(reply, "streaming");
+}
+
+function onDone(frame) {
+  const reply = replyView(frame.response_id);
+  setReplyText(reply, frame.message);
+  setReplyStatus(reply, frame.status);
+  state.lastSeq = Math.max(state.lastSeq, frame.seq);
+  refreshChats();
+  if (ui.stats.open) loadStats();
+}
+
+function onTool(frame) {
+  const reply = replyView(frame.response_id);
+  renderTool(reply, frame);
+}
+
+function onStatus(frame) {
+  const reply = replyView(frame.response_id);
+  renderUsage(reply, {
+    model: frame.model, tokens: frame.tokens_used, prompt: frame.prompt_tokens,
+    completion: frame.completion_tokens, ttft: frame.ttft_ms, tps: frame.tokens_per_second,
+    duration: frame.latency_ms,
+  });
+}
+
+function onHistory(frame) {
+  for (const message of frame.messages) renderMessage(message);
+  state.lastSeq = Math.max(state.lastSeq, frame.last_seq);
+}
+
+function onError(frame) {
+  const text = frame.code === "rate_limited"
+    ? `Slow down: ${frame.message}` : `${frame.message} (${frame.code})`;
+  if (frame.chat_id && state.chatId && frame.chat_id !== state.chatId) return;
+  if (!frame.response_id) showAlert(text); // a failed reply says so in place
+  const item = frame.client_message_id && state.outbox.get(frame.client_message_id);
+  if (item) {
+    state.outbox.delete(frame.client_message_id);
+    rejectMessage(item, frame.client_message_id, frame.message);
+  }
+  if (frame.response_id) {
+    const reply = replyView(frame.response_id);
+    reply.error.hidden = false;
+    reply.error.textContent = frame.message;
+  }
+  updateStopButton();
+}
+
+// -- rendering ---------------------------------------------------------------------------
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** Runs `change`, keeping the view at the bottom if it was there (reading the latest). */
+function pinned(change) {
+  const follow = nearBottom();
+  change();
+  if (follow) scrollToBottom();
+}
+
+/** Puts a message in seq order; messages with no seq yet stay at the end. */
+function place(node) {
+  const seq = Number(node.dataset.seq);
+  let before = null;
+  if (node.dataset.seq) {
+    for (const other of ui.list.children) {
+      if (other !== node && (!other.dataset.seq || Number(other.dataset.seq) > seq)) {
+        before = other;
+        break;
+      }
+    }
+  }
+  if (node.nextSibling !== before || node.parentNode !== ui.list) {
+    pinned(() => ui.list.insertBefore(node, before));
+  }
+  ui.empty.hidden = true;
+}
+
+function setMessageSeq(node, seq) {
+  if (seq == null || node.dataset.seq === String(seq)) return;
+  node.dataset.seq = String(seq);
+  state.oldestSeq = state.oldestSeq == null ? seq : Math.min(state.oldestSeq, seq);
+  place(node);
+}
+
+function setState(node, status) {
+  const label = node.querySelector(".state");
+  label.dataset.state = status;
+  label.textContent = STATUS_LABELS[status] || status;
+}
+
+function messageShell(role) {
+  const node = el("li", `message ${role}`);
+  node.append(el("span", "who", role === "user" ? "You" : "Assistant"));
+  return node;
+}
+
+function renderUserMessage(message, clientId) {
+  const selector = clientId ? `[data-client-id="${CSS.escape(clientId)}"]`
+    : `.user[data-seq="${message.seq}"]`;
+  let node = ui.list.querySelector(selector);
+  if (!node) {
+    node = messageShell("user");
+    if (clientId) node.dataset.clientId = clientId;
+    const meta = el("div", "meta");
+    meta.append(el("span", "state"));
+    node.append(el("div", "text"), meta);
+    setState(node, message.seq == null ? "pending" : "sent");
+  }
+  node.querySelector(".text").textContent = message.content;
+  const keepAtEnd = message.seq == null;
+  if (keepAtEnd) place(node);
+  else setMessageSeq(node, message.seq);
+  if (message.created_at) node.title = new Date(message.created_at).toLocaleString();
+  return node;
+}
+
+function replyView(responseId) {
+  let reply = state.responses.get(responseId);
+  if (reply) return reply;
+  const node = messageShell("assistant");
+  node.dataset.responseId = responseId;
+  const tools = el("div", "tools");
+  const text = el("div", "text");
+  text.setAttribute("aria-live", "polite");
+  const meta = el("div", "meta");
+  const usage = el("span", "usage");
+  meta.append(el("span", "state"), usage);
+  const error = el("p", "error-text");
+  error.hidden = true;
+  node.append(tools, text, meta, error);
+  reply = { node, text: "", textNode: text, tools, usage, error, calls: new Map(),
+    status: "streaming", resyncing: false };
+  state.responses.set(responseId, reply);
+  setReplyStatus(reply, "streaming");
+  place(node);
+  return reply;
+}
+
+function setReplyText(reply, text) {
+  if (reply.text === text) return;
+  reply.text = text;
+  pinned(() => { reply.textNode.textContent = text; });
+}
+
+function setReplyStatus(reply, status) {
+  reply.status = status;
+  setState(reply.node, status);
+  // announce the reply once, whole, when it ends
+  reply.textNode.setAttribute("aria-busy", String(status === "streaming"));
+  updateStopButton();
+}
+
+function renderTool(reply, call) {
+  let node = reply.calls.get(call.call_id);
+  if (!node) {
+    node = el("div", "tool");
+    const head = el("div", "tool-head");
+    head.append(el("span", "tool-name"), el("span", "tool-status"));
+    node.append(head);
+    reply.calls.set(call.call_id, node);
+    pinned(() => reply.tools.append(node));
+  }
+  const status = call.status || (call.error ? "failed" : "completed");
+  node.dataset.status = status;
+  if (call.tool) node.querySelector(".tool-name").textContent = `Tool: ${call.tool}`;
+  const took = call.duration_ms != null ? ` in ${formatMs(call.duration_ms)}` : "";
+  node.querySelector(".tool-status").textContent = `${status}${took}`;
+  if (call.arguments !== undefined) toolPart(node, "arguments", "Arguments", call.arguments);
+  if (call.result !== undefined && call.result !== null) toolPart(node, "result", "Result", call.result);
+  if (call.error) toolPart(node, "error", "Error", call.error);
+}
+
+function toolPart(node, name, label, value) {
+  let part = node.querySelector(`[data-part="${name}"]`);
+  if (!part) {
+    part = el("pre");
+    part.dataset.part = name;
+    part.setAttribute("aria-label", label);
+    node.append(part);
+  }
+  const shown = typeof value === "string" ? value : JSON.stringify(value);
+  part.textContent = `${label.toLowerCase()}: ${shown}`;
+}
+
+function renderUsage(reply, u) {
+  const parts = [];
+  if (u.model) parts.push(u.model);
+  // a stopped or failed reply may have no usage from the model: show none rather than zeros
+  if (u.tokens) parts.push(`${u.tokens} tokens (${u.prompt ?? 0} in, ${u.completion ?? 0} out)`);
+  if (u.ttft != null) parts.push(`TTFT ${formatMs(u.ttft)}`);
+  if (u.tps) parts.push(`${Number(u.tps).toFixed(1)} tok/s`);
+  if (u.duration != null) parts.push(`total ${formatMs(u.duration)}`);
+  reply.usage.textContent = parts.join(" · ");
+}
+
+/** A stored message (REST page or chat_history frame). */
+function renderMessage(message) {
+  if (message.role === "user") {
+    const pending = message.client_message_id
+      && ui.list.querySelector(`[data-client-id="${CSS.escape(message.client_message_id)}"]`);
+    const node = renderUserMessage(message, pending ? message.client_message_id : null);
+    setState(node, "sent");
+    return;
+  }
+  const reply = replyView(message.response_id);
+  setMessageSeq(reply.node, message.seq);
+  const content = message.content || "";
+  if (message.status !== "streaming" || content.length > reply.text.length) {
+    setReplyText(reply, content);
+  }
+  setReplyStatus(reply, message.status);
+  for (const call of message.tool_calls || []) renderTool(reply, call);
+  const usage = message.usage || {};
+  const timing = message.timing || {};
+  if (message.status !== "streaming") {
+    renderUsage(reply, {
+      model: message.model, tokens: usage.total_tokens, prompt: usage.prompt_tokens,
+      completion: usage.completion_tokens, ttft: timing.ttft_ms,
+      tps: timing.tokens_per_second, duration: timing.duration_ms,
+    });
+  }
+  if (message.error) {
+    reply.error.hidden = false;
+    reply.error.textContent = message.error.message || String(message.error);
+  }
+}
+
+function rejectMessage(item, clientId, reason) {
+  setState(item.el, "rejected");
+  item.el.querySelector(".state").title = reason;
+  if (item.el.querySelector(".retry")) return;
+  const retry = el("button", "link retry", "Retry");
+  retry.type = "button";
+  retry.addEventListener("click", () => {
+    retry.remove();
+    setState(item.el, "pending");
+    state.outbox.set(clientId, item);
+    wsSend({ event: "user_message", chat_id: item.chatId, message: item.message,
+      client_message_id: clientId });
+  });
+  item.el.querySelector(".meta").append(retry);
+}
+
+function updateStopButton() {
+  const streaming = [...state.responses.values()].some((r) => r.status === "streaming");
+  ui.stop.hidden = !streaming;
+}
+
+function nearBottom() {
+  const box = ui.messages;
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+}
+
+function scrollToBottom() {
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+function showAlert(text) {
+  ui.alertText.textContent = text;
+  ui.alert.hidden = false;
+}
+
+function formatMs(ms) {
+  if (ms == null) return "–";
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
+}
+
+function formatWhen(iso) {
+  const when = new Date(iso);
+  const today = new Date().toDateString() === when.toDateString();
+  return today ? when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : when.toLocaleDateString();
+}
+
+// -- chats -------------------------------------------------------------------------------
+
+function clearChatView() {
+  state.view += 1;
+  state.responses.clear();
+  state.lastSeq = 0;
+  state.loaded = false;
+  state.oldestSeq = null;
+  ui.list.replaceChildren();
+  ui.empty.hidden = false;
+  ui.loadOlder.hidden = true;
+  updateStopButton();
+}
+
+async function openChat(chatId, { push = true } = {}) {
+  if (state.chatId && state.chatId !== chatId) wsSend({ event: "unsubscribe", chat_id: state.chatId });
+  clearChatView();
+  state.chatId = chatId;
+  if (push && location.hash !== `#${chatId}`) history.pushState(null, "", `#${chatId}`);
+  markSelected();
+  closeSidebar();
+  const view = state.view;
+  try {
+    const page = await api(`/chat/${chatId}?limit=${PAGE_SIZE}`);
+    if (view !== state.view) return;
+    ui.title.textContent = page.chat.title;
+    for (const message of page.messages) renderMessage(message);
+    const seqs = page.messages.map((m) => m.seq);
+    state.lastSeq = Math.max(state.lastSeq, ...seqs, 0);
+    ui.loadOlder.hidden = !page.has_more;
+    ui.empty.hidden = page.messages.length > 0 || ui.list.children.length > 0;
+    scrollToBottom();
+  } catch (error) {
+    if (view !== state.view) return;
+    if (error.status === 404) { newDraft(); showAlert("That chat does not exist (any more)."); return; }
+    showAlert(error.message);
+  }
+  state.loaded = true;
+  subscribe();
+}
+
+function newDraft() {
+  if (state.chatId) wsSend({ event: "unsubscribe", chat_id: state.chatId });
+  clearChatView();
+  state.chatId = null;
+  ui.title.textContent = "New chat";
+  if (location.hash) history.pushState(null, "", location.pathname + location.search);
+  markSelected();
+  closeSidebar();
+  ui.input.focus();
+}
+
+async function loadOlder() {
+  if (!state.chatId || state.oldestSeq == null) return;
+  const view = state.view;
+  ui.loadOlder.disabled = true;
+  try {
+    const page = await api(`/chat/${state.chatId}?limit=${PAGE_SIZE}&before_seq=${state.oldestSeq}`);
+    if (view !== state.view) return;
+    const box = ui.messages;
+    const fromBottom = box.scrollHeight - box.scrollTop;
+    for (const message of page.messages) renderMessage(message);
+    box.scrollTop = box.scrollHeight - fromBottom;
+    ui.loadOlder.hidden = !page.has_more;
+  } catch (error) {
+    showAlert(error.message);
+  } finally {
+    ui.loadOlder.disabled = false;
+  }
+}
+
+let chatsRequest = 0;
+
+async function refreshChats() {
+  if (!state.token) return;
+  const request = ++chatsRequest;
+  const q = ui.search.value.trim();
+  try {
+    const page = await api(q ? `/chats?q=${encodeURIComponent(q)}&limit=50` : "/chats?limit=50");
+    if (request === chatsRequest) renderChats(page.chats, q);
+  } catch (error) {
+    if (error.status !== 401) showAlert(`Could not load your chats: ${error.message}`);
+  }
+}
+
+function renderChats(chats, q) {
+  ui.chatList.replaceChildren(...chats.map((chat) => {
+    const item = el("li");
+    const button = el("button");
+    button.type = "button";
+    button.dataset.chatId = chat.id;
+    const count = `${chat.message_count} message${chat.message_count === 1 ? "" : "s"}`;
+    button.append(el("span", "chat-name", chat.title),
+      el("span", "chat-meta", `${count} · ${formatWhen(chat.updated_at)}`));
+    const snippet = chat.snippets && chat.snippets[0];
+    if (snippet) button.append(el("span", "chat-snippet", snippet.snippet));
+    button.addEventListener("click", () => openChat(chat.id));
+    item.append(button);
+    if (chat.id === state.chatId) ui.title.textContent = chat.title;
+    return item;
+  }));
+  ui.chatListEmpty.hidden = chats.length > 0;
+  ui.chatListEmpty.textContent = q ? "No chat matches." : "No chats yet.";
+  markSelected();
+}
+
+function markSelected() {
+  for (const button of ui.chatList.querySelectorAll("button")) {
+    button.setAttribute("aria-current", String(button.dataset.chatId === state.chatId));
+  }
+}
+
+// -- sending -----------------------------------------------------------------------------
+
+function newClientId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  // crypto.randomUUID needs a secure context; plain http on a LAN address is not one
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+function titleFrom(text) {
+  const line = text.trim().split("\n")[0];
+  return line.length > 60 ? `${line.slice(0, 57)}…` : line;
+}
+
+/** A draft becomes a chat on its first message (titled after it). */
+async function ensureChat(text) {
+  if (state.chatId) return state.chatId;
+  if (!state.creating) {
+    state.creating = api("/chat", { method: "POST", body: { title: titleFrom(text) } })
+      .finally(() => { state.creating = null; });
+  }
+  const chat = await state.creating;
+  if (state.chatId !== chat.id) {
+    clearChatView();
+    state.chatId = chat.id;
+    state.loaded = true;
+    history.pushState(null, "", `#${chat.id}`);
+    ui.title.textContent = chat.title;
+    subscribe();
+  }
+  return chat.id;
+}
+
+async function sendMessage(text) {
+  let chatId;
+  try {
+    chatId = await ensureChat(text);
+  } catch (error) {
+    showAlert(`Could not start a chat: ${error.message}`);
+    return false;
+  }
+  const clientId = newClientId();
+  const node = renderUserMessage({ content: text }, clientId);
+  state.outbox.set(clientId, { chatId, message: text, el: node });
+  wsSend({ event: "user_message", chat_id: chatId, message: text, client_message_id: clientId });
+  scrollToBottom();
+  refreshChats();
+  return true;
+}
+
+async function submitComposer(event) {
+  event.preventDefault();
+  const text = ui.input.value;
+  if (!text.trim()) return;
+  ui.input.value = "";
+  if (!(await sendMessage(text))) ui.input.value = text;
+  ui.input.focus();
+}
+
+async function stopResponse() {
+  if (!state.chatId) return;
+  if (wsSend({ event: "stop", chat_id: state.chatId })) return;
+  try {
+    await api(`/chat/${state.chatId}/stop`, { method: "POST" });
+  } catch (error) {
+    showAlert(error.message);
+  }
+}
+
+// -- stats -------------------------------------------------------------------------------
+
+async function loadStats() {
+  try {
+    const stats = await api("/stats");
+    const t = stats.totals;
+    const rows = [
+      ["Chats", t.chats], ["Messages", t.messages],
+      ["Responses", `${t.responses} (${t.failed_responses} failed)`],
+      ["Tokens", `${t.total_tokens} (${t.prompt_tokens} in, ${t.completion_tokens} out)`],
+      ["Tool calls", `${t.tool_calls} (${t.tool_errors} errors)`],
+      ["Latency p50", formatMs(stats.latency_ms.p50)], ["Latency p95", formatMs(stats.latency_ms.p95)],
+      ["TTFT p50", formatMs(stats.ttft_ms.p50)],
+      ["Tokens/s p50", stats.tokens_per_second.p50 == null ? "–" : stats.tokens_per_second.p50.toFixed(1)],
+      ["Live connections", stats.live.connections], ["Generating now", stats.live.generating],
+    ];
+    ui.statsBody.replaceChildren(...rows.flatMap(([name, value]) =>
+      [el("dt", null, name), el("dd", null, String(value ?? "–"))]));
+  } catch (error) {
+    ui.statsBody.replaceChildren(el("dd", "error-text", `Stats unavailable: ${error.message}`));
+  }
+}
+
+// -- layout ------------------------------------------------------------------------------
+
+function closeSidebar() {
+  ui.layout.dataset.sidebar = "closed";
+  ui.toggleSidebar.setAttribute("aria-expanded", "false");
+}
+
+function toggleSidebar() {
+  const open = ui.layout.dataset.sidebar !== "open";
+  ui.layout.dataset.sidebar = open ? "open" : "closed";
+  ui.toggleSidebar.setAttribute("aria-expanded", String(open));
+  if (open) ui.search.focus();
+}
+
+function chatFromHash() {
+  const id = decodeURIComponent(location.hash.slice(1));
+  return /^[0-9a-f-]{36}$/i.test(id) ? id : null;
+}
+
+function wire() {
+  let searchTimer = null;
+  ui.composer.addEventListener("submit", submitComposer);
+  ui.input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      ui.composer.requestSubmit();
+    }
+  });
+  ui.stop.addEventListener("click", stopResponse);
+  ui.newChat.addEventListener("click", newDraft);
+  ui.loadOlder.addEventListener("click", loadOlder);
+  ui.search.addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(refreshChats, SEARCH_DELAY_MS);
+  });
+  ui.searchForm.addEventListener("submit", (event) => { event.preventDefault(); refreshChats(); });
+  ui.stats.addEventListener("toggle", () => { if (ui.stats.open) loadStats(); });
+  ui.statsRefresh.addEventListener("click", loadStats);
+  ui.toggleSidebar.addEventListener("click", toggleSidebar);
+  ui.alertClose.addEventListener("click", () => { ui.alert.hidden = true; });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && ui.layout.dataset.sidebar === "open") closeSidebar();
+  });
+  window.addEventListener("popstate", () => {
+    const id = chatFromHash();
+    if (id && id !== state.chatId) openChat(id, { push: false });
+    else if (!id && state.chatId) newDraft();
+  });
+  window.addEventListener("online", () => { if (!state.ws) { state.attempts = 0; connect(); } });
+  ui.tokenDialog.addEventListener("cancel", (event) => event.preventDefault());
+  ui.tokenForm.addEventListener("submit", () => {
+    state.token = ui.tokenInput.value.trim();
+    ui.tokenInput.value = "";
+    storage("set", state.token);
+    start();
+  });
+}
+
+function start() {
+  connect();
+  refreshChats();
+  const id = chatFromHash();
+  if (id) openChat(id, { push: false });
+  else newDraft();
+}
+
+wire();
+state.token = takeToken();
+if (state.token) start();
+else askForToken("");
