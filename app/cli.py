@@ -1,4 +1,4 @@
-"""The ``eventchat`` command: serve, users, replay, export, projections, chat, bench.
+"""The eventchat command: serve, users, replay, export, projections, chat, bench.
 
 Settings come from flags, then the environment, then defaults (``Settings.from_env``).
 """
@@ -17,6 +17,8 @@ from uuid import UUID
 import trio
 
 from .config import Settings, SettingsError
+from .events.errors import EventsError
+from .projections.errors import ProjectionError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -42,8 +44,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"eventchat: {exc}\n")
     try:
         args.run(settings, args)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:
         pass
+    except* (EventsError, ProjectionError) as group:
+        parser.exit(1, f"eventchat: {_first(group)}\n")
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    """The first error of a group (nurseries wrap what they raise)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,7 +111,18 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     logging.getLogger("eventchat").info(
         "store: %s; model: %s via %s%s", store, model, settings.provider, upstream
     )
+    _preflight(settings)
     trio.run(serve, settings)
+
+
+def _preflight(settings: Settings) -> None:
+    """Fails early, in one line, when the store cannot be used (before anything listens)."""
+    from .actors.system import claim_data_dir
+    from .events.store import EventStore
+
+    if settings.store_kind == "sqlite":
+        claim_data_dir(settings.data_dir).close()
+    EventStore.open(settings).close()
 
 
 def _users(settings: Settings, args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import IO, Any
 from uuid import UUID
 
@@ -47,6 +48,26 @@ BUS_BACKLOG = 10_000
 
 class DataDirLockedError(StoreError):
     code = "data_dir_locked"
+
+
+def claim_data_dir(data_dir: Path) -> IO[str]:
+    """Takes the data directory's exclusive lock (held while the returned file is open)."""
+    path = data_dir / "eventchat.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held for the system's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataDirLockedError(
+            f"another eventchat process is using {data_dir}; "
+            "use PostgreSQL (EVENTCHAT_DATABASE_URL) to run several processes"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 class ActorSystem:
@@ -113,22 +134,7 @@ class ActorSystem:
                 log.warning("could not look for unfinished chats: %s", exc)
 
     def _claim_data_dir(self) -> None:
-        path = self.settings.data_dir / "eventchat.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 - held for the system's lifetime
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise DataDirLockedError(
-                f"another eventchat process is using {self.settings.data_dir}; "
-                "use PostgreSQL (EVENTCHAT_DATABASE_URL) to run several processes"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock_file = handle
+        self._lock_file = claim_data_dir(self.settings.data_dir)
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuses new messages, lets running responses finish for up to ``grace_s``, then

@@ -29,6 +29,8 @@ from ..llm.base import (
     ToolCallRequest,
     ToolContext,
     Usage,
+    estimate_tokens,
+    message_texts,
 )
 from ..llm.errors import LLMError, ToolError
 from .messages import TokenDelta
@@ -148,17 +150,27 @@ class Turn:
             messages = messages + await self._run_tools(calls)
 
     async def _stream(self, request: ModelRequest) -> list[ToolCallRequest]:
+        """One model call. A call cut short (stop, error, crash) reports no usage: its
+        tokens are then estimated, and marked so, so that every response is accounted."""
         calls: list[ToolCallRequest] = []
-        async with self.provider.stream(request) as items:
-            async for item in items:
-                if isinstance(item, TextDelta):
-                    self._on_text(item)
-                elif isinstance(item, ToolCallRequest):
-                    calls.append(item)
-                elif isinstance(item, Usage):
-                    self.meter.add_usage(item)
-                elif isinstance(item, Finish):
-                    self.finish_reason, self.model = item.reason, item.model or self.model
+        streamed, usage = 0, None
+        try:
+            async with self.provider.stream(request) as items:
+                async for item in items:
+                    if isinstance(item, TextDelta):
+                        self._on_text(item)
+                        streamed += item.tokens
+                    elif isinstance(item, ToolCallRequest):
+                        calls.append(item)
+                    elif isinstance(item, Usage):
+                        usage = item
+                    elif isinstance(item, Finish):
+                        self.finish_reason, self.model = item.reason, item.model or self.model
+        finally:
+            if usage is None:
+                prompt = estimate_tokens(message_texts(request.messages))
+                usage = Usage(prompt, streamed, estimated=True)
+            self.meter.add_usage(usage)
         return calls
 
     def _on_text(self, delta: TextDelta) -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 from uuid import UUID
 
+import psycopg
 import trio
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import (
@@ -21,6 +22,7 @@ from eventsourcing.persistence import (
     PersistenceError,
     Recording,
 )
+from psycopg import sql
 
 from ..config import Settings
 from .application import ChatApplication, persistence_env
@@ -39,7 +41,18 @@ def mapped_store_errors() -> Iterator[None]:
     except IntegrityError as exc:
         raise ConcurrencyError("the chat was changed by another writer") from exc
     except PersistenceError as exc:
-        raise StoreUnavailableError(f"event store unavailable: {type(exc).__name__}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreUnavailableError(f"event store unavailable: {reason}") from exc
+
+
+def ensure_schema(url: str, schema: str) -> None:
+    """Creates the PostgreSQL schema for every table if it does not exist yet (blocking)."""
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreUnavailableError(f"PostgreSQL unavailable: {reason}") from exc
 
 
 class EventStore:
@@ -57,6 +70,8 @@ class EventStore:
     @classmethod
     def open(cls, settings: Settings) -> EventStore:
         """Builds the application for ``settings`` (blocking: creates tables if needed)."""
+        if settings.database_url:
+            ensure_schema(settings.database_url, settings.database_schema)
         with mapped_store_errors():
             app = ChatApplication(
                 env=persistence_env(settings), snapshot_interval=settings.snapshot_interval

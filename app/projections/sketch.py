@@ -4,7 +4,8 @@ A positive value ``x`` is counted in bucket ``ceil(log(x) / log(GAMMA))`` with
 ``GAMMA = (1 + ALPHA) / (1 - ALPHA)``; the bucket's representative value
 ``2 * GAMMA**i / (GAMMA + 1)`` is within a relative error of ``ALPHA`` (1 %) of every value
 the bucket holds, so every quantile read from the sketch is within 1 % of the exact sample
-quantile (rank ``floor(q * (n - 1))`` of the sorted samples). Values at or below
+quantile (nearest rank: the ``ceil(q * n)``-th smallest sample, so a p99 of a few samples
+is their largest). Values at or below
 ``MIN_VALUE`` share one zero bucket, read back as 0. Memory and storage grow with the number
 of distinct buckets (about 230 per decade of range), never with the number of samples.
 """
@@ -46,7 +47,7 @@ def quantiles(buckets: Iterable[tuple[int, int]], qs: Iterable[float]) -> list[f
         return [None for _ in qs]
     results: list[float | None] = []
     for q in qs:
-        rank = math.floor(q * (total - 1))
+        rank = max(math.ceil(q * total) - 1, 0)  # nearest rank, 0-based
         seen = 0
         for bucket, count in ordered:
             seen += count

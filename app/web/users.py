@@ -82,7 +82,8 @@ class UserStore:
                 with self._sqlite() as pair:
                     yield pair
         except (sqlite3.Error, psycopg.Error) as exc:
-            raise StoreUnavailableError(f"user store unavailable: {type(exc).__name__}") from exc
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreUnavailableError(f"user store unavailable: {reason}") from exc
 
     @contextmanager
     def _sqlite(self) -> Iterator[tuple[Any, Callable[[str], Any]]]:

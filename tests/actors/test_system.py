@@ -109,6 +109,9 @@ async def test_stop_ends_response_and_closes_the_model_call(start_system, provid
     types = await until_answered(system, chat_id)
     assert types[-1] == "ResponseStopped"
     assert provider.closed == 1
+    ending = (await stored_events(system, chat_id))[-1]
+    assert ending.usage["estimated"] is True and ending.usage["completion_tokens"] >= 2
+    assert ending.usage["prompt_tokens"] >= 1
     chat = await system.store.get(chat_id)
     kept = chat.history[-1]["content"]
     assert kept.startswith("tok tok") and len(kept) < 200 * 4
@@ -123,6 +126,7 @@ async def test_model_failure_keeps_partial_text(start_system, provider) -> None:
     assert types[-1] == "ResponseFailed"
     events = await stored_events(system, chat_id)
     assert events[-1].error["code"] == "model_stream_broken"
+    assert events[-1].usage["completion_tokens"] == 2 and events[-1].usage["estimated"]
     chat = await system.store.get(chat_id)
     assert chat.history[-1]["content"] == "partial"
     # the chat goes on after a failure

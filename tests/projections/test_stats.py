@@ -14,7 +14,7 @@ from .conftest import save_and_wait, timing, usage
 
 def exact(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[math.floor(q * (len(ordered) - 1))]
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
 
 
 def assert_close(estimate: float | None, truth: float) -> None:
