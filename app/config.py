@@ -61,6 +61,9 @@ class Settings:
     tool_timeout_s: float = 10.0
     max_tool_rounds: int = 4
 
+    #: A WebSocket with no frame either way for this long is closed (1001); clients resume
+    #: with ``subscribe`` and ``after_seq``. Pings keep proxies from closing quieter ones.
+    ws_idle_timeout_s: float = 600.0
     max_message_chars: int = 32_000
     max_frame_bytes: int = 64 * 1024
     messages_per_minute: int = 30

@@ -119,6 +119,7 @@ class Connection:
         self.gates: dict[UUID, Gate] = {}
         self.close_reason: tuple[int, str] | None = None
         self.nursery: trio.Nursery
+        self.last_activity = trio.current_time()
 
     async def serve(self) -> None:
         """Runs until the client leaves (cancellation), or it is closed for a reason."""
@@ -127,6 +128,7 @@ class Connection:
             nursery.start_soon(self._write)
             nursery.start_soon(self._send_messages)
             nursery.start_soon(self._watch_shutdown)
+            nursery.start_soon(self._watch_idle)
             await self._read()
         if self.close_reason is not None:
             code, reason = self.close_reason
@@ -153,10 +155,12 @@ class Connection:
                 self.close(CLOSE_GOING_AWAY, "server shutting down")
                 return
             await websocket.send(json.dumps(frame))
+            self.last_activity = trio.current_time()
 
     async def _read(self) -> None:
         while True:
             raw = await websocket.receive()
+            self.last_activity = trio.current_time()
             self.svc.metrics.ws_frames.inc()
             try:
                 await self._dispatch(raw)
@@ -168,6 +172,13 @@ class Connection:
         self.put(GOING_AWAY)
         await trio.sleep(1)  # the writer did not get to it: close anyway
         self.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    async def _watch_idle(self) -> None:
+        """Closes a connection with no frame either way for ``ws_idle_timeout_s`` (1001)."""
+        limit = self.svc.settings.ws_idle_timeout_s
+        while trio.current_time() - self.last_activity < limit:  # noqa: ASYNC110 - a moving deadline
+            await trio.sleep_until(self.last_activity + limit)
+        self.close(CLOSE_GOING_AWAY, "idle timeout")
 
     # -- commands -----------------------------------------------------------------------------
 

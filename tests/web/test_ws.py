@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from .conftest import (
@@ -251,6 +252,18 @@ async def test_a_resent_message_gets_its_ack_even_over_the_rate_limit(settings: 
             page = (await client.get(f"/chat/{ack['chat_id']}")).json()
     assert again[-1] == ack  # the same ack, not rate_limited
     assert [m["content"] for m in page["messages"] if m["role"] == "user"] == ["one"]
+
+
+async def test_an_idle_connection_is_closed(settings: Any) -> None:
+    async with running_server(web_settings(settings, ws_idle_timeout_s=0.5)) as server:
+        async with server.websocket() as ws:
+            await send(ws, {"message": "hello"})
+            await receive_until(ws, lambda f: f["event"] == "chat_history")
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await receive(ws)
+            await close_transport(ws)
+    assert (closed.value.reason.code, closed.value.reason.reason) == (1001, "idle timeout")
 
 
 async def handshake(server: Server, url: str, headers: dict[str, str]) -> int:
