@@ -30,7 +30,7 @@ from .run import Options, machine, run
 from .upstream import raise_open_files_limit
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-PACED = ("bench-50x20ms", "bench-500x2ms", "bench-2000x0ms")
+PACED = ("bench-50x20ms", "bench-500x2ms", "bench-2000x0.25ms")
 QUICK_PACED = ("bench-10x20ms", "bench-100x2ms")
 
 
@@ -44,6 +44,8 @@ def options(argv: list[str]) -> tuple[Options, Path]:
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
     parser.add_argument("--database-url", help="PostgreSQL for --store postgres|both")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy profiles of the server under load, in DIR (needs py-spy)")
     args = parser.parse_args(argv)
     quick = args.quick
     url = (args.database_url or os.environ.get("EVENTCHAT_DATABASE_URL")
@@ -60,6 +62,8 @@ def options(argv: list[str]) -> tuple[Options, Path]:
         projection_events=2_000 if quick else 50_000,
         projection_messages=200 if quick else 2_000,
         projection_reads=10 if quick else 100,
+        single_chat_messages=5 if quick else 40,
+        profile=args.profile,
     ), args.out
 
 
@@ -91,5 +95,6 @@ def _public(opts: Options) -> dict[str, Any]:
     values = dict(vars(opts)) if hasattr(opts, "__dict__") else {
         f: getattr(opts, f) for f in opts.__dataclass_fields__}
     url = values.pop("database_url")
+    values["profile"] = str(opts.profile) if opts.profile else None
     values["database"] = url.split("@")[-1] if "postgres" in opts.stores else None
     return values

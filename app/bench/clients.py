@@ -19,7 +19,7 @@ from uuid import uuid4
 import httpx
 import openai
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 #: One turn: sends message ``n`` of a chat; returns (ttft seconds, chunks, text, status).
 Turn = Callable[[int], Awaitable[tuple[float | None, int, str, str]]]
@@ -70,6 +70,9 @@ async def run_load(name: str, chats: int, messages: int, expected_text: str,
             try:
                 for n in range(1, messages + 1):
                     result.note(*await turn(n))
+            except (ConnectionClosed, httpx.HTTPError, openai.APIError, OSError) as exc:
+                result.wrong += messages + 1 - n
+                result.errors.append(f"turn {n}: {exc!r}"[:300])
             finally:
                 running -= 1
                 if running == 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import signal
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +49,10 @@ class Options:
     projection_events: int
     projection_messages: int
     projection_reads: int
+    #: Turns of the single-chat runs (TTFT with nothing else going on).
+    single_chat_messages: int = 40
+    #: Directory for py-spy profiles of the server during the WebSocket load (None: none).
+    profile: Path | None = None
 
 
 class Server:
@@ -80,16 +86,19 @@ def run(options: Options) -> dict[str, Any]:
 
 
 def _baseline(options: Options, base_url: str) -> dict[str, Any]:
-    async def main() -> tuple[LoadResult, float]:
+    async def main() -> tuple[LoadResult, float, LoadResult]:
         async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as client:
             cpu = _Meter(_own_cpu)
             load = await run_load("baseline", options.chats, options.messages,
                                   expected_text(options.chunks), direct_chats(client, "bench"),
                                   cpu.start, cpu.stop)
-        return load, cpu.used
+            alone = await run_load("baseline, one chat", 1, options.single_chat_messages,
+                                   expected_text(options.chunks), direct_chats(client, "bench"))
+        return load, cpu.used, alone
 
-    load, client_cpu = trio.run(main)
+    load, client_cpu, alone = trio.run(main)
     figures = load_figures(load, None)
+    figures["one_chat"] = load_figures(alone, None)
     figures["client_cpu_us_per_chunk"] = round(client_cpu / max(1, load.chunks) * 1e6, 1)
     return figures
 
@@ -127,20 +136,27 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
                     if schema else 0.0)
     commits = _Meter(lambda: p.xact_commits(options.database_url) if schema else 0.0)
 
+    profiler = _Profiler(options.profile, server.child.pid, "postgres" if schema else "sqlite")
+
     def start() -> None:
         for meter in (cpu, writes, commits):
             meter.start()
+        profiler.start()
 
     def stop() -> None:
         for meter in (cpu, writes, commits):
             meter.stop()
+        profiler.stop()
 
     chats: list[str] = []
+    alone: list[LoadResult] = []
 
     async def main() -> tuple[LoadResult, dict[str, int]]:
         load = await run_load("websocket", options.chats, options.messages,
                               expected_text(options.chunks), websocket_chats(server.ws_url),
                               start, stop)
+        alone.append(await run_load("websocket, one chat", 1, options.single_chat_messages,
+                                    expected_text(options.chunks), websocket_chats(server.ws_url)))
         async with server.http() as http:
             chats.extend(c["id"] for c in await _all_chats(http))
             counts: dict[str, int] = {}
@@ -151,6 +167,7 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
 
     load, counts = trio.run(main)
     figures = load_figures(load, cpu.used)
+    figures["one_chat"] = load_figures(alone[0], None)
     log = log_figures(counts, load.turns, writes.used if schema else None,
                       commits.used if schema else None)
     return figures, log
@@ -226,6 +243,30 @@ async def _events(http: httpx.AsyncClient, chat_id: str) -> list[dict[str, Any]]
         if not page["events"] or page["next_after_seq"] in (None, after):
             return events
         after = page["next_after_seq"]
+
+
+class _Profiler:
+    """``py-spy record --gil`` of the server while the load runs (where its Python CPU time
+    goes: only threads holding the GIL are sampled), as collapsed stacks."""
+
+    def __init__(self, directory: Path | None, pid: int, name: str) -> None:
+        self.directory, self.pid, self.name = directory, pid, name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        out = self.directory / f"server-{self.name}-websocket.txt"
+        self.proc = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(self.pid), "--rate", "250", "--gil",
+             "--format", "raw", "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(30)
 
 
 class _Meter:
