@@ -40,10 +40,15 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
         assert load["server_cpu_us_per_chunk"] > 0
         assert load["added_ttft_ms"]["p50"] is not None
         assert load["vs_baseline"]["turns_per_s"] > 0
+    one = store["websocket"]["one_chat"]
+    _check_load(one, turns=5, chunks=7)
+    assert one["added_ttft_ms"]["p50"] is not None
+    _check_load(base["one_chat"], turns=5, chunks=7)
 
     per_response = store["log"]["events_per_response"]
-    # warm-up and measured turns, every one answered: one of each, tokens in batches
-    assert store["log"]["responses"] == 3 * (2 + 1)
+    # warm-up and measured turns of the load and of the one-chat run (5 turns with --quick),
+    # every one answered: one of each, tokens in batches
+    assert store["log"]["responses"] == 3 * (2 + 1) + (5 + 1)
     for kind in ("MessageReceived", "ResponseStarted", "ResponseCompleted"):
         assert per_response[kind] == 1.0
     assert 1.0 <= per_response["TokensGenerated"] <= 7
