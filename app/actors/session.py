@@ -77,23 +77,29 @@ class SessionActor:
         """Loads the chat, takes its lease if free (ending a response its dead owner left
         open), then serves until idle."""
         self.turn, self._lock, self._work = None, trio.Lock(), trio.Event()
-        self.owns = False
+        if not self.owns:  # a restarted actor still holds its lease (locks count per take)
+            self.owns = await self.system.leases.acquire(self.chat_id)
         self.chat = await self.store.get(self.chat_id)
         self.published_seq = self.chat.version
-        await self._try_to_own(recovery_reason)
+        if self.owns:
+            await self._recover(recovery_reason)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._generate_loop)
             await self._receive_loop()
             nursery.cancel_scope.cancel()
 
-    async def _try_to_own(self, recovery_reason: str) -> None:
-        if not await self.system.leases.acquire(self.chat_id):
-            return
-        self.owns = True
-        await self._reload()
+    async def _recover(self, reason: str) -> None:
+        """As the new owner: ends a response left open (text kept), answers what waits."""
         if self.chat.current is not None:
-            await self.record(lambda chat: chat.interrupt_response(recovery_reason))
+            await self.record(lambda chat: chat.interrupt_response(reason))
         self._work.set()
+
+    async def _try_to_own(self) -> None:
+        if await self.system.leases.acquire(self.chat_id):
+            self.owns = True
+            async with self._lock:
+                await self._reload()
+            await self._recover("owner_lost")
 
     async def _receive_loop(self) -> None:
         idle_since = trio.current_time()
@@ -106,7 +112,7 @@ class SessionActor:
                 idle_since = trio.current_time()
                 continue
             if not self.owns:
-                await self._try_to_own("owner_lost")
+                await self._try_to_own()
             idle = trio.current_time() - idle_since >= self.settings.passivate_after_s
             if idle and self.is_idle():
                 self.passivated = True
