@@ -88,6 +88,7 @@ def idle_figures(idle: IdleResult) -> dict[str, Any]:
     return {
         "connections": idle.connections, "server_counted": idle.server_count,
         "permessage_deflate_offered": idle.deflate, "extensions_negotiated": idle.negotiated,
+        "one_frame_each_way_first": idle.exchange,
         "server_rss_before_mib": round(idle.rss_before / 2**20, 1),
         "server_rss_after_mib": round(idle.rss_after / 2**20, 1),
         "kib_per_connection": round(idle.per_connection / 1024, 1),
@@ -163,6 +164,11 @@ def table(results: dict[str, Any]) -> str:
         ("idle KiB/conn", [s["idle"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
         ("idle KiB/conn, deflate",
          [s["idle_deflate"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
+        ("idle KiB/conn after 1 frame each way",
+         [s["idle_after_frame"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
+        ("  same, deflate",
+         [s["idle_deflate_after_frame"]["kib_per_connection"] if s else "-"
+          for _, _, s in columns]),
         ("max token batches/s (write-rate runs)",
          [max((w["token_batches_per_s"] for w in s["write_rate"]), default="-") if s else "-"
           for _, _, s in columns]),

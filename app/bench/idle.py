@@ -4,6 +4,10 @@ Opens ``count`` WebSocket connections to ``/ws/chat`` (raw ``wsproto`` over trio
 the client offers exactly the extensions asked for: none, or ``permessage-deflate`` as every
 browser does), leaves them idle, and reads the server's resident memory before and after.
 The server's own ``eventchat_websocket_connections`` gauge must show every one of them.
+
+With ``exchange``, each connection first sends one frame and waits for the answer (an unknown
+event: the server answers with an ``error`` frame), as a browser tab that subscribed once and
+then sat idle: with permessage-deflate, that is when both ends set up their zlib streams.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, RejectConnection, Request
+from wsproto.events import AcceptConnection, RejectConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 #: Handshakes in flight at once (the listen backlog is small).
@@ -27,6 +31,7 @@ SETTLE_S = 2.0
 class IdleResult:
     connections: int
     deflate: bool
+    exchange: bool
     negotiated: list[str]
     rss_before: int
     rss_after: int
@@ -37,7 +42,8 @@ class IdleResult:
         return (self.rss_after - self.rss_before) / max(1, self.connections)
 
 
-async def _open(port: int, token: str, deflate: bool) -> tuple[trio.SocketStream, list[str]]:
+async def _open(port: int, token: str, deflate: bool, exchange: bool
+                ) -> tuple[trio.SocketStream, list[str]]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = WSConnection(ConnectionType.CLIENT)
     extensions = [PerMessageDeflate()] if deflate else []
@@ -51,8 +57,13 @@ async def _open(port: int, token: str, deflate: bool) -> tuple[trio.SocketStream
         conn.receive_data(data)
         for event in conn.events():
             if isinstance(event, AcceptConnection):
-                return stream, [e.name for e in event.extensions]
-            if isinstance(event, RejectConnection):
+                names = [e.name for e in event.extensions]
+                if not exchange:
+                    return stream, names
+                await stream.send_all(conn.send(TextMessage('{"event": "idle"}')))
+            elif isinstance(event, TextMessage):
+                return stream, names
+            elif isinstance(event, RejectConnection):
                 raise ConnectionError(f"handshake refused: {event.status_code}")
 
 
@@ -62,7 +73,7 @@ async def server_connections(client: httpx.AsyncClient) -> int:
     return int(float(match.group(1))) if match else -1
 
 
-async def measure_idle(port: int, token: str, count: int, deflate: bool,
+async def measure_idle(port: int, token: str, count: int, deflate: bool, exchange: bool,
                        rss: Callable[[], int]) -> IdleResult:
     streams: list[trio.SocketStream] = []
     negotiated: set[str] = set()
@@ -74,7 +85,7 @@ async def measure_idle(port: int, token: str, count: int, deflate: bool,
 
         async def one() -> None:
             async with limit:
-                stream, names = await _open(port, token, deflate)
+                stream, names = await _open(port, token, deflate, exchange)
             streams.append(stream)
             negotiated.update(names)
 
@@ -91,4 +102,5 @@ async def measure_idle(port: int, token: str, count: int, deflate: bool,
                 for stream in streams:
                     await stream.aclose()
         await trio.sleep(SETTLE_S)
-    return IdleResult(len(streams), deflate, sorted(negotiated), before, after, counted)
+    return IdleResult(len(streams), deflate, exchange, sorted(negotiated), before, after,
+                      counted)

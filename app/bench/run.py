@@ -114,10 +114,12 @@ def _store(options: Options, store: str, upstream_url: str, workdir: Path) -> di
             figures["sse"] = _sse_phase(options, server)
             figures["write_rate"] = _write_rate_phase(options, server, schema)
         for deflate in (False, True):
-            with _server(env, workdir, token) as server:
-                idle = trio.run(measure_idle, server.port, token, options.idle_connections,
-                                deflate, server.child.rss_bytes)
-            figures["idle_deflate" if deflate else "idle"] = idle_figures(idle)
+            for exchange in (False, True):
+                with _server(env, workdir, token) as server:
+                    idle = trio.run(measure_idle, server.port, token, options.idle_connections,
+                                    deflate, exchange, server.child.rss_bytes)
+                key = "idle" + "_deflate" * deflate + "_after_frame" * exchange
+                figures[key] = idle_figures(idle)
         settings = Settings(data_dir=workdir / "projections", store_threads=4)
         if schema is not None:
             settings = settings.replace(database_url=options.database_url,

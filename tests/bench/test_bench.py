@@ -59,8 +59,10 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
         if run["min_periodic_flush_gap_ms"] is not None:
             assert run["min_periodic_flush_gap_ms"] >= 45  # token_flush_ms = 50
 
-    for key, offered in (("idle", False), ("idle_deflate", True)):
+    for key, offered in (("idle", False), ("idle_deflate", True), ("idle_after_frame", False),
+                         ("idle_deflate_after_frame", True)):
         idle = store[key]
+        assert idle["one_frame_each_way_first"] is key.endswith("after_frame")
         assert idle["connections"] == idle["server_counted"] == 50
         assert idle["permessage_deflate_offered"] is offered
         assert idle["extensions_negotiated"] == (["permessage-deflate"] if offered else [])
