@@ -1,20 +1,24 @@
 """Fan-out of a chat's live items to its subscribers, through bounded per-subscriber queues.
 
-Publishing never waits: an item goes into each subscriber's queue with ``send_nowait``; a
-subscriber whose queue is full is dropped with a reason (it can subscribe again and catch up
-from the log). So a slow subscriber never slows the actor or the other subscribers. The hub
-outlives actors: a subscription survives passivation and restarts of the chat's actor.
+Publishing never waits: an item goes into each subscriber's queue at once. Streamed text that
+a subscriber has not taken yet is merged: a delta that continues the last queued one is
+appended to it, so a subscriber that lags (a busy connection) gets fewer, longer deltas with
+the same offsets instead of falling behind. A subscriber whose queue still fills up (it does
+not read at all) is dropped with a reason; it can subscribe again and catch up from the log.
+So a slow subscriber never slows the actor or the other subscribers. The hub outlives
+actors: a subscription survives passivation and restarts of the chat's actor.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
+from dataclasses import replace
 from uuid import UUID
 
 import trio
 
 from .errors import SubscriberDroppedError
-from .messages import LiveItem, LiveState
+from .messages import LiveItem, LiveState, TokenDelta
 
 
 class Subscription:
@@ -23,31 +27,40 @@ class Subscription:
     def __init__(self, chat_id: UUID, state: LiveState, size: int) -> None:
         self.chat_id = chat_id
         self.state = state
-        self._send, self._receive = trio.open_memory_channel[LiveItem](size)
+        self._size = size
+        self._items: deque[LiveItem] = deque()
+        self._ready = trio.Event()
         self.dropped: str | None = None
 
     def offer(self, item: LiveItem) -> bool:
         """Queues ``item``; returns False (and closes the queue) if the subscriber is too slow."""
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
+        if self.dropped is not None:
+            return False
+        last = self._items[-1] if self._items else None
+        if isinstance(item, TokenDelta) and isinstance(last, TokenDelta):
+            if last.response_id == item.response_id and last.offset + len(last.text) == item.offset:
+                self._items[-1] = replace(last, text=last.text + item.text)
+                return True
+        if len(self._items) >= self._size:
             self.drop("subscriber queue full: too slow to keep up")
             return False
-        except trio.ClosedResourceError:
-            return False
+        self._items.append(item)
+        self._ready.set()
         return True
 
     def drop(self, reason: str) -> None:
         if self.dropped is None:
             self.dropped = reason
-        self._send.close()
+        self._ready.set()
 
     async def receive(self) -> LiveItem:
         """The next item; raises ``SubscriberDroppedError`` once a dropped queue is drained."""
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            raise SubscriberDroppedError(self.dropped or "unsubscribed") from None
+        while not self._items:
+            if self.dropped is not None:
+                raise SubscriberDroppedError(self.dropped)
+            self._ready = trio.Event()
+            await self._ready.wait()
+        return self._items.popleft()
 
     def __aiter__(self) -> Subscription:
         return self

@@ -176,10 +176,16 @@ class SessionActor:
                 command.reply.fail(exc)
                 return None
         max_chars = self.settings.max_message_chars
+        mutations: list[Mutation] = [
+            lambda chat: chat.receive_message(command.text, cmid, max_chars)
+        ]
+        if self.owns and self.turn is None and self.chat.current is None and not self.chat.pending:
+            # Nothing to wait for: start its response in the same transaction (one commit
+            # less before the model is called).
+            model = self._model()
+            mutations.append(lambda chat: chat.start_response(model, self.provider.name))
         try:
-            seq = await self.record(
-                lambda chat: chat.receive_message(command.text, cmid, max_chars)
-            )
+            await self.record(*mutations)
         except DuplicateMessageError:  # recorded meanwhile by another process
             if undo is not None:
                 undo()
@@ -189,7 +195,10 @@ class SessionActor:
                 undo()
             raise
         self._work.set()
-        return Accepted(self.chat_id, seq, cmid)
+        return Accepted(self.chat_id, self._last_message_seq(), cmid)
+
+    def _last_message_seq(self) -> int:
+        return max(m["seq"] for m in self.chat.history if m["role"] == "user")
 
     def _accepted_before(self, client_message_id: str) -> Accepted:
         seq = self.chat.client_message_ids[client_message_id]
@@ -225,15 +234,26 @@ class SessionActor:
                 self._stale = False
                 async with self._lock:
                     await self._reload()
-            while self.owns and self.chat.pending:
+            while self.owns and (self.chat.pending or self._started_with_its_message()):
                 await self._answer_next()
             await self._work.wait()
             self._work = trio.Event()
 
+    def _started_with_its_message(self) -> bool:
+        return self.turn is None and self.chat.current is not None
+
     async def _answer_next(self) -> None:
-        model = self.chat.model or self.provider.default_model
+        """Answers the oldest waiting message; its response may have been started already,
+        in the same transaction as the message (``_receive_message``)."""
+        if self._started_with_its_message():
+            assert self.chat.current is not None
+            response_id, model = self.chat.current.response_id, self.chat.current.model
+        else:
+            model = self._model()
+            response_id = await self.record(
+                lambda chat: chat.start_response(model, self.provider.name)
+            )
         messages = self.chat.context(self.settings.context_messages)
-        response_id = await self.record(lambda chat: chat.start_response(model, self.provider.name))
         self.turn = Turn(self, response_id, model)
         self.system.generating_changed(self.chat.owner, +1)
         try:
@@ -242,6 +262,9 @@ class SessionActor:
             self.turn = None
             self.system.generating_changed(self.chat.owner, -1)
             self.system.tell_others(k="z", c=str(self.chat_id), r=response_id)
+
+    def _model(self) -> str:
+        return self.chat.model or self.provider.default_model
 
     def interrupt(self, reason: str) -> None:
         """Ends the running response as interrupted (recorded, text kept)."""

@@ -198,14 +198,19 @@ class Turn:
             await self._flush()
 
     async def _flush(self, *then: Mutation) -> None:
-        """Persists the waiting text (and ``then`` mutations) in one transaction."""
-        text, tokens = self.batch.take()
-        mutations: list[Mutation] = []
-        if text:
-            mutations.append(lambda chat: chat.record_tokens(self.response_id, text, tokens))
-        mutations.extend(then)
-        if mutations:
-            await self.actor.record(*mutations)
+        """Persists the waiting text (and ``then`` mutations) in one transaction.
+
+        Shielded: text taken from the batch is always written, even if the turn is being
+        cancelled (a stop, the end of the stream) while the flush waits for the chat's lock.
+        """
+        with trio.CancelScope(shield=True):
+            text, tokens = self.batch.take()
+            mutations: list[Mutation] = []
+            if text:
+                mutations.append(lambda chat: chat.record_tokens(self.response_id, text, tokens))
+            mutations.extend(then)
+            if mutations:
+                await self.actor.record(*mutations)
 
     async def _run_tools(self, calls: list[ToolCallRequest]) -> list[dict[str, Any]]:
         assistant = {
@@ -272,8 +277,7 @@ class Turn:
         else:
             model, reason = self.model, self.finish_reason
             ending = lambda chat: chat.complete_response(rid, model, reason, usage, timing)  # noqa: E731
-        with trio.CancelScope(shield=True):
-            await self._flush(ending)
+        await self._flush(ending)
 
 
 def _decode_arguments(raw: str) -> Any:

@@ -32,16 +32,25 @@ class LoadResult:
     messages: int
     expected_text: str
     turns: int = 0
+    #: Upstream chunks delivered (every chunk of every turn whose whole text arrived).
     chunks: int = 0
+    #: Text frames received: fewer than chunks when the server merged deltas a client had
+    #: not taken yet (a busy connection).
+    frames: int = 0
     wrong: int = 0
     wall_s: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    @property
+    def chunks_per_turn(self) -> int:
+        return len(self.expected_text.split(" ")) - 1
+
     def note(self, ttft: float | None, chunks: int, text: str, status: str) -> None:
         if status == "complete" and text == self.expected_text and ttft is not None:
             self.turns += 1
-            self.chunks += chunks
+            self.chunks += self.chunks_per_turn
+            self.frames += chunks
             self.ttft_s.append(ttft)
         else:
             self.wrong += 1

@@ -389,11 +389,16 @@ class ChatSession(Aggregate):
         raise KeyError(call_id)
 
     def context(self, limit: int) -> list[dict[str, str]]:
-        """What the model sees to answer the oldest waiting message: the system prompt, then
-        at most ``limit`` turns up to that message (later queued messages wait their turn)."""
+        """What the model sees to answer the message being answered (or else the oldest
+        waiting one): the system prompt, then at most ``limit`` turns up to that message
+        (later queued messages wait their turn)."""
         history = self.history
-        if self.pending:
-            upto = self.pending[0]
+        upto = (
+            self.current.reply_to_seq
+            if self.current
+            else (self.pending[0] if self.pending else None)
+        )
+        if upto is not None:
             end = next(i for i, m in enumerate(history) if m["seq"] == upto and m["role"] == "user")
             history = history[: end + 1]
         turns = [

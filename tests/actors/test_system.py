@@ -31,6 +31,8 @@ async def until_answered(system: ActorSystem, chat_id: object, answers: int = 1)
 async def test_plain_turn_records_and_streams(start_system, provider: ScriptedProvider) -> None:
     system = await start_system(provider.then("Hel", "lo", " there"))
     chat_id = await system.create_chat("alice", "greetings")
+    saves: list[int] = []
+    system.store.on_saved.append(saves.append)
     async with system.subscribe(chat_id, "alice") as sub:
         accepted = await system.send_message(chat_id, "alice", "hi", "c-1")
         assert (accepted.seq, accepted.duplicate) == (2, False)
@@ -43,10 +45,14 @@ async def test_plain_turn_records_and_streams(start_system, provider: ScriptedPr
                     break
     types = await event_types(system, chat_id)
     assert types[:3] == ["Started", "MessageReceived", "ResponseStarted"]
+    # an idle chat records the message and starts its response in one transaction
+    assert saves[0] == 3
     assert types[-1] == "ResponseCompleted"
     assert set(types[3:-1]) == {"TokensGenerated"}
     assert "".join(d.text for d in deltas) == "Hello there"
-    assert [d.offset for d in deltas] == [0, 3, 5]
+    assert [d.offset for d in deltas] == [
+        sum(len(x.text) for x in deltas[:i]) for i in range(len(deltas))
+    ]
     events = await stored_events(system, chat_id)
     ending = events[-1]
     assert ending.usage["completion_tokens"] == 3 and ending.usage["total_tokens"] == 13
@@ -294,23 +300,46 @@ async def test_slow_stream_flushes_at_most_once_per_interval(start_system, provi
 
 
 async def test_slow_subscriber_is_dropped_without_slowing_the_turn(start_system, provider) -> None:
-    system = await start_system(provider.then(*["y"] * 100), subscriber_queue_size=8)
+    tokens = [f"{i} " for i in range(100)]
+    system = await start_system(provider.then(*tokens, delay=0.003), subscriber_queue_size=6)
     chat_id = await system.create_chat("alice")
     async with (
         system.subscribe(chat_id, "alice") as slow,
         system.subscribe(chat_id, "alice") as fast,
     ):
         await system.send_message(chat_id, "alice", "go")
-        received = 0
+        text = ""
         with trio.fail_after(5):
             async for item in fast:
-                received += isinstance(item, TokenDelta)
+                if isinstance(item, TokenDelta):
+                    assert item.offset == len(text)
+                    text += item.text
                 if isinstance(item, ChatSession.ResponseCompleted):
                     break
-        assert received == 100
+        assert text == "".join(tokens)
         with pytest.raises(SubscriberDroppedError, match="too slow"):
             while True:
                 await slow.receive()
+
+
+async def test_a_lagging_subscriber_gets_merged_deltas(start_system, provider) -> None:
+    tokens = [f"t{i} " for i in range(2000)]  # far more than the queue holds
+    system = await start_system(provider.then(*tokens), subscriber_queue_size=64)
+    chat_id = await system.create_chat("alice")
+    async with system.subscribe(chat_id, "alice") as sub:
+        await system.send_message(chat_id, "alice", "go")
+        await provider.started.wait()
+        await trio.sleep(0.2)  # lag behind the whole stream
+        text, deltas = "", 0
+        with trio.fail_after(5):
+            async for item in sub:
+                if isinstance(item, TokenDelta):
+                    assert item.offset == len(text)
+                    text, deltas = text + item.text, deltas + 1
+                if isinstance(item, ChatSession.ResponseCompleted):
+                    break
+    assert text == "".join(tokens)
+    assert deltas < 100  # merged while waiting, not one per token
 
 
 async def test_subscriber_joining_midway_gets_the_text_so_far(start_system, provider) -> None:

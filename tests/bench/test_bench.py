@@ -78,5 +78,6 @@ def _check_load(load: dict, turns: int, chunks: int) -> None:
     assert load["turns_completed"] == turns, load["errors"]
     assert load["turns_wrong"] == 0
     assert load["chunks_received"] == turns * chunks
+    assert turns <= load["delta_frames"] <= turns * chunks
     assert load["turns_per_s"] > 0 and load["chunks_per_s"] > 0
     assert 0 < load["ttft_ms"]["p50"] <= load["ttft_ms"]["p99"]
