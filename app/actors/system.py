@@ -211,6 +211,11 @@ class ActorSystem:
             ),
         }
 
+    def owns(self, chat_id: UUID) -> bool:
+        """True if this process runs the chat's responses (and so saves its events)."""
+        actor = self._actors.get(chat_id)
+        return actor is not None and actor.owns
+
     def generating_for(self, owner: str) -> int:
         return self._generating[owner]
 

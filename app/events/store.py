@@ -66,6 +66,8 @@ class EventStore:
         self.app = app
         self.limiter = limiter
         self.on_saved: list[Callable[[int], None]] = []
+        #: The highest notification id this process has saved.
+        self.last_saved = 0
 
     @classmethod
     def open(cls, settings: Settings) -> EventStore:
@@ -95,6 +97,7 @@ class EventStore:
         recordings = await self.run(self.app.save, *objs)
         if recordings:
             position = max(r.notification.id for r in recordings)
+            self.last_saved = max(self.last_saved, position)
             for callback in list(self.on_saved):
                 callback(position)
         return recordings

@@ -11,6 +11,8 @@ written in a worker thread finishes (or rolls back) first, never half-applied.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -44,6 +46,8 @@ class ProjectionRunner:
         self.max_backoff = max_backoff
         self.position = 0
         self._max_known = 0
+        #: Called in the worker thread with the events each batch projected, once committed.
+        self.observers: list[Callable[[list[Any]], None]] = []
         self._nudged = trio.Event()
 
     @property
@@ -84,6 +88,10 @@ class ProjectionRunner:
         finally:
             self.store.on_saved.remove(self._nudge)
 
+    def _observe(self, events: list[Any]) -> None:
+        for observer in self.observers:
+            observer(events)
+
     async def catch_up(self) -> int:
         """Projects every notification after the position; returns how many were read."""
         read = 0
@@ -95,7 +103,7 @@ class ProjectionRunner:
             read += len(notifications)
             self._max_known = max(self._max_known, notifications[-1].id)
             self.position = await trio.to_thread.run_sync(
-                self.views.apply, notifications, self.store.app.mapper,
+                self.views.apply, notifications, self.store.app.mapper, self._observe,
                 limiter=self.views.limiter,
             )
             self.views.advanced(self.position)

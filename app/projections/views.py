@@ -42,11 +42,18 @@ class Views:
 
     # -- writing (blocking, called by the runner in a worker thread) ---------------------
 
-    def apply(self, notifications: Sequence[Notification], mapper: Mapper[Any]) -> int:
+    def apply(
+        self,
+        notifications: Sequence[Notification],
+        mapper: Mapper[Any],
+        on_applied: Callable[[list[Any]], None] | None = None,
+    ) -> int:
         """Projects ``notifications`` and records their position, in one transaction.
 
         Notifications at or below the tracked position are skipped, so delivering an event
-        twice changes nothing. Returns the tracked position afterwards.
+        twice changes nothing. ``on_applied`` gets the events this call projected, once
+        committed (so with several processes each event reaches one of them). Returns the
+        tracked position afterwards.
         """
         events = [(n.id, mapper.to_domain_event(n)) for n in notifications]
         with self.db.write() as tx:
@@ -60,7 +67,9 @@ class Views:
             batch.flush()
             position = notifications[-1].id
             tx.run("UPDATE view_tracking SET position = ? WHERE name = ?", (position, TRACKED))
-            return position
+        if on_applied is not None:
+            on_applied(fresh)
+        return position
 
     def reset(self) -> None:
         """Drops every view and its position (blocking); the next run rebuilds from zero."""

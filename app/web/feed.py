@@ -157,7 +157,7 @@ class ChatFeed:
 
     async def _turn_messages(self, response_id: str, seq: int) -> list[Frame]:
         """The user message and the answer of the turn that ended at ``seq``."""
-        await self.services.caught_up()
+        await self.services.caught_up(chat_id=self.chat_id)
         first = self.replies.pop(response_id, seq)
         messages, _ = await self.services.views.messages(
             self.owner, self.chat_id, HISTORY_PAGE, after_seq=first - 1

@@ -2,10 +2,11 @@
 
 Model metrics carry the OpenTelemetry GenAI names (``gen_ai_client_token_usage``,
 ``gen_ai_client_operation_duration_seconds``, ``gen_ai_server_time_to_first_token_seconds``,
-``gen_ai_server_time_per_output_token_seconds``). They are observed from the event log by
-``MetricsFollower``, so a response counts whether or not anyone watched it; when several
-processes share one database each one counts the whole shared log. Gauges (connections,
-active chats, mailbox depth, projection lag) are read at scrape time.
+``gen_ai_server_time_per_output_token_seconds``). They are observed from the event log as
+the projection runner projects it (``ResponseObserver``), so a response counts whether or
+not anyone watched it, and with several processes sharing one database each response is
+counted by exactly one of them (sum the series over processes). Gauges (connections, active
+chats, mailbox depth, projection lag) are read at scrape time.
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import trio
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..events.domain import TERMINAL_STATUS
-from ..events.errors import StoreError
-from ..events.store import EventStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTENT_TYPE", "Metrics", "MetricsFollower"]
+__all__ = ["CONTENT_TYPE", "Metrics", "ResponseObserver"]
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 # the bucket boundaries advised by the OpenTelemetry GenAI semantic conventions
@@ -103,57 +101,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsFollower:
-    """Follows the event log from where it stood at start and observes each ended response.
+class ResponseObserver:
+    """Observes each ended response among the events the projection runner projected.
 
-    Nudged after every local save; polls every ``poll_s`` for other processes' writes. Store
-    errors are logged and retried at the next poll; cancellation stops it.
+    Called in the runner's worker thread (one batch at a time); Prometheus metrics are
+    thread-safe.
     """
 
-    def __init__(self, store: EventStore, metrics: Metrics, poll_s: float = 1.0) -> None:
-        self.store = store
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.poll_s = poll_s
-        self._nudge = trio.Event()
         self._models: dict[str, str] = {}
 
-    def nudge(self, _position: int = 0) -> None:
-        self._nudge.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        position = await self.store.max_position()
-        self.store.on_saved.append(self.nudge)
-        task_status.started()
-        try:
-            while True:
-                with trio.move_on_after(self.poll_s):
-                    await self._nudge.wait()
-                self._nudge = trio.Event()
-                try:
-                    position = await self.store.run(self._catch_up, position)
-                except StoreError as exc:
-                    log.warning("metrics: cannot read the event log: %s", exc)
-        finally:
-            if self.nudge in self.store.on_saved:
-                self.store.on_saved.remove(self.nudge)
-
-    def _catch_up(self, position: int) -> int:
-        """Blocking: observes the events after ``position``; returns the new position."""
-        app = self.store.app
-        while True:
-            batch = app.select(position + 1, 500)
-            for notification in batch:
-                topic = notification.topic
-                if topic.endswith(("ResponseStarted", *TERMINAL_STATUS)):
-                    self._observe(app.mapper.to_domain_event(notification))
-            if not batch:
-                return position
-            position = batch[-1].id
-
-    def _observe(self, event: Any) -> None:
-        kind = type(event).__name__
-        if kind == "ResponseStarted":
-            self._models[event.response_id] = event.model
-            return
-        model = self._models.pop(event.response_id, "")
-        self.metrics.observe_ending(kind, dict(event.__dict__), model)
+    def __call__(self, events: list[Any]) -> None:
+        for event in events:
+            kind = type(event).__name__
+            if kind == "ResponseStarted":
+                self._models[event.response_id] = event.model
+            elif kind in TERMINAL_STATUS:
+                model = self._models.pop(event.response_id, "")
+                self.metrics.observe_ending(kind, dict(event.__dict__), model)

@@ -1,9 +1,9 @@
 """The collaborators of the web layer, wired in one place, and their lifetime.
 
 ``Services`` holds the store, views, actor system, projection runner, users, limits and
-metrics. ``run()`` starts the projection runner, the actor system and the metrics follower
-in a nursery of its own (itself started in the app's lifespan nursery) and reports started
-once all three are; ``close()`` lets running responses finish for the grace period, then
+metrics. ``run()`` starts the projection runner (which also feeds the response metrics) and
+the actor system in a nursery of its own (itself started in the app's lifespan nursery) and
+reports started once both are; ``close()`` lets running responses finish for the grace period, then
 interrupts them (recorded), cancels the tasks and closes what it opened. Collaborators given
 to ``build_services`` are the caller's to close.
 """
@@ -28,7 +28,7 @@ from ..projections.runner import ProjectionRunner
 from ..projections.search import register_search_tool
 from ..projections.views import Views, open_views
 from .limits import MessageLimiter
-from .metrics import Metrics, MetricsFollower
+from .metrics import Metrics, ResponseObserver
 from .users import Authenticator, UserStore
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,16 @@ class Services:
     _stopped: trio.Event = field(default_factory=trio.Event)
     _drained: bool = False
 
-    async def caught_up(self, limit_s: float = READ_YOUR_WRITES_S) -> bool:
-        """Waits (at most ``limit_s``) until the views include every event saved so far."""
-        position = await self.store.max_position()
+    async def caught_up(
+        self, limit_s: float = READ_YOUR_WRITES_S, chat_id: UUID | None = None
+    ) -> bool:
+        """Waits (at most ``limit_s``) until the views include every event saved so far, or,
+        for ``chat_id`` when this process runs it, every event this process saved (no
+        database round trip to learn the log's end)."""
+        if chat_id is not None and self.system.owns(chat_id):
+            position = self.store.last_saved
+        else:
+            position = await self.store.max_position()
         return await self.views.wait_for(position, limit_s)
 
     async def require_chat(self, owner: str, chat_id: UUID) -> None:
@@ -81,7 +88,6 @@ class Services:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.runner.run)
                     await nursery.start(self.system.run)
-                    await nursery.start(MetricsFollower(self.store, self.metrics).run)
                     task_status.started()
         finally:
             self._stopped.set()
@@ -155,9 +161,11 @@ async def build_services(
         register_search_tool(tools, views)
     system = ActorSystem(settings, store, provider, tools)
     metrics = Metrics()
+    runner = ProjectionRunner(settings, store, views)
+    runner.observers.append(ResponseObserver(metrics))
     services = Services(
         settings=settings, store=store, views=views, provider=provider, tools=tools,
-        system=system, runner=ProjectionRunner(settings, store, views),
+        system=system, runner=runner,
         auth=Authenticator(users or UserStore(settings)), metrics=metrics,
         limiter=MessageLimiter(settings.messages_per_minute, settings.concurrent_responses,
                                system.generating_for),

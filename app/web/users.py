@@ -22,6 +22,7 @@ from psycopg import sql
 
 from ..config import Settings
 from ..events.errors import StoreUnavailableError
+from ..events.store import ensure_schema
 
 DEFAULT_USER = "local"
 T = TypeVar("T")
@@ -109,6 +110,8 @@ class UserStore:
         def render(statement: str) -> Any:
             return sql.SQL(statement).format(table=table, p=sql.Placeholder())
 
+        if not self._ready:
+            ensure_schema(self.settings.database_url, self.settings.database_schema)
         with psycopg.connect(self.settings.database_url, connect_timeout=5) as conn:
             if not self._ready:
                 conn.execute(
