@@ -120,15 +120,14 @@ class Connection:
         self.close_reason: tuple[int, str] | None = None
         self.nursery: trio.Nursery
         self.last_activity = trio.current_time()
+        self.sending = False
 
     async def serve(self) -> None:
         """Runs until the client leaves (cancellation), or it is closed for a reason."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._write)
-            nursery.start_soon(self._send_messages)
-            nursery.start_soon(self._watch_shutdown)
-            nursery.start_soon(self._watch_idle)
+            nursery.start_soon(self._watch)
             await self._read()
         if self.close_reason is not None:
             code, reason = self.close_reason
@@ -167,18 +166,22 @@ class Connection:
             except WebError as error:
                 self.put(error.frame())
 
-    async def _watch_shutdown(self) -> None:
-        await self.svc.disconnect.wait()
+    async def _watch(self) -> None:
+        """Closes the connection when the server shuts down (after its last frames), or when
+        no frame went either way for ``ws_idle_timeout_s`` (1001). One task for both keeps an
+        idle connection small."""
+        limit = self.svc.settings.ws_idle_timeout_s
+        while True:
+            deadline = self.last_activity + limit
+            if trio.current_time() >= deadline:
+                self.close(CLOSE_GOING_AWAY, "idle timeout")
+                return
+            with trio.move_on_at(deadline):  # then look again: there may have been activity
+                await self.svc.disconnect.wait()
+                break
         self.put(GOING_AWAY)
         await trio.sleep(1)  # the writer did not get to it: close anyway
         self.close(CLOSE_GOING_AWAY, "server shutting down")
-
-    async def _watch_idle(self) -> None:
-        """Closes a connection with no frame either way for ``ws_idle_timeout_s`` (1001)."""
-        limit = self.svc.settings.ws_idle_timeout_s
-        while trio.current_time() - self.last_activity < limit:  # noqa: ASYNC110 - a moving deadline
-            await trio.sleep_until(self.last_activity + limit)
-        self.close(CLOSE_GOING_AWAY, "idle timeout")
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -212,6 +215,9 @@ class Connection:
         extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
         try:
             admit(self.svc, message.message)
+            if not self.sending:  # the sender task starts with the first message
+                self.sending = True
+                self.nursery.start_soon(self._send_messages)
             try:
                 self.pending_send.send_nowait(message)
             except trio.WouldBlock:
