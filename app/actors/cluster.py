@@ -35,6 +35,24 @@ MAX_PAYLOAD = 7500
 FLUSH_INTERVAL_S = 0.005
 
 
+#: Longer deltas are sent in pieces of this many characters (a payload holds several).
+MAX_DELTA_CHARS = 1000
+
+
+def _encoded(items: list[dict[str, Any]]) -> list[str]:
+    """Items as JSON lines, long deltas cut into pieces that fit in a payload."""
+    lines: list[str] = []
+    for item in items:
+        if item["k"] == "d" and len(item["t"]) > MAX_DELTA_CHARS:
+            text, offset = item["t"], item["o"]
+            for start in range(0, len(text), MAX_DELTA_CHARS):
+                piece = {**item, "t": text[start : start + MAX_DELTA_CHARS], "o": offset + start}
+                lines.append(json.dumps(piece, separators=(",", ":")))
+        else:
+            lines.append(json.dumps(item, separators=(",", ":")))
+    return lines
+
+
 def lock_key(chat_id: UUID) -> int:
     """A chat's advisory-lock key: its first 8 bytes as a signed 64-bit integer."""
     return int.from_bytes(chat_id.bytes[:8], "big", signed=True)
@@ -94,12 +112,24 @@ class Bus:
         self.channel = f"eventchat_{settings.database_schema}"[:63]
         self.sender = uuid.uuid4().hex[:12]
         self._deliver = deliver
-        self._outbox: list[str] = []
+        self._outbox: list[dict[str, Any]] = []
         self._waiting = trio.Event()
         self._stopping = False
 
     def send(self, **item: Any) -> None:
-        self._outbox.append(json.dumps(item, separators=(",", ":")))
+        """Queues an item for the next NOTIFY (within ``FLUSH_INTERVAL_S``). A delta that
+        continues the last queued one is merged into it: one item per burst, not per token."""
+        last = self._outbox[-1] if self._outbox else None
+        if (
+            item["k"] == "d"
+            and last is not None
+            and last["k"] == "d"
+            and last["r"] == item["r"]
+            and last["o"] + len(last["t"]) == item["o"]
+        ):
+            last["t"] += item["t"]
+            return
+        self._outbox.append(item)
         self._waiting.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -156,7 +186,9 @@ class Bus:
                 await trio.sleep(FLUSH_INTERVAL_S)
                 items, self._outbox, self._waiting = self._outbox, [], trio.Event()
                 try:
-                    await trio.to_thread.run_sync(send, self._payloads(items), limiter=limiter)
+                    await trio.to_thread.run_sync(
+                        send, self._payloads(_encoded(items)), limiter=limiter
+                    )
                 except psycopg.Error as exc:
                     log.warning(
                         "bus: %d live items not sent to other processes: %s", len(items), exc

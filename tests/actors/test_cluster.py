@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
@@ -92,3 +94,25 @@ async def test_a_surviving_process_takes_over_a_dead_owners_chat(start_system) -
     assert types[-1] == "ResponseCompleted" and types.count("MessageReceived") == 2
     assert survivor_model.requests[0].messages[-1] == {"role": "user", "content": "queued"}
     await wait_until(lambda: b.counts()["generating"] == 0)
+
+
+def test_bus_merges_contiguous_deltas_and_cuts_long_ones_to_fit() -> None:
+    from app.actors.cluster import MAX_PAYLOAD, Bus, _encoded
+    from app.config import Settings
+
+    bus = Bus(Settings(database_url="postgresql://x@127.0.0.1/db"), lambda item: None)
+    text = "".join(f"tok{i} " for i in range(2000))
+    offset = 0
+    for piece in text.split(" ")[:-1]:
+        bus.send(k="d", c="chat", r="resp", t=piece + " ", o=offset)
+        offset += len(piece) + 1
+    bus.send(k="e", c="chat", a=3, b=4)
+    bus.send(k="d", c="chat", r="resp", t="after", o=offset)
+    assert [item["k"] for item in bus._outbox] == ["d", "e", "d"]  # one delta per burst
+    lines = _encoded(bus._outbox)
+    pieces = [json.loads(line) for line in lines if '"k":"d"' in line][:-1]
+    assert "".join(p["t"] for p in pieces) == text
+    assert [p["o"] for p in pieces] == [
+        sum(len(q["t"]) for q in pieces[:i]) for i in range(len(pieces))
+    ]
+    assert all(len(payload) <= MAX_PAYLOAD + 13 for payload in bus._payloads(lines))
