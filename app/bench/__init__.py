@@ -41,6 +41,8 @@ def options(argv: list[str]) -> tuple[Options, Path]:
     parser.add_argument("--messages", type=int, help="measured turns per chat (20; quick: 3)")
     parser.add_argument("--chunks", type=int, default=25, help="content chunks per answer")
     parser.add_argument("--idle-connections", type=int, help="idle WebSockets (5000; quick: 200)")
+    parser.add_argument("--think-ms", type=float,
+                        help="mean pause between turns in the paced runs (1000; quick: 100)")
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
     parser.add_argument("--database-url", help="PostgreSQL for --store postgres|both")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -63,6 +65,7 @@ def options(argv: list[str]) -> tuple[Options, Path]:
         projection_messages=200 if quick else 2_000,
         projection_reads=10 if quick else 100,
         single_chat_messages=5 if quick else 40,
+        think_s=args.think_ms / 1000 if args.think_ms is not None else (0.1 if quick else 1.0),
         profile=args.profile,
     ), args.out
 

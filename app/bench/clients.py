@@ -10,6 +10,7 @@ only when it ended ``complete`` with exactly the text the upstream sent.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,23 +62,29 @@ class LoadResult:
 async def run_load(name: str, chats: int, messages: int, expected_text: str,
                    open_chat: Callable[[], Any],
                    on_start: Callable[[], None] = lambda: None,
-                   on_end: Callable[[], None] = lambda: None) -> LoadResult:
+                   on_end: Callable[[], None] = lambda: None,
+                   think_s: float = 0.0) -> LoadResult:
     """Runs ``chats`` chats at once; ``open_chat()`` is an async context manager of a Turn.
 
     ``on_start`` and ``on_end`` run just before the measured turns and just after the last.
+    With ``think_s``, each chat waits between turns (0.5 to 1.5 times ``think_s``, seeded per
+    chat), as people do: a load below capacity, where TTFT measures latency, not queueing.
     """
     result = LoadResult(name, chats, messages, expected_text)
     warm, start = trio.Semaphore(0), trio.Event()
     running, began = chats, 0.0
 
-    async def chat() -> None:
+    async def chat(index: int) -> None:
         nonlocal running
+        pause = random.Random(index)
         async with open_chat() as turn:
             await turn(0)
             warm.release()
             await start.wait()
             try:
                 for n in range(1, messages + 1):
+                    if think_s:
+                        await trio.sleep(think_s * pause.uniform(0.5, 1.5))
                     result.note(*await turn(n))
             except (ConnectionClosed, httpx.HTTPError, openai.APIError, OSError) as exc:
                 result.wrong += messages + 1 - n
@@ -89,8 +96,8 @@ async def run_load(name: str, chats: int, messages: int, expected_text: str,
                     on_end()
 
     async with trio.open_nursery() as nursery:
-        for _ in range(chats):
-            nursery.start_soon(chat)
+        for index in range(chats):
+            nursery.start_soon(chat, index)
         for _ in range(chats):
             await warm.acquire()
         on_start()

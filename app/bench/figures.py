@@ -103,10 +103,11 @@ def add_ratios(results: dict[str, Any]) -> None:
             load = store[name]
             added = {q: _minus(load["ttft_ms"][q], base["ttft_ms"][q]) for q in ("p50", "p99")}
             load["added_ttft_ms"] = added
-            if "one_chat" in load:
-                one, base_one = load["one_chat"], base["one_chat"]
-                one["added_ttft_ms"] = {q: _minus(one["ttft_ms"][q], base_one["ttft_ms"][q])
-                                        for q in ("p50", "p99")}
+            for run in ("one_chat", "paced"):
+                if run in load:
+                    one, base_one = load[run], base[run]
+                    one["added_ttft_ms"] = {q: _minus(one["ttft_ms"][q], base_one["ttft_ms"][q])
+                                            for q in ("p50", "p99")}
             load["vs_baseline"] = {
                 "ttft_p50": _ratio(load["ttft_ms"]["p50"], base["ttft_ms"]["p50"]),
                 "ttft_p99": _ratio(load["ttft_ms"]["p99"], base["ttft_ms"]["p99"]),
@@ -140,6 +141,14 @@ def table(results: dict[str, Any]) -> str:
         ("TTFT p99 ms", [c["ttft_ms"]["p99"] for _, c, _ in columns]),
         ("added TTFT p50 ms", [c.get("added_ttft_ms", {}).get("p50", "-") for _, c, _ in columns]),
         ("added TTFT p99 ms", [c.get("added_ttft_ms", {}).get("p99", "-") for _, c, _ in columns]),
+        ("paced 50 chats: TTFT p50 ms",
+         [c["paced"]["ttft_ms"]["p50"] if "paced" in c else "-" for _, c, _ in columns]),
+        ("paced: added TTFT p50 ms",
+         [c["paced"].get("added_ttft_ms", {}).get("p50", "-") if "paced" in c else "-"
+          for _, c, _ in columns]),
+        ("paced: added TTFT p99 ms",
+         [c["paced"].get("added_ttft_ms", {}).get("p99", "-") if "paced" in c else "-"
+          for _, c, _ in columns]),
         ("one chat alone: TTFT p50 ms",
          [c["one_chat"]["ttft_ms"]["p50"] if "one_chat" in c else "-" for _, c, _ in columns]),
         ("one chat alone: added TTFT p50 ms",

@@ -51,6 +51,8 @@ class Options:
     projection_reads: int
     #: Turns of the single-chat runs (TTFT with nothing else going on).
     single_chat_messages: int = 40
+    #: Mean pause between two turns of a chat in the paced runs (0: no paced run).
+    think_s: float = 1.0
     #: Directory for py-spy profiles of the server during the WebSocket load (None: none).
     profile: Path | None = None
 
@@ -85,6 +87,12 @@ def run(options: Options) -> dict[str, Any]:
     return results
 
 
+async def _paced(name: str, options: Options, open_chat: Any) -> LoadResult:
+    """The same chats with people's pauses between turns: TTFT below capacity."""
+    return await run_load(name, options.chats, options.messages, expected_text(options.chunks),
+                          open_chat, think_s=options.think_s)
+
+
 def _baseline(options: Options, base_url: str) -> dict[str, Any]:
     async def main() -> tuple[LoadResult, float, LoadResult]:
         async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as client:
@@ -94,11 +102,15 @@ def _baseline(options: Options, base_url: str) -> dict[str, Any]:
                                   cpu.start, cpu.stop)
             alone = await run_load("baseline, one chat", 1, options.single_chat_messages,
                                    expected_text(options.chunks), direct_chats(client, "bench"))
+            paced.append(await _paced("baseline, paced", options,
+                                      direct_chats(client, "bench")))
         return load, cpu.used, alone
 
+    paced: list[LoadResult] = []
     load, client_cpu, alone = trio.run(main)
     figures = load_figures(load, None)
     figures["one_chat"] = load_figures(alone, None)
+    figures["paced"] = load_figures(paced[0], None)
     figures["client_cpu_us_per_chunk"] = round(client_cpu / max(1, load.chunks) * 1e6, 1)
     return figures
 
@@ -159,6 +171,7 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
                               start, stop)
         alone.append(await run_load("websocket, one chat", 1, options.single_chat_messages,
                                     expected_text(options.chunks), websocket_chats(server.ws_url)))
+        alone.append(await _paced("websocket, paced", options, websocket_chats(server.ws_url)))
         async with server.http() as http:
             chats.extend(c["id"] for c in await _all_chats(http))
             counts: dict[str, int] = {}
@@ -170,6 +183,7 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
     load, counts = trio.run(main)
     figures = load_figures(load, cpu.used)
     figures["one_chat"] = load_figures(alone[0], None)
+    figures["paced"] = load_figures(alone[1], None)
     log = log_figures(counts, load.turns, writes.used if schema else None,
                       commits.used if schema else None)
     return figures, log

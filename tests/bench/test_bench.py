@@ -44,11 +44,16 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
     _check_load(one, turns=5, chunks=7)
     assert one["added_ttft_ms"]["p50"] is not None
     _check_load(base["one_chat"], turns=5, chunks=7)
+    paced = store["websocket"]["paced"]
+    _check_load(paced, turns=6, chunks=7)
+    _check_load(base["paced"], turns=6, chunks=7)
+    assert paced["added_ttft_ms"]["p50"] is not None
+    assert "paced: added TTFT p50 ms" in done.stdout
 
     per_response = store["log"]["events_per_response"]
-    # warm-up and measured turns of the load and of the one-chat run (5 turns with --quick),
-    # every one answered: one of each, tokens in batches
-    assert store["log"]["responses"] == 3 * (2 + 1) + (5 + 1)
+    # warm-up and measured turns of the load, of the one-chat run (5 turns with --quick) and
+    # of the paced run, every one answered: one of each, tokens in batches
+    assert store["log"]["responses"] == 3 * (2 + 1) + (5 + 1) + 3 * (2 + 1)
     for kind in ("MessageReceived", "ResponseStarted", "ResponseCompleted"):
         assert per_response[kind] == 1.0
     assert 1.0 <= per_response["TokensGenerated"] <= 7
