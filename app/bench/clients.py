@@ -156,21 +156,11 @@ def websocket_chats(url: str, model_chat: Callable[[], Awaitable[str]] | None = 
                                      "client_message_id": uuid4().hex}
             if self.chat_id is not None:
                 frame["chat_id"] = self.chat_id
-            sent, first, chunks, text = time.perf_counter(), None, 0, []
+            reader = FrameReader()
             await self.ws.send_message(json.dumps(frame))
-            while True:
-                data = json.loads(await self.ws.get_message())
-                event = data.get("event")
-                if event == "ack":
-                    self.chat_id = data["chat_id"]
-                elif event == "ai_response" and not data["done"]:
-                    first = first or time.perf_counter()
-                    chunks += 1
-                    text.append(data["delta"])
-                elif event == "ai_response":
-                    return _since(sent, first), chunks, "".join(text), data["status"]
-                elif event == "error":
-                    return None, chunks, "".join(text), f"error {data.get('code')}"
+            while reader.status is None:
+                self.chat_id = reader.read(json.loads(await self.ws.get_message())) or self.chat_id
+            return reader.result()
 
     return Chat
 
@@ -191,28 +181,46 @@ def sse_chats(client: httpx.AsyncClient) -> Callable[[], Any]:
                                     "client_message_id": uuid4().hex}
             if self.chat_id is not None:
                 body["chat_id"] = self.chat_id
-            sent, first, chunks, text, status = time.perf_counter(), None, 0, [], "no end"
+            reader = FrameReader()
             async with client.stream("POST", "/generate", json=body) as answer:
                 if answer.status_code != 200:
                     return None, 0, "", f"http {answer.status_code}"
                 async for line in answer.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = json.loads(line[6:])
-                    event = data.get("event")
-                    if event == "ack":
-                        self.chat_id = data["chat_id"]
-                    elif event == "ai_response" and not data["done"]:
-                        first = first or time.perf_counter()
-                        chunks += 1
-                        text.append(data["delta"])
-                    elif event == "ai_response":
-                        status = data["status"]
-                    elif event == "error":
-                        status = f"error {data.get('code')}"
-            return _since(sent, first), chunks, "".join(text), status
+                    if line.startswith("data: "):
+                        self.chat_id = reader.read(json.loads(line[6:])) or self.chat_id
+            return reader.result()
 
     return Chat
+
+
+class FrameReader:
+    """Follows one turn's frames (WebSocket or SSE alike): TTFT, text, final status."""
+
+    def __init__(self) -> None:
+        self.sent = time.perf_counter()
+        self.first: float | None = None
+        self.frames = 0
+        self.text: list[str] = []
+        self.status: str | None = None
+
+    def read(self, data: dict[str, Any]) -> str | None:
+        """Takes one frame; returns the chat id an ``ack`` names."""
+        event = data.get("event")
+        if event == "ack":
+            return str(data["chat_id"])
+        if event == "ai_response" and not data["done"]:
+            self.first = self.first or time.perf_counter()
+            self.frames += 1
+            self.text.append(data["delta"])
+        elif event == "ai_response":
+            self.status = data["status"]
+        elif event == "error":
+            self.status = f"error {data.get('code')}"
+        return None
+
+    def result(self) -> tuple[float | None, int, str, str]:
+        ttft = None if self.first is None or self.status != "complete" else self.first - self.sent
+        return ttft, self.frames, "".join(self.text), self.status or "no end"
 
 
 def _since(sent: float, first: float | None) -> float | None:

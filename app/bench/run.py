@@ -212,13 +212,14 @@ def _write_rate_phase(options: Options, server: Server, schema: str | None
 
             chunks, _ = pacing(model, options.chunks)
             async with websocket_chats(server.ws_url, existing)() as turn:
-                ttft, received, text, status = await turn(1)
+                _, _, text, status = await turn(1)
             events = await _events(http, chat_id)
         started = next(e["seq"] for e in events if e["type"] == "ResponseStarted")
         writes = (await trio.to_thread.run_sync(
             _chat_write_transactions, options.database_url, schema, chat_id, started)
             if schema else None)
-        ok = status == "complete" and text == expected_text(chunks) and received == chunks
+        # the whole text, in order (a lagging client gets merged deltas: fewer frames)
+        ok = status == "complete" and text == expected_text(chunks)
         return write_rate_figures(model, chunks, ok, events, writes)
 
     async def main() -> list[dict[str, Any]]:

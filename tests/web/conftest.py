@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -128,3 +129,26 @@ async def close_transport(ws: WebSocketConnection) -> None:
     set), which ``filterwarnings = error`` reports as an unclosed socket.
     """
     await ws._stream.aclose()
+
+
+@contextmanager
+def server_in_thread(settings: Settings) -> Iterator[Server]:
+    """The real server on a trio loop of its own, in a thread: for blocking test clients
+    (a browser driver, schemathesis). Stops (gracefully) when the block ends."""
+    started: dict[str, Server] = {}
+    ready, stop = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        async with running_server(settings) as server:
+            started["server"] = server
+            ready.set()
+            await trio.to_thread.run_sync(stop.wait)
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the server did not start"
+    try:
+        yield started["server"]
+    finally:
+        stop.set()
+        thread.join(30)

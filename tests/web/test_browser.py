@@ -11,18 +11,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import trio
 
 from app.config import Settings
 
-from .conftest import Server, running_server, web_settings
+from .conftest import Server, server_in_thread, web_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -59,25 +57,9 @@ def browser_server(settings: Settings, server_changes: dict[str, Any]) -> Iterat
         if os.environ.get("EVENTCHAT_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    started: dict[str, Any] = {}
-    ready, stop = threading.Event(), threading.Event()
-
-    async def main() -> None:
-        async with running_server(
-            web_settings(settings, offline_token_delay_s=0.01, **server_changes)
-        ) as server:
-            started["server"] = server
-            ready.set()
-            await trio.to_thread.run_sync(stop.wait)
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert ready.wait(30), "the server did not start"
-    try:
-        yield started["server"]
-    finally:
-        stop.set()
-        thread.join(30)
+    changed = web_settings(settings, offline_token_delay_s=0.01, **server_changes)
+    with server_in_thread(changed) as server:
+        yield server
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ own in a thread; a few examples per operation keep the run short.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import schemathesis
-import trio
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
@@ -20,30 +18,15 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 
 from app.config import Settings
 
-from .conftest import Server, running_server, web_settings
+from .conftest import Server, server_in_thread, web_settings
 
 EXAMPLES = 6
 
 
 @pytest.fixture
 def threaded_server(settings: Settings) -> Iterator[Server]:
-    started: dict[str, Any] = {}
-    ready, stop = threading.Event(), threading.Event()
-
-    async def main() -> None:
-        async with running_server(web_settings(settings, messages_per_minute=1000)) as server:
-            started["server"], started["token"] = server, trio.lowlevel.current_trio_token()
-            ready.set()
-            await trio.to_thread.run_sync(stop.wait)
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert ready.wait(30), "the server did not start"
-    try:
-        yield started["server"]
-    finally:
-        stop.set()
-        thread.join(30)
+    with server_in_thread(web_settings(settings, messages_per_minute=1000)) as server:
+        yield server
 
 
 def test_fuzz_every_operation(threaded_server: Server) -> None:
