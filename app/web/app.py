@@ -22,7 +22,7 @@ from .errors import register_error_handlers
 from .rest import rest
 from .services import Services, build_services
 from .users import UserStore
-from .ws import ws
+from .ws import watch_connections, ws
 
 #: Largest request body: a maximal message, JSON-escaped, with room to spare.
 MAX_BODY_BYTES = 256 * 1024
@@ -85,6 +85,7 @@ def create_app(
         )
         try:
             await app.nursery.start(services.run)
+            app.nursery.start_soon(watch_connections, services)
         except BaseException:
             await services.close()
             raise

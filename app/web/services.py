@@ -51,6 +51,8 @@ class Services:
     limiter: MessageLimiter
     grace_s: float = 10.0
     connections: int = 0
+    #: The open WebSocket connections (watched together: see ``ws.watch_connections``).
+    sockets: set[Any] = field(default_factory=set)
     #: Set when the server begins to shut down: connections close, new messages are refused.
     closing: trio.Event = field(default_factory=trio.Event)
     #: Set once running responses have ended: WebSocket connections close (1001).

@@ -64,11 +64,34 @@ async def chat_socket() -> None:
     check_origin(svc.settings, websocket.headers.get("Origin"), websocket.headers.get("Host"))
     owner = current_user()
     await websocket.accept()
+    connection = Connection(svc, owner)
     svc.connections += 1
+    svc.sockets.add(connection)
     try:
-        await Connection(svc, owner).serve()
+        await connection.serve()
     finally:
+        svc.sockets.discard(connection)
         svc.connections -= 1
+
+
+async def watch_connections(svc: Services) -> None:
+    """One task for every connection: closes those idle for ``ws_idle_timeout_s`` (1001),
+    and at shutdown sends each its last frames and a 1001 close. (A task per connection
+    would cost every idle connection its memory.)"""
+    limit = svc.settings.ws_idle_timeout_s
+    sweep = min(max(limit / 10, 0.05), 5.0)
+    while not svc.disconnect.is_set():
+        with trio.move_on_after(sweep):
+            await svc.disconnect.wait()
+        now = trio.current_time()
+        for connection in list(svc.sockets):
+            if now - connection.last_activity >= limit:
+                connection.close(CLOSE_GOING_AWAY, "idle timeout")
+    for connection in list(svc.sockets):
+        connection.put(GOING_AWAY)  # every frame queued before it goes out first
+    await trio.sleep(1)
+    for connection in list(svc.sockets):  # the writer did not get to it: close anyway
+        connection.close(CLOSE_GOING_AWAY, "server shutting down")
 
 
 def check_origin(settings: Settings, origin: str | None, host: str | None) -> None:
@@ -111,23 +134,20 @@ class Connection:
     def __init__(self, svc: Services, owner: str) -> None:
         self.svc = svc
         self.owner = owner
-        self.out_send, self.out_receive = trio.open_memory_channel[Frame](OUTBOUND_FRAMES)
-        self.pending_send, self.pending_receive = trio.open_memory_channel[UserMessage](
-            PENDING_MESSAGES
-        )
+        # The queues and their tasks are made on first use: an idle connection holds only
+        # its reader.
+        self.out_send: trio.MemorySendChannel[Frame] | None = None
+        self.pending_send: trio.MemorySendChannel[UserMessage] | None = None
         self.following: dict[UUID, trio.CancelScope] = {}
         self.gates: dict[UUID, Gate] = {}
         self.close_reason: tuple[int, str] | None = None
         self.nursery: trio.Nursery
         self.last_activity = trio.current_time()
-        self.sending = False
 
     async def serve(self) -> None:
         """Runs until the client leaves (cancellation), or it is closed for a reason."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._write)
-            nursery.start_soon(self._watch)
             await self._read()
         if self.close_reason is not None:
             code, reason = self.close_reason
@@ -140,7 +160,11 @@ class Connection:
         self.nursery.cancel_scope.cancel()
 
     def put(self, frame: Frame) -> None:
-        """Queues a frame; a client too slow to take it is disconnected."""
+        """Queues a frame; a client too slow to take it is disconnected. The writer task
+        starts with the first frame (an idle connection holds no task but its reader)."""
+        if self.out_send is None:
+            self.out_send, frames = trio.open_memory_channel[Frame](OUTBOUND_FRAMES)
+            self.nursery.start_soon(self._write, frames)
         try:
             self.out_send.send_nowait(frame)
         except trio.WouldBlock:
@@ -148,8 +172,8 @@ class Connection:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    async def _write(self) -> None:
-        async for frame in self.out_receive:
+    async def _write(self, frames: trio.MemoryReceiveChannel[Frame]) -> None:
+        async for frame in frames:
             if frame is GOING_AWAY:  # every frame queued before it has gone out
                 self.close(CLOSE_GOING_AWAY, "server shutting down")
                 return
@@ -165,23 +189,6 @@ class Connection:
                 await self._dispatch(raw)
             except WebError as error:
                 self.put(error.frame())
-
-    async def _watch(self) -> None:
-        """Closes the connection when the server shuts down (after its last frames), or when
-        no frame went either way for ``ws_idle_timeout_s`` (1001). One task for both keeps an
-        idle connection small."""
-        limit = self.svc.settings.ws_idle_timeout_s
-        while True:
-            deadline = self.last_activity + limit
-            if trio.current_time() >= deadline:
-                self.close(CLOSE_GOING_AWAY, "idle timeout")
-                return
-            with trio.move_on_at(deadline):  # then look again: there may have been activity
-                await self.svc.disconnect.wait()
-                break
-        self.put(GOING_AWAY)
-        await trio.sleep(1)  # the writer did not get to it: close anyway
-        self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -215,9 +222,11 @@ class Connection:
         extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
         try:
             admit(self.svc, message.message)
-            if not self.sending:  # the sender task starts with the first message
-                self.sending = True
-                self.nursery.start_soon(self._send_messages)
+            if self.pending_send is None:
+                self.pending_send, waiting = trio.open_memory_channel[UserMessage](
+                    PENDING_MESSAGES
+                )
+                self.nursery.start_soon(self._send_messages, waiting)
             try:
                 self.pending_send.send_nowait(message)
             except trio.WouldBlock:
@@ -235,8 +244,8 @@ class Connection:
             self.put({"event": "error", "code": "no_response_in_progress",
                       "message": "no response is being generated", "chat_id": str(chat_id)})
 
-    async def _send_messages(self) -> None:
-        async for message in self.pending_receive:
+    async def _send_messages(self, waiting: trio.MemoryReceiveChannel[UserMessage]) -> None:
+        async for message in waiting:
             try:
                 await self._send_one(message)
             except Exception as exc:  # noqa: BLE001 - reported to the client, then go on
