@@ -171,7 +171,9 @@ def table(results: dict[str, Any]) -> str:
           for _, _, s in columns]),
         ("all DB commits / turn (PG)",
          [s["log"].get("database_commits_per_turn", "-") if s else "-" for _, _, s in columns]),
-        ("idle KiB/conn", [s["idle"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
+        ("idle KiB/conn (base: bare framework)",
+         [s["idle"]["kib_per_connection"] if s else c.get("idle_floor", {}).get(
+             "kib_per_connection", "-") for _, c, s in columns]),
         ("idle KiB/conn, deflate",
          [s["idle_deflate"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
         ("idle KiB/conn after 1 frame each way",

@@ -120,11 +120,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(env: dict[str, str], workdir: Path, timeout: float = 60.0) -> tuple[Child, int]:
-    """Starts ``eventchat serve`` on a free port and waits until ``/health`` answers 200."""
+def start_server(env: dict[str, str], workdir: Path, timeout: float = 60.0,
+                 bare: bool = False) -> tuple[Child, int]:
+    """Starts ``eventchat serve`` (or, ``bare``, the framework-only app of ``app.bench.floor``)
+    on a free port and waits until ``/health`` answers 200."""
     port = free_port()
-    child = Child(eventchat_argv("serve", "--host", "127.0.0.1", "--port", str(port)), env,
-                  workdir / "server.log")
+    argv = ([sys.executable, "-m", "app.bench.floor", "--port", str(port)] if bare
+            else eventchat_argv("serve", "--host", "127.0.0.1", "--port", str(port)))
+    child = Child(argv, env, workdir / ("floor.log" if bare else "server.log"))
     deadline = time.monotonic() + timeout
     while True:
         child.check_alive()
@@ -136,7 +139,7 @@ def start_server(env: dict[str, str], workdir: Path, timeout: float = 60.0) -> t
             pass
         if time.monotonic() > deadline:
             child.stop()
-            raise BenchError(f"eventchat serve did not become healthy within {timeout} s")
+            raise BenchError(f"{child.name} did not become healthy within {timeout} s")
         time.sleep(0.1)
 
 

@@ -80,11 +80,24 @@ def run(options: Options) -> dict[str, Any]:
             p.pin(LOAD_CPU, upstream.pid)
             base_url = f"http://127.0.0.1:{upstream_port}/v1"
             results: dict[str, Any] = {"baseline": _baseline(options, base_url), "stores": {}}
+            results["baseline"]["idle_floor"] = _idle_floor(options, workdir)
             for store in options.stores:
                 results["stores"][store] = _store(options, store, base_url, workdir / store)
         finally:
             upstream.stop()
     return results
+
+
+def _idle_floor(options: Options, workdir: Path) -> dict[str, Any]:
+    """Idle memory of the framework alone (``app.bench.floor``): the baseline for eventchat's."""
+    child, port = p.start_server(dict(os.environ), workdir, bare=True)
+    try:
+        p.pin(SERVER_CPU, child.pid)
+        idle = trio.run(measure_idle, port, "unused", options.idle_connections, False, False,
+                        child.rss_bytes)
+    finally:
+        child.stop()
+    return idle_figures(idle)
 
 
 async def _paced(name: str, options: Options, open_chat: Any) -> LoadResult:

@@ -32,6 +32,9 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
     base = results["baseline"]
     _check_load(base, turns=6, chunks=7)
     assert base["client_cpu_us_per_chunk"] > 0
+    floor = base["idle_floor"]  # the bare framework's idle connections, eventchat's baseline
+    assert floor["connections"] == floor["server_counted"] == 50
+    assert floor["kib_per_connection"] > 0
 
     store = results["stores"]["sqlite"]
     for name in ("websocket", "sse"):
