@@ -65,7 +65,6 @@ class SessionActor:
         self._lock = trio.Lock()
         self._work = trio.Event()
         self._stale = False
-        self.passivated = False
         #: True when this process holds the chat's lease and so runs its responses; a
         #: follower only records messages (the owner picks them up from the log) and
         #: forwards stops, and takes over if the owner goes away.
@@ -115,11 +114,12 @@ class SessionActor:
                 await self._try_to_own()
             idle = trio.current_time() - idle_since >= self.settings.passivate_after_s
             if idle and self.is_idle():
-                self.passivated = True
                 return
 
     def is_idle(self) -> bool:
-        return not self.owns or (self.turn is None and not self.chat.pending)
+        """Nothing to answer or being answered (a follower holds nothing)."""
+        chat = self.chat
+        return not self.owns or (self.turn is None and not chat.pending and chat.current is None)
 
     def fail_waiting(self, error: BaseException) -> None:
         """Answers every command still in the mailbox with ``error`` and closes it."""

@@ -78,9 +78,6 @@ def provider() -> ScriptedProvider:
     return ScriptedProvider()
 
 
-SystemFactory = Callable[..., Any]
-
-
 @pytest.fixture
 async def start_system(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
     """Starts an ActorSystem on ``settings`` (with overrides); ``stop`` cancels them all."""
