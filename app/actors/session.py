@@ -185,7 +185,7 @@ class SessionActor:
             model = self._model()
             mutations.append(lambda chat: chat.start_response(model, self.provider.name))
         try:
-            await self.record(*mutations)
+            seq = await self.record(*mutations)
         except DuplicateMessageError:  # recorded meanwhile by another process
             if undo is not None:
                 undo()
@@ -195,10 +195,7 @@ class SessionActor:
                 undo()
             raise
         self._work.set()
-        return Accepted(self.chat_id, self._last_message_seq(), cmid)
-
-    def _last_message_seq(self) -> int:
-        return max(m["seq"] for m in self.chat.history if m["role"] == "user")
+        return Accepted(self.chat_id, seq, cmid)
 
     def _accepted_before(self, client_message_id: str) -> Accepted:
         seq = self.chat.client_message_ids[client_message_id]
@@ -276,7 +273,7 @@ class SessionActor:
     async def record(self, *mutations: Mutation) -> Any:
         """Applies ``mutations`` to the chat and saves their events in one transaction.
 
-        Returns the last mutation's result. A rule error leaves everything unchanged. If
+        Returns the first mutation's result. A rule error leaves everything unchanged. If
         another process wrote the chat first, the chat is reloaded and the mutations are
         checked and applied again (a few times). Any other store error reloads the chat and
         propagates. The save is shielded: once started, it completes and its events are
@@ -286,9 +283,7 @@ class SessionActor:
             with trio.CancelScope(shield=True):
                 for attempt in range(CONFLICT_RETRIES):
                     try:
-                        result = None
-                        for mutate in mutations:
-                            result = mutate(self.chat)
+                        results = [mutate(self.chat) for mutate in mutations]
                         recordings = await self.store.save(self.chat)
                         break
                     except ConcurrencyError:
@@ -306,7 +301,7 @@ class SessionActor:
                     self.system.hub.publish(self.chat_id, recording.domain_event)
                 self.system.tell_others(k="e", c=str(self.chat_id), a=first, b=self.published_seq)
                 self._work.set()
-            return result
+            return results[0]
 
     async def _reload(self) -> None:
         """Replaces the chat in memory by the stored one; a failure here is a crash."""

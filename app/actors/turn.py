@@ -29,6 +29,7 @@ from ..llm.base import (
     ToolCallRequest,
     ToolContext,
     Usage,
+    assistant_tool_calls,
     estimate_tokens,
     message_texts,
 )
@@ -213,20 +214,8 @@ class Turn:
                 await self.actor.record(*mutations)
 
     async def _run_tools(self, calls: list[ToolCallRequest]) -> list[dict[str, Any]]:
-        assistant = {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": c.call_id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for c in calls
-            ],
-        }
         results = [await self._run_tool(call) for call in calls]
-        return [assistant, *results]
+        return [assistant_tool_calls(calls), *results]
 
     async def _run_tool(self, call: ToolCallRequest) -> dict[str, Any]:
         # The recorded id is unique within the response even if a server reuses or omits ids;

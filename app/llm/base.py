@@ -71,6 +71,23 @@ class ToolCallRequest:
     arguments: str
 
 
+def assistant_tool_calls(calls: Iterable[ToolCallRequest]) -> dict[str, Any]:
+    """The assistant message that asked for ``calls``, as it goes back to the model with the
+    tools' results (OpenAI chat format)."""
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in calls
+        ],
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int

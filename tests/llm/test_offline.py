@@ -20,6 +20,7 @@ from app.llm.base import (
     ToolCallRequest,
     ToolContext,
     Usage,
+    assistant_tool_calls,
     estimate_tokens,
 )
 from app.llm.errors import ProviderStreamError
@@ -135,17 +136,7 @@ async def test_calculator_round_trip() -> None:
     result = await registry.call(call.name, call.arguments, CONTEXT)
     followup = [
         *question,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.call_id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                },
-            ],
-        },
+        assistant_tool_calls([call]),
         {"role": "tool", "tool_call_id": call.call_id, "content": json.dumps(result)},
     ]
     second = await collect(ModelRequest(followup, tools=TOOLS))
@@ -166,17 +157,7 @@ async def test_current_time_round_trip() -> None:
     result = await registry.call(call.name, call.arguments, CONTEXT)
     followup = [
         *question,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.call_id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                },
-            ],
-        },
+        assistant_tool_calls([call]),
         {"role": "tool", "tool_call_id": call.call_id, "content": json.dumps(result)},
     ]
     answer = text_of(await collect(ModelRequest(followup, tools=TOOLS)))
@@ -188,17 +169,7 @@ async def test_current_time_round_trip() -> None:
 async def test_a_failed_tool_is_reported_in_words() -> None:
     messages = [
         user("what is 1/0"),
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "calculator", "arguments": '{"expression": "1/0"}'},
-                },
-            ],
-        },
+        assistant_tool_calls([ToolCallRequest("c1", "calculator", '{"expression": "1/0"}')]),
         {"role": "tool", "tool_call_id": "c1", "content": '{"error": "division by zero"}'},
     ]
     answer = text_of(await collect(ModelRequest(messages, tools=TOOLS)))
