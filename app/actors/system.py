@@ -25,6 +25,7 @@ from uuid import UUID
 import trio
 
 from ..config import Settings
+from ..events.application import UnfinishedChats
 from ..events.domain import ChatSession
 from ..events.errors import ChatNotFoundError, EventsError, StoreError
 from ..events.store import EventStore
@@ -94,6 +95,7 @@ class ActorSystem:
         self._from_bus, self._bus_items = trio.open_memory_channel[dict[str, Any]](BUS_BACKLOG)
         #: Text streamed by responses running in other processes (response id, offset, text).
         self._remote: dict[UUID, tuple[str, int, str]] = {}
+        self._unfinished = UnfinishedChats(store.app)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class ActorSystem:
 
     async def _resume_unfinished(self) -> None:
         """Starts the actors of chats left with an open response or an unanswered message."""
-        for chat_id in await self.store.run(self.store.app.unfinished_chats):
+        for chat_id in await self.store.run(self._unfinished.scan):
             if self._nursery is not None:
                 self._actor_for(chat_id)
 

@@ -46,29 +46,45 @@ class ChatApplication(Application[UUID]):
         """Notifications (every event of every chat) from ``start`` inclusive, in log order."""
         return list(self.recorder.select_notifications(start, limit, stop=stop))
 
-    def unfinished_chats(self, page: int = 5000) -> list[UUID]:
-        """Chats with a response left open or a user message not yet answered.
+    def max_position(self) -> int:
+        return self.recorder.max_notification_id() or 0
 
-        Scans only the message and response events of the log, in pages.
-        """
-        topics = [_topic(cls) for cls in (ChatSession.MessageReceived, ChatSession.ResponseStarted)]
-        ending_topics = {_topic(cls) for cls in ChatSession.ENDINGS}
-        balance: dict[Any, int] = {}
-        start = 1
+
+class UnfinishedChats:
+    """The chats with a response left open or a user message not yet answered.
+
+    Follows only the message and response events of the log; each ``scan()`` (blocking)
+    reads what was added since the last one, so scanning again costs only the new events.
+    Notification ids commit in order (the recorders serialise inserts), so nothing is
+    skipped.
+    """
+
+    def __init__(self, app: ChatApplication) -> None:
+        self.app = app
+        self.position = 0
+        self._received = _topic(ChatSession.MessageReceived)
+        self._endings = {_topic(cls) for cls in ChatSession.ENDINGS}
+        self._topics = [self._received, _topic(ChatSession.ResponseStarted), *self._endings]
+        #: chat -> waiting messages + open responses, for chats where that is not zero
+        self._owed: dict[Any, int] = {}
+
+    def scan(self, page: int = 5000) -> list[UUID]:
         while True:
-            batch = self.recorder.select_notifications(
-                start, page, topics=[*topics, *ending_topics]
+            batch = self.app.recorder.select_notifications(
+                self.position + 1, page, topics=self._topics
             )
             for n in batch:
                 # received +1, started 0 (+1 open response, -1 waiting message), ended -1
-                step = 1 if n.topic == topics[0] else (-1 if n.topic in ending_topics else 0)
-                balance[n.originator_id] = balance.get(n.originator_id, 0) + step
+                step = 1 if n.topic == self._received else (-1 if n.topic in self._endings else 0)
+                owed = self._owed.get(n.originator_id, 0) + step
+                if owed:
+                    self._owed[n.originator_id] = owed
+                else:
+                    self._owed.pop(n.originator_id, None)
+            if batch:
+                self.position = batch[-1].id
             if len(batch) < page:
-                return [UUID(str(chat_id)) for chat_id, n in balance.items() if n > 0]
-            start = batch[-1].id + 1
-
-    def max_position(self) -> int:
-        return self.recorder.max_notification_id() or 0
+                return [UUID(str(chat_id)) for chat_id, owed in self._owed.items() if owed > 0]
 
 
 def _topic(cls: type[Any]) -> str:

@@ -72,3 +72,23 @@ async def test_events_can_be_encrypted_and_compressed_at_rest(settings: Settings
     loaded = await store.get(chat.id)
     assert loaded.history[0]["content"] == "my secret plan " * 20
     store.close()
+
+
+async def test_unfinished_chats_are_followed_incrementally(settings: Settings) -> None:
+    from app.events.application import UnfinishedChats
+
+    store = await open_store(settings)
+    waiting, answered = ChatSession.start("alice"), ChatSession.start("alice")
+    waiting.receive_message("still waiting")
+    answered.receive_message("question")
+    rid = answered.start_response("m", "offline")
+    await store.save(waiting, answered)
+    unfinished = UnfinishedChats(store.app)
+    assert set(await store.run(unfinished.scan)) == {waiting.id, answered.id}
+    position = unfinished.position
+
+    answered.complete_response(rid, "m", "stop", {}, {})
+    await store.save(answered)
+    assert await store.run(unfinished.scan) == [waiting.id]
+    assert unfinished.position == await store.max_position() > position
+    store.close()
