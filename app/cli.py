@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -112,7 +113,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         "store: %s; model: %s via %s%s", store, model, settings.provider, upstream
     )
     _preflight(settings)
-    trio.run(serve, settings)
+    trio.run(partial(serve, settings, freeze_startup_objects=True))
 
 
 def _preflight(settings: Settings) -> None:

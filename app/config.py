@@ -52,6 +52,9 @@ class Settings:
     passivate_after_s: float = 300.0
     #: Several processes on PostgreSQL: how often each looks for chats a dead process left.
     recovery_interval_s: float = 30.0
+    #: The views are updated this long (ms) after a save, so that a burst of saves makes one
+    #: batch; a reader waiting for them (read-your-writes) has them updated at once.
+    projection_delay_ms: float = 20.0
     mailbox_size: int = 64
     subscriber_queue_size: int = 1024
     snapshot_interval: int = 200

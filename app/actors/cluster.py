@@ -150,9 +150,13 @@ class Bus:
             with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 trio.from_thread.run_sync(listening.set, trio_token=token)
+                own = f"{self.sender}|"
                 while not self._stopping:
                     for note in conn.notifies(timeout=0.25):
-                        trio.from_thread.run_sync(self._receive, note.payload, trio_token=token)
+                        if not note.payload.startswith(own):  # PostgreSQL echoes our own
+                            trio.from_thread.run_sync(
+                                self._receive, note.payload, trio_token=token
+                            )
 
         try:
             await trio.to_thread.run_sync(listen, abandon_on_cancel=True)
@@ -160,9 +164,7 @@ class Bus:
             self._stopping = True
 
     def _receive(self, payload: str) -> None:
-        sender, _, body = payload.partition("|")
-        if sender == self.sender:
-            return
+        _, _, body = payload.partition("|")
         for line in body.split("\n"):
             try:
                 self._deliver(json.loads(line))

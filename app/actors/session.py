@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import trio
 
@@ -65,6 +65,8 @@ class SessionActor:
         self._lock = trio.Lock()
         self._work = trio.Event()
         self._stale = False
+        #: The response started with a message whose transaction is still committing.
+        self._early: str | None = None
         #: True when this process holds the chat's lease and so runs its responses; a
         #: follower only records messages (the owner picks them up from the log) and
         #: forwards stops, and takes over if the owner goes away.
@@ -179,11 +181,13 @@ class SessionActor:
         mutations: list[Mutation] = [
             lambda chat: chat.receive_message(command.text, cmid, max_chars)
         ]
+        early: str | None = None
         if self.owns and self.turn is None and self.chat.current is None and not self.chat.pending:
-            # Nothing to wait for: start its response in the same transaction (one commit
-            # less before the model is called).
-            model = self._model()
-            mutations.append(lambda chat: chat.start_response(model, self.provider.name))
+            # Nothing to wait for: its response starts in the same transaction, and the
+            # model is called while that transaction commits (``_settle``).
+            model, early = self._model(), uuid4().hex
+            mutations.append(lambda chat: chat.start_response(model, self.provider.name, early))
+            self._early = early
         try:
             seq = await self.record(*mutations)
         except DuplicateMessageError:  # recorded meanwhile by another process
@@ -194,8 +198,28 @@ class SessionActor:
             if undo is not None:
                 undo()
             raise
+        finally:
+            if early is not None:
+                self._settle(early)
         self._work.set()
         return Accepted(self.chat_id, seq, cmid)
+
+    def _settle(self, response_id: str) -> None:
+        """The transaction that started ``response_id`` has ended: a turn begun early may now
+        publish, or must be abandoned (nothing recorded) if its start was not saved as it
+        was begun (a failed save; another process's message answered first)."""
+        self._early = None
+        turn = self.turn
+        if turn is None or turn.response_id != response_id:
+            return
+        current = self.chat.current
+        saved = (
+            current is not None
+            and current.response_id == response_id
+            and current.reply_to_seq == turn.reply_to_seq
+            and not self.chat.pending_events
+        )
+        turn.settle(saved)
 
     def _accepted_before(self, client_message_id: str) -> Accepted:
         seq = self.chat.client_message_ids[client_message_id]
@@ -241,24 +265,26 @@ class SessionActor:
 
     async def _answer_next(self) -> None:
         """Answers the oldest waiting message; its response may have been started already,
-        in the same transaction as the message (``_receive_message``)."""
-        if self._started_with_its_message():
-            assert self.chat.current is not None
-            response_id, model = self.chat.current.response_id, self.chat.current.model
-        else:
+        in the same transaction as the message (``_receive_message``), and that transaction
+        may still be committing: the turn then holds its text back until ``_settle``."""
+        if not self._started_with_its_message():
             model = self._model()
-            response_id = await self.record(
-                lambda chat: chat.start_response(model, self.provider.name)
-            )
+            await self.record(lambda chat: chat.start_response(model, self.provider.name))
+        current = self.chat.current
+        assert current is not None
         messages = self.chat.context(self.settings.context_messages)
-        self.turn = Turn(self, response_id, model)
+        turn = self.turn = Turn(
+            self, current.response_id, current.model, current.reply_to_seq,
+            settled=self._early != current.response_id,
+        )
         self.system.generating_changed(self.chat.owner, +1)
         try:
-            await self.turn.run(messages)
+            await turn.run(messages)
         finally:
             self.turn = None
             self.system.generating_changed(self.chat.owner, -1)
-            self.system.tell_others(k="z", c=str(self.chat_id), r=response_id)
+            if not turn.abandoned:
+                self.system.tell_others(k="z", c=str(self.chat_id), r=current.response_id)
 
     def _model(self) -> str:
         return self.chat.model or self.provider.default_model
@@ -284,6 +310,8 @@ class SessionActor:
                 for attempt in range(CONFLICT_RETRIES):
                     try:
                         results = [mutate(self.chat) for mutate in mutations]
+                        if self._early is not None:  # its model call starts now
+                            self._work.set()
                         recordings = await self.store.save(self.chat)
                         break
                     except ConcurrencyError:

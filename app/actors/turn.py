@@ -2,11 +2,14 @@
 
 A ``Turn`` streams the model's reply, publishes every delta at once, persists the text in
 batches (at most one transaction per ``token_flush_ms``, sooner only when
-``token_flush_tokens`` are waiting and the interval has passed), runs the tools the model asks
-for (bounded rounds) and records how the response ended. ``stop()`` cancels the model call,
-which closes the upstream request; the turn then records ``ResponseStopped``. A model error
-records ``ResponseFailed`` with the partial text kept. Cancellation from outside (shutdown,
-crash) leaves the response open for ``ResponseInterrupted``.
+``token_flush_tokens`` are waiting and the interval has passed), runs the tools the model
+asks for (bounded rounds) and records how the response ended. A turn begun while its
+``ResponseStarted`` is still committing holds its text back until ``settle()``: published if
+the start was saved, abandoned (nothing published, nothing recorded) if not. ``stop()``
+cancels the model call, which closes the upstream request; the turn then records
+``ResponseStopped``. A model error records ``ResponseFailed`` with the partial text kept.
+Cancellation from outside (shutdown, crash) leaves the response open for
+``ResponseInterrupted``.
 """
 
 from __future__ import annotations
@@ -102,10 +105,18 @@ class TokenBatch:
 
 
 class Turn:
-    def __init__(self, actor: SessionActor, response_id: str, model: str) -> None:
+    def __init__(self, actor: SessionActor, response_id: str, model: str,
+                 reply_to_seq: int, settled: bool = True) -> None:
         self.actor = actor
         self.response_id = response_id
         self.model = model
+        self.reply_to_seq = reply_to_seq
+        #: Text streamed before the response's start was durable, held until ``settle()``.
+        self.held: list[TextDelta] | None = None if settled else []
+        self._settled = trio.Event()
+        if settled:
+            self._settled.set()
+        self.abandoned = False
         self.text = ""
         self.meter = Meter()
         self.batch = TokenBatch(actor.settings.token_flush_tokens)
@@ -119,6 +130,18 @@ class Turn:
 
     def stop(self) -> None:
         self.stop_scope.cancel()
+
+    def settle(self, saved: bool) -> None:
+        """The response's start is durable (``saved``): text held so far goes out; or it was
+        not saved: the turn ends without publishing or recording anything."""
+        held, self.held = self.held or [], None
+        self._settled.set()
+        if not saved:
+            self.abandoned = True
+            self.stop_scope.cancel()
+            return
+        for delta in held:
+            self._on_text(delta)
 
     def interrupt(self, reason: str) -> None:
         """Ends the response early as interrupted (server shutdown), keeping its text."""
@@ -136,7 +159,10 @@ class Turn:
                 except LLMError as exc:
                     error = exc
                 nursery.cancel_scope.cancel()
-        await self._end(error)
+        with trio.CancelScope(shield=True):  # the start commits whatever happens
+            await self._settled.wait()
+        if not self.abandoned:
+            await self._end(error)
 
     async def _rounds(self, messages: list[dict[str, Any]]) -> None:
         settings = self.actor.settings
@@ -147,6 +173,7 @@ class Turn:
             calls = await self._stream(request)
             if not calls or not offered:  # tools asked for when none were offered are ignored
                 return
+            await self._settled.wait()
             await self._flush()
             messages = messages + await self._run_tools(calls)
 
@@ -179,6 +206,9 @@ class Turn:
             return
         if self.meter.first_token is None:
             self.meter.first_token = time.perf_counter()
+        if self.held is not None:
+            self.held.append(delta)
+            return
         offset = len(self.text)
         self.text += delta.text
         self.batch.add(delta.text, delta.tokens)

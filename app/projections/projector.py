@@ -220,6 +220,47 @@ class Batch:
         ADD_BUCKET.write(tx, [(s, m, b, c) for (s, m, b), c in self.buckets.items()])
 
 
+class LiveRows(Batch):
+    """One chat's rows built in memory from its live events, with the views' own handlers
+    and no database: a follower gets a finished turn's messages, exactly as the views will
+    hold them, without waiting for the views. Rows it did not see begin (a follower that
+    joined mid-turn) are missing, and ``turn()`` says so."""
+
+    def __init__(self, chat_id: str, owner: str) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.chats[chat_id] = ChatRow(chat_id, owner, "", "", "", None)
+
+    def chat(self, chat_id: str) -> ChatRow:
+        return self.chats[chat_id]
+
+    def message(self, chat_id: str, seq: int) -> MessageRow:
+        row = self.messages.get((chat_id, seq))
+        if row is None:
+            raise LookupError(f"message {seq} was not seen")
+        return row
+
+    def apply(self, event: Any) -> None:
+        try:
+            apply(self, event)
+        except LookupError:
+            pass  # its message began before this follower joined
+        self.search.clear()
+        self.counters.clear()
+        self.buckets.clear()
+
+    def turn(self, reply_to_seq: int, response_id: str, ended_seq: int) -> list[MessageRow] | None:
+        """The user message and the answer of a turn that ended at ``ended_seq`` (None if
+        either was not seen); rows up to ``ended_seq`` are then forgotten."""
+        user = answer = None
+        for (_, seq), row in self.messages.items():
+            if seq == reply_to_seq and row.role == "user":
+                user = row
+            elif row.response_id == response_id:
+                answer = row
+        self.messages = {k: r for k, r in self.messages.items() if k[1] > ended_seq}
+        return None if user is None or answer is None else [user, answer]
+
+
 # -- event handlers -------------------------------------------------------------------
 
 

@@ -3,9 +3,12 @@
 A pull loop: read notifications after the tracked position, project them and record the new
 position in one transaction, repeat until the log is drained; then sleep until a local save
 nudges it (``store.on_saved``) or ``poll_interval`` passes (so writes of other processes are
-seen). Start it with ``await nursery.start(runner.run)``: it reports started once it has
-caught up with the log as it was at start-up. Cancelling it stops it promptly; a batch being
-written in a worker thread finishes (or rolls back) first, never half-applied.
+seen). After a nudge it lets saves gather for ``settings.projection_delay_ms`` (one batch
+for a burst of saves, and no projection work in the moment a reply starts streaming), unless
+a reader is waiting for the views (``Views.wait_for``). Start it with ``await
+nursery.start(runner.run)``: it reports started once it has caught up with the log as it was
+at start-up. Cancelling it stops it promptly; a batch being written in a worker thread
+finishes (or rolls back) first, never half-applied.
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ class ProjectionRunner:
             while True:
                 with trio.move_on_after(backoff):
                     await self._nudged.wait()
-                self._nudged = trio.Event()
+                with trio.move_on_after(self.settings.projection_delay_ms / 1000):
+                    await self.views.wanted.wait()
+                self._nudged, self.views.wanted = trio.Event(), trio.Event()
                 try:
                     await self.catch_up()
                 except (StoreError, ViewStoreError) as exc:

@@ -36,6 +36,9 @@ class Views:
         self.limiter = limiter
         self._known = 0
         self._advanced: trio.Event | None = None
+        #: Set while a reader waits for the views (``wait_for``): the runner stops
+        #: gathering saves and catches up at once.
+        self.wanted = trio.Event()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter)
@@ -106,6 +109,7 @@ class Views:
                 self._known = max(self._known, await self.position())
                 if self._known >= position:
                     break
+                self.wanted.set()
                 if self._advanced is None:
                     self._advanced = trio.Event()
                 with trio.move_on_after(0.05):

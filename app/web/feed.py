@@ -22,6 +22,8 @@ from uuid import UUID
 
 from ..actors.messages import Accepted, LiveState, TokenDelta
 from ..events.domain import TERMINAL_STATUS, ChatSession
+from ..projections.projector import LiveRows
+from ..projections.views import message_dict
 
 if TYPE_CHECKING:
     from ..actors.hub import Subscription
@@ -44,6 +46,7 @@ class ChatFeed:
         self.texts: dict[str, str] = {}  # response_id -> text sent
         self.replies: dict[str, int] = {}  # response_id -> seq of the user message it answers
         self.tools: dict[str, str] = {}  # call_id -> tool name
+        self.rows = LiveRows(self.cid, owner)  # the running turn's messages, as the views'
 
     # -- joining ----------------------------------------------------------------------------
 
@@ -81,6 +84,7 @@ class ChatFeed:
             for frame in self._text(item.response_id, item.text, item.offset):
                 yield frame
             return
+        self.rows.apply(item)
         kind = type(item).__name__
         if kind == "TokensGenerated":
             for frame in self._text(item.response_id, item.text, item.offset):
@@ -156,9 +160,13 @@ class ChatFeed:
                 "finish_reason": finish_reason or FINISH_REASONS[status], "seq": seq}
 
     async def _turn_messages(self, response_id: str, seq: int) -> list[Frame]:
-        """The user message and the answer of the turn that ended at ``seq``."""
-        await self.services.caught_up(chat_id=self.chat_id)
+        """The user message and the answer of the turn that ended at ``seq``: from the live
+        events when this feed saw the whole turn, else from the views once caught up."""
         first = self.replies.pop(response_id, seq)
+        rows = self.rows.turn(first, response_id, seq)
+        if rows is not None:
+            return [message_dict(row.as_row()) for row in rows]
+        await self.services.caught_up(chat_id=self.chat_id)
         messages, _ = await self.services.views.messages(
             self.owner, self.chat_id, HISTORY_PAGE, after_seq=first - 1
         )

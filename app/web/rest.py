@@ -73,7 +73,9 @@ async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
 @documented(s.ChatList)
 async def list_chats(query_args: s.ChatsQuery) -> dict[str, Any]:
     """The caller's chats, most recent activity first; ``q`` searches them instead."""
-    owner, views = current_user(), services().views
+    owner, svc = current_user(), services()
+    views = svc.views
+    await svc.seen_own_writes()
     if query_args.q is not None and query_args.q.strip():
         hits = await views.search(owner, query_args.q, query_args.limit)
         return {"chats": [{**h["chat"], "snippets": h["snippets"]} for h in hits],
@@ -87,7 +89,9 @@ async def list_chats(query_args: s.ChatsQuery) -> dict[str, Any]:
 @documented(s.ChatPage, 200, 404)
 async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, Any]:
     """A chat and a page of its messages, oldest first."""
-    owner, views = current_user(), services().views
+    owner, svc = current_user(), services()
+    views = svc.views
+    await svc.seen_own_writes()
     chat = await views.get_chat(owner, chat_id)
     if chat is None:
         raise NotFoundError("chat not found", "chat_not_found")
@@ -135,6 +139,7 @@ async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
 async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
     """The caller's stats (or one chat's), and the live counts of this server."""
     owner, svc = current_user(), services()
+    await svc.seen_own_writes()
     if query_args.chat_id is not None:
         if await svc.views.get_chat(owner, query_args.chat_id) is None:
             raise NotFoundError("chat not found", "chat_not_found")

@@ -74,6 +74,12 @@ class Services:
             position = await self.store.max_position()
         return await self.views.wait_for(position, limit_s)
 
+    async def seen_own_writes(self, limit_s: float = READ_YOUR_WRITES_S) -> bool:
+        """Waits (at most ``limit_s``) until the views include every event this process has
+        saved: a client reads what it wrote through this server (no database round trip
+        when they already do)."""
+        return await self.views.wait_for(self.store.last_saved, limit_s)
+
     async def require_chat(self, owner: str, chat_id: UUID) -> None:
         """Raises ``ChatNotFoundError`` unless ``chat_id`` exists and is ``owner``'s.
 

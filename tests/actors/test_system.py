@@ -8,10 +8,16 @@ from uuid import uuid4
 
 import pytest
 import trio
+from eventsourcing.persistence import PersistenceError
 
 from app.actors import ActorSystem, SubscriberDroppedError, TokenDelta
 from app.events.domain import ChatSession
-from app.events.errors import ChatNotFoundError, EmptyMessageError, MessageTooLongError
+from app.events.errors import (
+    ChatNotFoundError,
+    EmptyMessageError,
+    MessageTooLongError,
+    StoreUnavailableError,
+)
 
 from .conftest import ScriptedProvider, event_types, stop_system, stored_events, wait_until
 
@@ -197,6 +203,82 @@ async def test_bad_input_is_refused_and_changes_nothing(start_system, provider) 
             pass
     assert await event_types(system, chat_id) == ["Started"]
     assert provider.requests == []
+
+
+async def model_called(provider: ScriptedProvider) -> None:
+    with trio.fail_after(5):
+        await provider.started.wait()
+
+
+async def test_the_model_is_called_while_the_message_commits(start_system, provider) -> None:
+    """The model call starts as soon as the message is checked; what it streams is held
+    until the message and its response's start are durable, so nothing is seen early."""
+    system = await start_system(provider.then("Hel", "lo"))
+    chat_id = await system.create_chat("alice")
+    save, committed = system.store.app.save, trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def slow_save(*objs: object) -> object:
+        # the model call starts while this commit waits
+        trio.from_thread.run(model_called, provider, trio_token=token)
+        result = save(*objs)
+        trio.from_thread.run_sync(committed.set, trio_token=token)
+        return result
+
+    system.store.app.save = slow_save  # type: ignore[method-assign]
+    seen: list[tuple[str, bool]] = []
+    text = ""
+    async with system.subscribe(chat_id, "alice") as sub:
+        accepted = await system.send_message(chat_id, "alice", "hi")
+        system.store.app.save = save  # type: ignore[method-assign]
+        with trio.fail_after(5):
+            async for item in sub:
+                seen.append((type(item).__name__, committed.is_set()))
+                if isinstance(item, TokenDelta):
+                    assert item.offset == len(text)
+                    text += item.text
+                if isinstance(item, ChatSession.ResponseCompleted):
+                    break
+    assert accepted.seq == 2
+    assert [name for name, _ in seen[:3]] == ["MessageReceived", "ResponseStarted", "TokenDelta"]
+    assert all(durable for _, durable in seen)
+    assert text == "Hello" and seen[-1][0] == "ResponseCompleted"
+    assert (await stored_events(system, chat_id))[-1].finish_reason == "stop"
+
+
+async def test_a_failed_commit_abandons_the_early_model_call(start_system, provider) -> None:
+    """The message's transaction fails after its model call began: the sender gets the
+    store error, the model call is closed, nothing is published or recorded, and the chat
+    answers the next message as if the failed one had never been sent."""
+    system = await start_system(provider.then("never", "seen").then("fine"))
+    chat_id = await system.create_chat("alice")
+    save = system.store.app.save
+    token = trio.lowlevel.current_trio_token()
+
+    def failing_save(*objs: object) -> object:
+        trio.from_thread.run(model_called, provider, trio_token=token)
+        raise PersistenceError("the disk is gone")
+
+    system.store.app.save = failing_save  # type: ignore[method-assign]
+    seen: list[str] = []
+    async with system.subscribe(chat_id, "alice") as sub:
+        with pytest.raises(StoreUnavailableError):
+            await system.send_message(chat_id, "alice", "lost", "c-lost")
+        system.store.app.save = save  # type: ignore[method-assign]
+        await wait_until(lambda: provider.closed == 1)
+        accepted = await system.send_message(chat_id, "alice", "hello", "c-lost")
+        with trio.fail_after(5):
+            async for item in sub:
+                seen.append(type(item).__name__)
+                if isinstance(item, ChatSession.ResponseCompleted):
+                    break
+    assert accepted.seq == 2 and not accepted.duplicate
+    assert seen == ["MessageReceived", "ResponseStarted", "TokenDelta", "TokensGenerated",
+                    "ResponseCompleted"]
+    assert await event_types(system, chat_id) == [
+        "Started", "MessageReceived", "ResponseStarted", "TokensGenerated", "ResponseCompleted"]
+    assert [r.messages[-1]["content"] for r in provider.requests] == ["lost", "hello"]
+    assert provider.requests[1].messages == [{"role": "user", "content": "hello"}]
 
 
 async def test_passivated_chat_comes_back_with_its_state(start_system, provider) -> None:

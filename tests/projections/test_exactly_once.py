@@ -61,3 +61,27 @@ async def test_rebuild_equals_live_views(settings: Settings) -> None:
             rebuilt_views.close()
     info = await trio.to_thread.run_sync(status, settings)
     assert info["lag"] == 0 and info["position"] == info["max_position"]
+
+
+async def test_saves_gather_into_one_batch_unless_a_reader_waits(
+    settings: Settings, store: EventStore, views: Views
+) -> None:
+    """After a save the runner waits ``projection_delay_ms`` for more (one batch for a
+    burst), but a reader waiting for the views has them updated at once."""
+    runner = ProjectionRunner(settings.replace(projection_delay_ms=60_000), store, views,
+                              poll_interval=60)
+    batches: list[int] = []
+    runner.observers.append(lambda events: batches.append(len(events)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        chats = [ChatSession.start(owner="alice") for _ in range(3)]
+        for chat in chats:
+            plain_turn(chat)
+            await store.save(chat)  # three saves, three nudges
+        await trio.sleep(0.3)
+        assert batches == [] and runner.lag > 0  # gathering
+        with trio.fail_after(2):
+            assert await views.wait_for(store.last_saved, timeout=2)
+        # one batch of every event saved: Started, the message, the response in four events
+        assert batches == [3 * 6] and runner.lag == 0
+        nursery.cancel_scope.cancel()

@@ -59,6 +59,11 @@ async def test_a_turn_sends_every_frame_in_order(server: Server) -> None:
     history = frames[-1]
     assert [m["seq"] for m in history["messages"]] == [2, 3]
     assert history["last_seq"] == end["seq"]
+    # the turn's messages come from its live events, exactly as the history views hold them
+    async with server.client() as c:
+        page = (await c.get(f"/chat/{chat_id}")).json()
+    assert history["messages"] == page["messages"]
+    assert page["messages"][1]["tool_calls"][0]["result"] == 84
 
 
 async def test_ack_means_durable(server: Server) -> None:
