@@ -188,6 +188,12 @@ class Turn:
                     if isinstance(item, TextDelta):
                         self._on_text(item)
                         streamed += item.tokens
+                        if self.held:  # reading on would only slow the commit it waits for
+                            await self._settled.wait()
+                        if streamed == item.tokens:
+                            # the first text goes on its way before the rest of a burst is
+                            # read (the rest then merges into fewer frames)
+                            await trio.lowlevel.checkpoint()
                     elif isinstance(item, ToolCallRequest):
                         calls.append(item)
                     elif isinstance(item, Usage):
