@@ -68,6 +68,9 @@ class Settings:
     #: A WebSocket with no frame either way for this long is closed (1001); clients resume
     #: with ``subscribe`` and ``after_seq``. Pings keep proxies from closing quieter ones.
     ws_idle_timeout_s: float = 600.0
+    #: Seconds between WebSocket pings, which keep quiet connections open through proxies
+    #: that close silent ones (0: none; each idle connection then costs about 3 KiB less).
+    ws_ping_interval_s: float = 20.0
     max_message_chars: int = 32_000
     max_frame_bytes: int = 64 * 1024
     messages_per_minute: int = 30

@@ -174,6 +174,8 @@ def table(results: dict[str, Any]) -> str:
         ("idle KiB/conn (base: bare framework)",
          [s["idle"]["kib_per_connection"] if s else c.get("idle_floor", {}).get(
              "kib_per_connection", "-") for _, c, s in columns]),
+        ("idle KiB/conn, no pings",
+         [s["idle_no_pings"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
         ("idle KiB/conn, deflate",
          [s["idle_deflate"]["kib_per_connection"] if s else "-" for _, _, s in columns]),
         ("idle KiB/conn after 1 frame each way",

@@ -145,6 +145,11 @@ def _store(options: Options, store: str, upstream_url: str, workdir: Path) -> di
                                     deflate, exchange, server.child.rss_bytes)
                 key = "idle" + "_deflate" * deflate + "_after_frame" * exchange
                 figures[key] = idle_figures(idle)
+        # without the keep-alive pings (one Hypercorn task per connection)
+        with _server({**env, "EVENTCHAT_WS_PING_INTERVAL_S": "0"}, workdir, token) as server:
+            idle = trio.run(measure_idle, server.port, token, options.idle_connections,
+                            False, False, server.child.rss_bytes)
+        figures["idle_no_pings"] = idle_figures(idle)
         settings = Settings(data_dir=workdir / "projections", store_threads=4)
         if schema is not None:
             settings = settings.replace(database_url=options.database_url,

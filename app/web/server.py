@@ -29,8 +29,6 @@ from .users import DEFAULT_USER, ensure_default_user
 
 log = logging.getLogger(__name__)
 
-#: Seconds between WebSocket pings (keeps idle connections alive through proxies).
-PING_INTERVAL_S = 20.0
 #: Seconds an idle keep-alive HTTP connection stays open.
 KEEP_ALIVE_S = 30.0
 
@@ -39,7 +37,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     config.bind = [f"{_bracket(settings.host)}:{settings.port}"]
     config.websocket_max_message_size = settings.max_frame_bytes
-    config.websocket_ping_interval = PING_INTERVAL_S
+    config.websocket_ping_interval = settings.ws_ping_interval_s or None
     config.keep_alive_timeout = KEEP_ALIVE_S
     config.read_timeout = None
     config.graceful_timeout = 1.0

@@ -68,7 +68,7 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
             assert run["min_periodic_flush_gap_ms"] >= 55  # token_flush_ms = 60
 
     for key, offered in (("idle", False), ("idle_deflate", True), ("idle_after_frame", False),
-                         ("idle_deflate_after_frame", True)):
+                         ("idle_deflate_after_frame", True), ("idle_no_pings", False)):
         idle = store[key]
         assert idle["one_frame_each_way_first"] is key.endswith("after_frame")
         assert idle["connections"] == idle["server_counted"] == 50
