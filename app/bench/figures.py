@@ -22,6 +22,10 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+def ttft_figures(seconds: list[float]) -> dict[str, float | None]:
+    return {"p50": _ms(percentile(seconds, 50)), "p99": _ms(percentile(seconds, 99))}
+
+
 def load_figures(load: LoadResult, server_cpu_s: float | None) -> dict[str, Any]:
     wall = max(load.wall_s, 1e-9)
     figures: dict[str, Any] = {
@@ -31,8 +35,7 @@ def load_figures(load: LoadResult, server_cpu_s: float | None) -> dict[str, Any]
         "chunks_per_turn": load.chunks_per_turn, "delta_frames": load.frames,
         "chunks_received": load.chunks, "wall_s": round(wall, 3),
         "turns_per_s": round(load.turns / wall, 1), "chunks_per_s": round(load.chunks / wall),
-        "ttft_ms": {"p50": _ms(percentile(load.ttft_s, 50)),
-                    "p99": _ms(percentile(load.ttft_s, 99))},
+        "ttft_ms": ttft_figures(load.ttft_s),
     }
     if server_cpu_s is not None:
         figures["server_cpu_s"] = round(server_cpu_s, 2)
@@ -148,6 +151,9 @@ def table(results: dict[str, Any]) -> str:
           for _, c, _ in columns]),
         ("paced: added TTFT p99 ms",
          [c["paced"].get("added_ttft_ms", {}).get("p99", "-") if "paced" in c else "-"
+          for _, c, _ in columns]),
+        ("paced: model TTFT in server p50 ms",
+         [c["paced"]["model_ttft_ms"]["p50"] if "model_ttft_ms" in c.get("paced", {}) else "-"
           for _, c, _ in columns]),
         ("one chat alone: TTFT p50 ms",
          [c["one_chat"]["ttft_ms"]["p50"] if "one_chat" in c else "-" for _, c, _ in columns]),

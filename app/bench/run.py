@@ -30,7 +30,13 @@ from ..config import Settings
 from ..projections.bench import run_bench
 from . import processes as p
 from .clients import LoadResult, direct_chats, run_load, sse_chats, websocket_chats
-from .figures import idle_figures, load_figures, log_figures, write_rate_figures
+from .figures import (
+    idle_figures,
+    load_figures,
+    log_figures,
+    ttft_figures,
+    write_rate_figures,
+)
 from .idle import measure_idle
 from .upstream import expected_text, pacing
 
@@ -189,6 +195,8 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
                               start, stop)
         alone.append(await run_load("websocket, one chat", 1, options.single_chat_messages,
                                     expected_text(options.chunks), websocket_chats(server.ws_url)))
+        async with server.http() as http:
+            before_paced = {c["id"] for c in await _all_chats(http)}
         alone.append(await _paced("websocket, paced", options, websocket_chats(server.ws_url)))
         async with server.http() as http:
             chats.extend(c["id"] for c in await _all_chats(http))
@@ -196,12 +204,18 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
             for chat_id in chats:
                 for event in await _events(http, chat_id):
                     counts[event["type"]] = counts.get(event["type"], 0) + 1
+                    if event["type"] == "ResponseCompleted" and chat_id not in before_paced:
+                        model_ttft.append(event["data"]["timing"]["ttft_ms"] / 1000)
         return load, counts
+
+    model_ttft: list[float] = []
 
     load, counts = trio.run(main)
     figures = load_figures(load, cpu.used)
     figures["one_chat"] = load_figures(alone[0], None)
     figures["paced"] = load_figures(alone[1], None)
+    # what the server itself measured of the paced turns: model call to first chunk
+    figures["paced"]["model_ttft_ms"] = ttft_figures(model_ttft)
     log = log_figures(counts, load.turns, writes.used if schema else None,
                       commits.used if schema else None)
     return figures, log

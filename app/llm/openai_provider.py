@@ -12,12 +12,13 @@ user's stop also closes the connection to the model server.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import openai
@@ -58,6 +59,8 @@ SERVER_TIMING_FIELDS = (
 )
 #: How long closing an abandoned stream may take, even under cancellation.
 _CLOSE_TIMEOUT_S = 2.0
+#: How long the end of a body may take to arrive after ``[DONE]`` (then it is closed).
+_DRAIN_TIMEOUT_S = 0.1
 _MAX_ERROR_TEXT = 300
 
 
@@ -97,26 +100,30 @@ class OpenAIProvider:
         """
         model = request.model or self.default_model
         upstream = await self._open(request, model)
+        reader = _ChunkReader(
+            upstream, request, model, self._settings.request_timeout_s, self._redact
+        )
         try:
-            yield _ChunkReader(
-                upstream, request, model, self._settings.request_timeout_s, self._redact
-            )
+            yield reader
         finally:
             with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
                 try:
-                    await upstream.close()
-                except (openai.OpenAIError, httpx2.HTTPError, httpx2.StreamError):
+                    await reader.aclose()
+                    await upstream.aclose()
+                except (httpx2.HTTPError, httpx2.StreamError):
                     pass  # The connection is being abandoned anyway.
 
     async def aclose(self) -> None:
         """Closes the ``openai`` client and its connection pool."""
         await self._client.close()
 
-    async def _open(self, request: ModelRequest, model: str) -> openai.AsyncStream[Any]:
+    async def _open(self, request: ModelRequest, model: str) -> httpx2.Response:
         # The body is sent as built: the client's ``create()`` would walk every message
         # through its type-driven transform (about a third of a busy server's CPU) to no
-        # effect on plain text messages and tool specs. Chunks come back as parsed JSON, not
-        # ``ChatCompletionChunk`` models, for the same reason.
+        # effect on plain text messages and tool specs. The answer comes back as the raw
+        # streamed response (the client's retries, timeouts, auth and error statuses still
+        # apply), read by ``_sse_data``: the client's generic event-stream decoder and its
+        # per-chunk processing cost a third of what a whole turn costs the server.
         body: dict[str, Any] = {
             "model": model,
             "messages": request.messages,
@@ -130,9 +137,8 @@ class OpenAIProvider:
                 "/chat/completions",
                 body=body,
                 options={"security": {"bearer_auth": True}},
-                cast_to=object,
+                cast_to=httpx2.Response,
                 stream=True,
-                stream_cls=openai.AsyncStream[Any],
             )
         except openai.OpenAIError as exc:
             raise self._request_error(exc) from exc
@@ -197,13 +203,13 @@ class _ChunkReader:
 
     def __init__(
         self,
-        upstream: openai.AsyncStream[Any],
+        upstream: httpx2.Response,
         request: ModelRequest,
         model: str,
         idle_timeout_s: float,
         redact: Callable[[str], str],
     ) -> None:
-        self._chunks = upstream.__aiter__()
+        self._chunks = _sse_data(upstream)
         self._request = request
         self._model = model
         self._idle_timeout_s = idle_timeout_s
@@ -219,6 +225,9 @@ class _ChunkReader:
 
     def __aiter__(self) -> _ChunkReader:
         return self
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
     async def __anext__(self) -> StreamItem:
         while not self._pending:
@@ -237,15 +246,15 @@ class _ChunkReader:
                 return await self._chunks.__anext__()
             except StopAsyncIteration:
                 return None
-            except openai.APITimeoutError as exc:
+            except httpx2.TimeoutException as exc:
                 raise self._stalled() from exc
-            except (openai.APIConnectionError, httpx2.HTTPError, httpx2.StreamError) as exc:
+            except (httpx2.HTTPError, httpx2.StreamError) as exc:
                 raise ProviderStreamError(
                     "the connection to the model server broke in mid-answer"
                 ) from exc
-            except openai.APIError as exc:
+            except _StreamedError as exc:
                 raise ProviderStreamError(
-                    f"the model server reported an error in mid-answer: {self._redact(exc.message)}"
+                    f"the model server reported an error in mid-answer: {self._redact(str(exc))}"
                 ) from exc
             except ValueError as exc:  # json.JSONDecodeError and friends
                 raise ProviderProtocolError(
@@ -318,6 +327,50 @@ class _ChunkReader:
             estimated=True,
             server_timings=self._timings,
         )
+
+
+class _StreamedError(Exception):
+    """The server sent an error in place of a chunk."""
+
+
+async def _sse_data(response: httpx2.Response) -> AsyncGenerator[Any, None]:
+    """The parsed ``data`` of each server-sent event, up to ``[DONE]``.
+
+    Events follow the event-stream format: ``field: value`` lines, several ``data`` lines
+    joined by newlines, comments (``:``) skipped, a blank line ending each event. An event
+    named ``error``, or data carrying an ``error`` object, raises ``_StreamedError`` (as the
+    ``openai`` client does). After ``[DONE]`` the rest of the body is read briefly, as the
+    client does, so that the connection goes back to the pool.
+    """
+    data: list[str] = []
+    event = ""
+    # ``aiter_lines`` is an async generator (typed as a plain iterator)
+    async with aclosing(cast(AsyncGenerator[str, None], response.aiter_lines())) as lines:
+        async for line in lines:
+            if line:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "data":
+                    data.append(value)
+                elif name == "event":
+                    event = value
+                continue
+            if not data:
+                event = ""
+                continue
+            text, name, data, event = "\n".join(data), event, [], ""
+            if text.startswith("[DONE]"):
+                with trio.move_on_after(_DRAIN_TIMEOUT_S):
+                    async for _ in lines:
+                        pass
+                return
+            parsed = json.loads(text)
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            if error or name == "error":
+                message = error.get("message") if isinstance(error, dict) else None
+                raise _StreamedError(message if isinstance(message, str) and message
+                                     else "an error occurred during streaming")
+            yield parsed
 
 
 def _server_timings(chunk: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
     _check_load(paced, turns=6, chunks=7)
     _check_load(base["paced"], turns=6, chunks=7)
     assert paced["added_ttft_ms"]["p50"] is not None
+    # the server's own measure of the model call: at most what the client waited
+    assert 0 < paced["model_ttft_ms"]["p50"] <= paced["ttft_ms"]["p99"]
     assert "paced: added TTFT p50 ms" in done.stdout
 
     per_response = store["log"]["events_per_response"]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx2
 import pytest
 import trio
 
@@ -30,7 +31,7 @@ from app.llm.errors import (
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
-from app.llm.openai_provider import OpenAIProvider
+from app.llm.openai_provider import OpenAIProvider, _sse_data, _StreamedError
 from tests.fakes.openai_server import (
     ErrorReply,
     FakeOpenAIServer,
@@ -320,3 +321,26 @@ async def test_no_answer_at_all_times_out() -> None:
         async with provider_for(server, request_timeout_s=0.3, max_retries=0) as provider:
             with pytest.raises(ProviderTimeoutError, match="did not answer within 0.3 s"):
                 await collect(provider)
+
+
+async def sse(body: bytes) -> list[Any]:
+    """What the provider reads of an event-stream body."""
+    return [data async for data in _sse_data(httpx2.Response(200, content=body))]
+
+
+async def test_event_stream_reading_follows_the_format() -> None:
+    body = (b": a comment\n\n"
+            b"data: {\"a\":\r\ndata: 1}\r\n\r\n"  # two data lines make one JSON text
+            b"id: 7\nretry: 10\ndata:{\"b\": 2}\n\n"  # other fields; no space after the colon
+            b"data: [DONE]\n\n"
+            b"data: {\"after\": \"done\"}\n\n")
+    assert await sse(body) == [{"a": 1}, {"b": 2}]
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"error": {"message": "overloaded"}}\n\n',
+    b'event: error\ndata: {"message": "x"}\n\n',
+])
+async def test_an_error_in_the_event_stream_raises(event: bytes) -> None:
+    with pytest.raises(_StreamedError):
+        await sse(b'data: {"choices": []}\n\n' + event)
