@@ -241,26 +241,26 @@ class _ChunkReader:
         return self._pending.popleft()
 
     async def _next_chunk(self) -> Any:
-        with trio.move_on_after(self._idle_timeout_s):
-            try:
-                return await self._chunks.__anext__()
-            except StopAsyncIteration:
-                return None
-            except httpx2.TimeoutException as exc:
-                raise self._stalled() from exc
-            except (httpx2.HTTPError, httpx2.StreamError) as exc:
-                raise ProviderStreamError(
-                    "the connection to the model server broke in mid-answer"
-                ) from exc
-            except _StreamedError as exc:
-                raise ProviderStreamError(
-                    f"the model server reported an error in mid-answer: {self._redact(str(exc))}"
-                ) from exc
-            except ValueError as exc:  # json.JSONDecodeError and friends
-                raise ProviderProtocolError(
-                    f"the model server sent a chunk that is not valid JSON: {exc}"
-                ) from exc
-        raise self._stalled()
+        # A silence between chunks ends as the HTTP client's read timeout (the client's
+        # ``timeout`` is ``request_timeout_s`` for every read), not as a cancel scope per chunk.
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+        except httpx2.TimeoutException as exc:
+            raise self._stalled() from exc
+        except (httpx2.HTTPError, httpx2.StreamError) as exc:
+            raise ProviderStreamError(
+                "the connection to the model server broke in mid-answer"
+            ) from exc
+        except _StreamedError as exc:
+            raise ProviderStreamError(
+                f"the model server reported an error in mid-answer: {self._redact(str(exc))}"
+            ) from exc
+        except ValueError as exc:  # json.JSONDecodeError and friends
+            raise ProviderProtocolError(
+                f"the model server sent a chunk that is not valid JSON: {exc}"
+            ) from exc
 
     def _stalled(self) -> ProviderTimeoutError:
         return ProviderTimeoutError(
