@@ -66,6 +66,22 @@ async def test_a_turn_sends_every_frame_in_order(server: Server) -> None:
     assert page["messages"][1]["tool_calls"][0]["result"] == 84
 
 
+async def test_a_follower_that_joined_mid_turn_gets_the_same_history(server: Server) -> None:
+    """A follower that did not see the turn begin gets its ``chat_history`` from the views:
+    the same messages as the sender's, which were built from the live events."""
+    async with server.websocket() as a, server.websocket() as b:
+        await send(a, {"message": "/tokens 200"})
+        ack = await receive(a)
+        await receive_until(a, lambda f: f["event"] == "ai_response" and not f["done"])
+        await send(b, {"event": "subscribe", "chat_id": ack["chat_id"]})
+        joined = await receive_until(b, turn_done)
+        sent = await receive_until(a, turn_done)
+    assert joined[0]["event"] == "chat_history"  # on subscribe, then the rest of the turn
+    assert [m["seq"] for m in sent[-1]["messages"]] == [2, 3]
+    assert joined[-1]["messages"] == sent[-1]["messages"]
+    assert sent[-1]["messages"][1]["usage"]["completion_tokens"] == 200
+
+
 async def test_ack_means_durable(server: Server) -> None:
     """Guarantee 1: once acknowledged, the message is in the stored log."""
     async with server.websocket() as ws, server.client() as c:
