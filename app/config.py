@@ -113,6 +113,10 @@ class Settings:
             raise SettingsError("EVENTCHAT_DATABASE_URL must be a postgresql:// URL")
         if self.token_flush_ms <= 0 or self.token_flush_tokens <= 0:
             raise SettingsError("token flush settings must be positive")
+        if self.projection_delay_ms < 0 or self.ws_ping_interval_s < 0:
+            raise SettingsError(
+                "EVENTCHAT_PROJECTION_DELAY_MS and EVENTCHAT_WS_PING_INTERVAL_S cannot be negative"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
