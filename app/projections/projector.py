@@ -239,14 +239,18 @@ class LiveRows(Batch):
             raise LookupError(f"message {seq} was not seen")
         return row
 
+    def count(self, chat: ChatRow, name: str, value: int = 1) -> None:
+        pass  # no stats here: only the rows
+
+    def sample(self, chat: ChatRow, metric: str, value: Any, model: str | None = None) -> None:
+        pass
+
     def apply(self, event: Any) -> None:
         try:
             apply(self, event)
         except LookupError:
             pass  # its message began before this follower joined
         self.search.clear()
-        self.counters.clear()
-        self.buckets.clear()
 
     def turn(self, reply_to_seq: int, response_id: str, ended_seq: int) -> list[MessageRow] | None:
         """The user message and the answer of a turn that ended at ``ended_seq`` (None if
