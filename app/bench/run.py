@@ -188,6 +188,8 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
 
     chats: list[str] = []
     alone: list[LoadResult] = []
+    #: seconds from model call to first text, as the server recorded them (paced turns)
+    model_ttft: list[float] = []
 
     async def main() -> tuple[LoadResult, dict[str, int]]:
         load = await run_load("websocket", options.chats, options.messages,
@@ -207,8 +209,6 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
                     if event["type"] == "ResponseCompleted" and chat_id not in before_paced:
                         model_ttft.append(event["data"]["timing"]["ttft_ms"] / 1000)
         return load, counts
-
-    model_ttft: list[float] = []
 
     load, counts = trio.run(main)
     figures = load_figures(load, cpu.used)
