@@ -75,6 +75,25 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     messages_per_minute: int = 30
     concurrent_responses: int = 2
+    #: Chats a user may create per hour (sliding window).
+    chats_per_hour: int = 200
+    #: WebSocket connections a user may hold open at once (per process).
+    ws_connections_per_user: int = 32
+    #: Chats one WebSocket connection may follow at once.
+    follows_per_connection: int = 64
+
+    #: Bearer token that ``/metrics`` asks for (scrapers only; user tokens are refused).
+    metrics_token: str | None = None
+    #: ``host:port`` of a listener of its own that serves ``/metrics`` without a token (bind
+    #: it to an address only the scraper can reach).
+    metrics_bind: str | None = None
+    #: Model names metrics may carry as label values, beside ``model`` and the offline
+    #: model; any other name is counted as ``other``.
+    metrics_models: tuple[str, ...] = ()
+    #: ``/health`` reports ``degraded`` (503) when the views are this many events behind
+    #: the log, or have not advanced for ``projection_stall_s`` while behind.
+    projection_max_lag: int = 10_000
+    projection_stall_s: float = 30.0
 
     #: Optional at-rest encryption (AES-GCM, base64 key) and zlib compression of events.
     cipher_key: str | None = None
@@ -113,6 +132,10 @@ class Settings:
             raise SettingsError("EVENTCHAT_DATABASE_URL must be a postgresql:// URL")
         if self.token_flush_ms <= 0 or self.token_flush_tokens <= 0:
             raise SettingsError("token flush settings must be positive")
+        for name in ("chats_per_hour", "ws_connections_per_user", "follows_per_connection",
+                     "projection_max_lag"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env_name(name)} must be positive")
         if self.projection_delay_ms < 0 or self.ws_ping_interval_s < 0:
             raise SettingsError(
                 "EVENTCHAT_PROJECTION_DELAY_MS and EVENTCHAT_WS_PING_INTERVAL_S cannot be negative"
