@@ -156,8 +156,11 @@ class SessionActor:
                 command.reply.set(None)
         except EventsError as exc:
             command.reply.fail(exc)
-        except BaseException:
+        except trio.Cancelled:
             command.reply.fail(ActorStoppedError("the chat's actor stopped; try again"))
+            raise
+        except BaseException:
+            command.reply.fail(ActorCrashedError("the chat's actor failed; try again"))
             raise
 
     def _check_owner(self, owner: str) -> None:

@@ -24,6 +24,7 @@ from uuid import uuid4
 import trio
 
 from ..events.domain import ChatSession
+from ..events.text import clean_text
 from ..llm.base import (
     Finish,
     ModelRequest,
@@ -186,6 +187,9 @@ class Turn:
             async with self.provider.stream(request) as items:
                 async for item in items:
                     if isinstance(item, TextDelta):
+                        # what the model sends is cleaned before anyone sees it: the
+                        # frames and the log then hold the same text
+                        item = TextDelta(clean_text(item.text), item.tokens)
                         self._on_text(item)
                         streamed += item.tokens
                         if self.held:  # reading on would only slow the commit it waits for
@@ -195,11 +199,14 @@ class Turn:
                             # read (the rest then merges into fewer frames)
                             await trio.lowlevel.checkpoint()
                     elif isinstance(item, ToolCallRequest):
-                        calls.append(item)
+                        calls.append(ToolCallRequest(clean_text(item.call_id),
+                                                     clean_text(item.name),
+                                                     clean_text(item.arguments)))
                     elif isinstance(item, Usage):
                         usage = item
                     elif isinstance(item, Finish):
-                        self.finish_reason, self.model = item.reason, item.model or self.model
+                        self.finish_reason = clean_text(item.reason)
+                        self.model = clean_text(item.model) if item.model else self.model
         finally:
             if usage is None:
                 prompt = estimate_tokens(message_texts(request.messages))
@@ -308,7 +315,7 @@ class Turn:
 def _decode_arguments(raw: str) -> Any:
     try:
         return json.loads(raw) if raw else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # kept as the model wrote it
         return raw
 
 

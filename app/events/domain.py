@@ -22,6 +22,7 @@ from .errors import (
     NoResponseInProgressError,
     ResponseInProgressError,
 )
+from .text import check_text, clean_json, clean_text
 
 #: Terminal statuses of a response, keyed by the event class name that ends it.
 TERMINAL_STATUS = {
@@ -236,6 +237,13 @@ class ChatSession(Aggregate):
         system_prompt: str | None = None,
         chat_id: UUID | None = None,
     ) -> ChatSession:
+        """A new chat. Raises ``InvalidTextError`` for a text that is never stored."""
+        check_text(owner, "owner")
+        check_text(title, "title")
+        if model is not None:
+            check_text(model, "model")
+        if system_prompt is not None:
+            check_text(system_prompt, "system_prompt")
         return cls._create(
             cls.Started,
             id=chat_id or uuid4(),
@@ -248,7 +256,7 @@ class ChatSession(Aggregate):
     # -- commands -------------------------------------------------------------------------
 
     def rename(self, title: str) -> None:
-        title = title.strip()
+        title = check_text(title, "title").strip()
         if not title:
             raise EmptyMessageError("a title cannot be empty")
         if title != self.title:
@@ -262,16 +270,25 @@ class ChatSession(Aggregate):
         Raises ``DuplicateMessageError`` (carrying the original seq) for a
         ``client_message_id`` already accepted, and the rule errors for bad text.
         """
+        if client_message_id is not None:
+            check_text(client_message_id, "client_message_id")
         if client_message_id is not None and client_message_id in self.client_message_ids:
             raise DuplicateMessageError(
                 client_message_id, self.client_message_ids[client_message_id]
             )
+        self.check_message(text, max_chars)
+        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id)
+        return self.version
+
+    @staticmethod
+    def check_message(text: str, max_chars: int = 32_000) -> None:
+        """The rules of a user message's text, for callers that check before sending:
+        raises ``InvalidTextError``, ``EmptyMessageError`` or ``MessageTooLongError``."""
+        check_text(text, "message")
         if not text.strip():
             raise EmptyMessageError("a message cannot be empty")
         if len(text) > max_chars:
             raise MessageTooLongError(f"a message is limited to {max_chars} characters")
-        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id)
-        return self.version
 
     def start_response(self, model: str, provider: str, response_id: str | None = None) -> str:
         """Starts answering the oldest waiting user message; returns the response id."""
@@ -295,7 +312,7 @@ class ChatSession(Aggregate):
             self.trigger_event(
                 self.TokensGenerated,
                 response_id=response_id,
-                text=text,
+                text=clean_text(text),
                 offset=len(current.text),
                 tokens=tokens,
             )
@@ -305,9 +322,9 @@ class ChatSession(Aggregate):
         self.trigger_event(
             self.ToolInvoked,
             response_id=response_id,
-            call_id=call_id,
-            tool=tool,
-            arguments=arguments,
+            call_id=clean_text(call_id),
+            tool=clean_text(tool),
+            arguments=clean_json(arguments),
         )
 
     def complete_tool(
@@ -318,7 +335,7 @@ class ChatSession(Aggregate):
             self.ToolCompleted,
             response_id=response_id,
             call_id=call_id,
-            result=result,
+            result=clean_json(result),
             duration_ms=duration_ms,
         )
 
@@ -328,7 +345,7 @@ class ChatSession(Aggregate):
             self.ToolFailed,
             response_id=response_id,
             call_id=call_id,
-            error=error,
+            error=clean_text(error),
             duration_ms=duration_ms,
         )
 
@@ -344,10 +361,10 @@ class ChatSession(Aggregate):
         self.trigger_event(
             self.ResponseCompleted,
             response_id=response_id,
-            model=model,
-            finish_reason=finish_reason,
-            usage=usage,
-            timing=timing,
+            model=clean_text(model),
+            finish_reason=clean_text(finish_reason),
+            usage=clean_json(usage),
+            timing=clean_json(timing),
         )
 
     def fail_response(
@@ -355,7 +372,11 @@ class ChatSession(Aggregate):
     ) -> None:
         self._require_current(response_id)
         self.trigger_event(
-            self.ResponseFailed, response_id=response_id, error=error, usage=usage, timing=timing
+            self.ResponseFailed,
+            response_id=response_id,
+            error=clean_json(error),
+            usage=clean_json(usage),
+            timing=clean_json(timing),
         )
 
     def stop_response(
@@ -363,7 +384,10 @@ class ChatSession(Aggregate):
     ) -> None:
         self._require_current(response_id)
         self.trigger_event(
-            self.ResponseStopped, response_id=response_id, usage=usage, timing=timing
+            self.ResponseStopped,
+            response_id=response_id,
+            usage=clean_json(usage),
+            timing=clean_json(timing),
         )
 
     def interrupt_response(self, reason: str) -> str | None:

@@ -2,6 +2,7 @@
 
 EventsError
 ├── ChatRuleError            an invariant of a chat would be broken; nothing was recorded
+│   ├── InvalidTextError      a text holds a character that is never stored (NUL, lone surrogate)
 │   ├── EmptyMessageError
 │   ├── MessageTooLongError
 │   ├── ResponseInProgressError
@@ -21,6 +22,10 @@ class EventsError(Exception):
 
 
 class ChatRuleError(EventsError):
+    code = "invalid_request"
+
+
+class InvalidTextError(ChatRuleError):
     code = "invalid_request"
 
 

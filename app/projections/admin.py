@@ -43,18 +43,22 @@ def rebuild(settings: Settings, progress: bool = True, batch_size: int = REBUILD
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    """Where the views are: their position, the log's end, and the lag between them."""
+    """Where the views are: their position, the log's end, the lag between them, and the
+    events they passed over because they could not be projected (the latest 20)."""
     app = ChatApplication(env=persistence_env(settings))
     views = open_views(settings)
     try:
         position = views.read_position()
         max_position = app.max_position()
+        skipped, latest = views.read_skipped(20)
         return {
             "position": position,
             "max_position": max_position,
             "lag": max(0, max_position - position),
             "store": settings.store_kind,
             "views": views.db.location,
+            "skipped_events": skipped,
+            "skipped": latest,
         }
     finally:
         views.close()

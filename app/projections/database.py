@@ -24,13 +24,13 @@ from psycopg import sql as pgsql
 from psycopg_pool import ConnectionPool
 
 from ..config import Settings
-from .errors import ViewStoreError
+from .errors import ViewDataError, ViewStoreError
 
 #: Name of the followed application in the tracking table.
 TRACKED = "eventchat"
 
 _TABLES = ("view_tracking", "view_chats", "view_messages", "view_counters", "view_sketches",
-           "view_search")
+           "view_search", "view_skipped")
 
 _COMMON_DDL = [
     "CREATE TABLE IF NOT EXISTS view_tracking ("
@@ -54,6 +54,10 @@ _COMMON_DDL = [
     "CREATE TABLE IF NOT EXISTS view_sketches ("
     " scope TEXT NOT NULL, metric TEXT NOT NULL, bucket INTEGER NOT NULL,"
     " count BIGINT NOT NULL, PRIMARY KEY (scope, metric, bucket))",
+    # events the views could not take (see ``Views.apply``), kept until the next rebuild
+    "CREATE TABLE IF NOT EXISTS view_skipped ("
+    " position BIGINT PRIMARY KEY, chat_id TEXT NOT NULL, topic TEXT NOT NULL,"
+    " error TEXT NOT NULL, skipped_at TEXT NOT NULL)",
     "INSERT INTO view_tracking (name, position) VALUES ('" + TRACKED + "', 0)"
     " ON CONFLICT (name) DO NOTHING",
 ]
@@ -246,8 +250,13 @@ class PostgresDatabase(Database):
 def _mapped() -> Iterator[None]:
     try:
         yield
+    except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+        raise ViewDataError(f"views database refused a value: {exc}") from exc
     except sqlite3.Error as exc:
         raise ViewStoreError(f"views database error: {exc}") from exc
+    except (psycopg.DataError, psycopg.IntegrityError) as exc:
+        raise ViewDataError(f"views database refused a value: {type(exc).__name__}: {exc}"
+                            ) from exc
     except psycopg.Error as exc:
         raise ViewStoreError(f"views database error: {type(exc).__name__}: {exc}") from exc
 

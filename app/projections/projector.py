@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..events.domain import ChatSession
+from ..events.text import clean_text
 from . import sketch
 from .database import Tx
 
@@ -106,6 +107,9 @@ class Upsert:
     def write(self, tx: Tx, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
+        # Events recorded before the text rules (``app.events.text``) may hold characters
+        # that the databases refuse: the views hold them as U+FFFD.
+        rows = [tuple(clean_text(v) if type(v) is str else v for v in row) for row in rows]
         names = ", ".join(self.columns)
         if tx.postgres:
             arrays = ", ".join(f"%b::{t}[]" for t in self.pg_types)  # binary: no escaping

@@ -49,6 +49,10 @@ class ProjectionRunner:
         self.max_backoff = max_backoff
         self.position = 0
         self._max_known = 0
+        #: When the views last advanced, or were found caught up (trio clock).
+        self._progress_at = 0.0
+        #: The error of the last failed catch-up, until one succeeds.
+        self.failing: str | None = None
         #: Called in the worker thread with the events each batch projected, once committed.
         self.observers: list[Callable[[list[Any]], None]] = []
         self._nudged = trio.Event()
@@ -57,6 +61,21 @@ class ProjectionRunner:
     def lag(self) -> int:
         """Notifications known to exist beyond the views' position."""
         return max(0, self._max_known - self.position)
+
+    def problems(self, max_lag: int, stall_s: float) -> list[str]:
+        """Why the views cannot be trusted to be current, if they cannot: they are
+        ``max_lag`` or more events behind, or have not advanced for ``stall_s`` while behind,
+        or the last catch-up failed."""
+        found = []
+        lag = self.lag
+        if lag >= max_lag:
+            found.append(f"the views are {lag} events behind the log")
+        stalled = trio.current_time() - self._progress_at
+        if lag > 0 and stalled >= stall_s:
+            found.append(f"the views have not advanced for {stalled:.0f} s")
+        if self.failing is not None:
+            found.append(f"the views cannot be updated: {self.failing}")
+        return found
 
     def _nudge(self, position: int) -> None:
         self._max_known = max(self._max_known, position)
@@ -67,9 +86,12 @@ class ProjectionRunner:
 
         Store and views errors are logged and retried with backoff (up to ``max_backoff``
         seconds apart); at start-up they propagate, so a broken store fails the caller of
-        ``nursery.start``. Any other error (a bug in a projection) propagates.
+        ``nursery.start``. An event that cannot be projected is passed over and recorded
+        (``Views.apply``), so it never stops the runner; ``problems()`` says when the views
+        fall behind.
         """
         self._nudged = trio.Event()
+        self._progress_at = trio.current_time()
         self.store.on_saved.append(self._nudge)
         try:
             self.position = await self.views.position()
@@ -87,9 +109,11 @@ class ProjectionRunner:
                     await self.catch_up()
                 except (StoreError, ViewStoreError) as exc:
                     backoff = min(self.max_backoff, max(backoff * 2, 0.1))
+                    self.failing = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     log.warning("projection runner: %s; retrying in %.1f s", exc, backoff)
                 else:
                     backoff = self.poll_interval
+                    self.failing = None
         finally:
             self.store.on_saved.remove(self._nudge)
 
@@ -104,6 +128,7 @@ class ProjectionRunner:
             notifications = await self.store.select(self.position + 1, self.batch_size)
             if not notifications:
                 self._max_known = max(self._max_known, self.position)
+                self._progress_at = trio.current_time()
                 return read
             read += len(notifications)
             self._max_known = max(self._max_known, notifications[-1].id)
@@ -112,6 +137,7 @@ class ProjectionRunner:
                 limiter=self.views.limiter,
             )
             self.views.advanced(self.position)
+            self._progress_at = trio.current_time()
             if len(notifications) < self.batch_size:
                 # A short read drained the log as it was; look again only when told to.
                 self._max_known = max(self._max_known, self.position)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
@@ -20,12 +22,15 @@ import trio
 from eventsourcing.persistence import Mapper, Notification
 
 from ..config import Settings
+from ..events.text import clean_text, text_problem
 from . import projector, stats
 from .database import TRACKED, Database, Tx, open_database
+from .errors import ViewDataError, ViewStoreError
 from .projector import CHAT_COLUMNS, MESSAGE_COLUMNS, Batch
 from .search import search_rows
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Views:
@@ -35,6 +40,8 @@ class Views:
         self.db = db
         self.limiter = limiter
         self._known = 0
+        #: Events this process passed over (``apply``): counted for ``/metrics``.
+        self.skipped = 0
         self._advanced: trio.Event | None = None
         #: Set while a reader waits for the views (``wait_for``): the runner stops
         #: gathering saves and catches up at once.
@@ -57,11 +64,39 @@ class Views:
         twice changes nothing. ``on_applied`` gets the events this call projected, once
         committed (so with several processes each event reaches one of them). Returns the
         tracked position afterwards.
+
+        An event that cannot be projected (it cannot be decoded, a handler fails on it, or
+        the database refuses its values) never stops the views: the batch is retried one
+        event at a time, and that event alone is recorded in ``view_skipped`` (with the
+        error) and passed over, in the same transaction as the position. A database that
+        cannot be reached raises ``ViewStoreError``, and nothing is skipped.
         """
-        events = [(n.id, mapper.to_domain_event(n)) for n in notifications]
+        try:
+            return self._apply(notifications, mapper, on_applied)
+        except Exception as exc:
+            if not _unprojectable(exc):
+                raise
+            if len(notifications) == 1:
+                return self._skip(notifications[0], exc)
+        position = 0
+        for notification in notifications:
+            try:
+                position = self._apply([notification], mapper, on_applied)
+            except Exception as exc:
+                if not _unprojectable(exc):
+                    raise
+                position = self._skip(notification, exc)
+        return position
+
+    def _apply(
+        self,
+        notifications: Sequence[Notification],
+        mapper: Mapper[Any],
+        on_applied: Callable[[list[Any]], None] | None,
+    ) -> int:
         with self.db.write() as tx:
             position = _tracked(tx)
-            fresh = [event for nid, event in events if nid > position]
+            fresh = [mapper.to_domain_event(n) for n in notifications if n.id > position]
             if not fresh:
                 return position
             batch = Batch(tx)
@@ -73,6 +108,35 @@ class Views:
         if on_applied is not None:
             on_applied(fresh)
         return position
+
+    def _skip(self, notification: Notification, exc: Exception) -> int:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        log.error("views: event %d (%s of chat %s) cannot be projected and is skipped: %s",
+                  notification.id, notification.topic, notification.originator_id, error)
+        with self.db.write() as tx:
+            position = _tracked(tx)
+            if notification.id <= position:
+                return position
+            tx.run("INSERT INTO view_skipped (position, chat_id, topic, error, skipped_at)"
+                   " VALUES (?, ?, ?, ?, ?) ON CONFLICT (position) DO NOTHING",
+                   (notification.id, str(notification.originator_id),
+                    clean_text(notification.topic), clean_text(error), _now()))
+            tx.run("UPDATE view_tracking SET position = ? WHERE name = ?",
+                   (notification.id, TRACKED))
+        self.skipped += 1
+        return notification.id
+
+    def read_skipped(self, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+        """Blocking: how many events the views passed over, and the latest ``limit``."""
+        with self.db.read() as tx:
+            total = int(tx.one("SELECT COUNT(*) FROM view_skipped")[0])
+            rows = tx.all("SELECT position, chat_id, topic, error, skipped_at FROM view_skipped"
+                          " ORDER BY position DESC LIMIT ?", (limit,))
+        keys = ("position", "chat_id", "topic", "error", "skipped_at")
+        return total, [dict(zip(keys, row, strict=True)) for row in rows]
+
+    async def skipped_events(self, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+        return await self._run(self.read_skipped, limit)
 
     def reset(self) -> None:
         """Drops every view and its position (blocking); the next run rebuilds from zero."""
@@ -279,6 +343,18 @@ def _decode_cursor(cursor: str | None) -> list[str] | None:
         value = json.loads(raw)
     except (binascii.Error, ValueError):
         return None
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, str) and text_problem(v) is None for v in value)):
         return value
     return None
+
+
+def _unprojectable(exc: Exception) -> bool:
+    """True for a fault of the events themselves, which retrying would not cure: the
+    database refused a value, or decoding or a handler failed. A database that cannot be
+    reached (any other ``ViewStoreError``) is worth retrying."""
+    return isinstance(exc, ViewDataError) or not isinstance(exc, ViewStoreError)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -8,7 +8,7 @@ running responses finish for ``grace_s`` before interrupting them, then stops ev
 
 from __future__ import annotations
 
-from quart import Response
+from quart import Response, request
 from quart_schema import QuartSchema, hide
 from quart_trio import QuartTrio
 
@@ -18,6 +18,7 @@ from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
 from ..projections.views import Views
 from .auth import install_auth
+from .bodies import Request
 from .errors import register_error_handlers
 from .rest import rest
 from .services import Services, build_services
@@ -47,6 +48,7 @@ def create_app(
     grace_s: float = 10.0,
 ) -> QuartTrio:
     app = QuartTrio(__name__)
+    app.request_class = Request
     app.config.update(
         MAX_CONTENT_LENGTH=max(MAX_BODY_BYTES, settings.max_message_chars * 8),
         # our tasks stop in after_serving; never wait seconds for stragglers
@@ -73,9 +75,7 @@ def create_app(
     @hide
     async def index() -> Response:
         """The web client (public, like its files under ``/static``: it brings its own token)."""
-        response = await app.send_static_file("index.html")
-        response.headers.update(CLIENT_HEADERS)
-        return response
+        return await app.send_static_file("index.html")
 
     @app.before_serving
     async def start() -> None:
@@ -99,6 +99,8 @@ def create_app(
 
     @app.after_request
     async def count(response: Response) -> Response:
+        if request.endpoint in ("index", "static"):  # every page and file of the client
+            response.headers.update(CLIENT_HEADERS)
         services: Services | None = app.extensions.get("eventchat")
         if services is not None:
             services.metrics.http_requests.labels(str(response.status_code)).inc()

@@ -25,7 +25,12 @@ from quart import Quart, Response, jsonify
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from ..actors.errors import ActorStoppedError, MailboxFullError, SubscriberDroppedError
+from ..actors.errors import (
+    ActorCrashedError,
+    ActorStoppedError,
+    MailboxFullError,
+    SubscriberDroppedError,
+)
 from ..events.errors import (
     ChatNotFoundError,
     ChatRuleError,
@@ -119,6 +124,9 @@ def web_error(exc: BaseException) -> WebError | None:
         return UnavailableError("the event store is unavailable", "store_unavailable")
     if isinstance(exc, MailboxFullError):
         return RateLimitedError("the chat is busy: try again shortly", exc.code, retry_after=1)
+    if isinstance(exc, ActorCrashedError):
+        return UnavailableError("the chat is unavailable for a moment: try again",
+                                "chat_unavailable", retry_after=1)
     if isinstance(exc, ActorStoppedError):
         return UnavailableError("the server is shutting down", exc.code)
     if isinstance(exc, SubscriberDroppedError):
@@ -189,5 +197,6 @@ def _pydantic_message(errors: list[dict[str, Any]]) -> str:
     parts = []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ())) or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
     return "; ".join(parts)

@@ -21,25 +21,22 @@ from quart import Response
 
 from ..actors.messages import Accepted
 from ..events.domain import ChatSession
+from ..events.errors import ChatRuleError
 from . import schemas as s
 from .errors import BadRequestError, NotFoundError, UnavailableError, web_error
 from .feed import ChatFeed, Frame, open_feed
 from .services import Services
 
 
-def check_text(text: str, max_chars: int) -> None:
-    if not text.strip():
-        raise BadRequestError("a message cannot be empty", "empty_message")
-    if len(text) > max_chars:
-        raise BadRequestError(f"a message is limited to {max_chars} characters",
-                              "message_too_long")
-
-
 def admit(svc: Services, text: str) -> None:
-    """Raises the contract's error if this message may not be sent now."""
+    """Raises the contract's error if this message may not be sent now (before a chat is
+    created for it, so that a refused message leaves nothing behind)."""
     if svc.closing.is_set():
         raise UnavailableError("the server is shutting down", "shutting_down")
-    check_text(text, svc.settings.max_message_chars)
+    try:
+        ChatSession.check_message(text, svc.settings.max_message_chars)
+    except ChatRuleError as exc:
+        raise BadRequestError(str(exc), exc.code) from None
 
 
 Undo = Callable[[], None]
@@ -52,9 +49,15 @@ async def open_chat(svc: Services, owner: str, chat_id: UUID | None) -> tuple[UU
         return chat_id, None
     undo = svc.limiter.check(owner)
     try:
+        undo_chat = svc.limiter.check_chat(owner)
+    except BaseException:
+        undo()
+        raise
+    try:
         return await svc.system.create_chat(owner), undo
     except BaseException:
         undo()
+        undo_chat()
         raise
 
 

@@ -1,8 +1,10 @@
-"""Per-user limits: user messages per minute and responses generating at once.
+"""Per-user limits: user messages per minute, responses generating at once, chats created
+per hour.
 
-``MessageLimiter.check(owner)`` raises ``RateLimitedError`` (429 / ``rate_limited`` frame,
-with a retry delay) and otherwise counts the message. The window is a sliding minute kept
-in memory per process; the generating count comes from the actor system.
+``MessageLimiter.check(owner)`` and ``check_chat(owner)`` raise ``RateLimitedError`` (429 /
+``rate_limited`` frame, with a retry delay) and otherwise count the message or the chat.
+The windows slide, kept in memory per process; the generating count comes from the actor
+system.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import trio
 from .errors import RateLimitedError
 
 WINDOW_S = 60.0
+CHAT_WINDOW_S = 3600.0
 
 
 class MessageLimiter:
@@ -24,8 +27,11 @@ class MessageLimiter:
         concurrent: int,
         generating_for: Callable[[str], int],
         clock: Callable[[], float] = trio.current_time,
+        chats_per_hour: int = 200,
     ) -> None:
         self.per_minute = per_minute
+        self.chats_per_hour = chats_per_hour
+        self._chats: dict[str, deque[float]] = defaultdict(deque)
         self.concurrent = concurrent
         self.generating_for = generating_for
         self.clock = clock
@@ -54,5 +60,23 @@ class MessageLimiter:
         def undo() -> None:
             if now in sent:
                 sent.remove(now)
+
+        return undo
+
+    def check_chat(self, owner: str) -> Callable[[], None]:
+        """Counts one new chat of ``owner``, or raises ``RateLimitedError`` beyond
+        ``chats_per_hour``. Returns the undo of this count."""
+        now = self.clock()
+        made = self._chats[owner]
+        while made and made[0] <= now - CHAT_WINDOW_S:
+            made.popleft()
+        if len(made) >= self.chats_per_hour:
+            raise RateLimitedError(f"at most {self.chats_per_hour} new chats per hour",
+                                   retry_after=made[0] + CHAT_WINDOW_S - now)
+        made.append(now)
+
+        def undo() -> None:
+            if now in made:
+                made.remove(now)
 
         return undo

@@ -22,6 +22,7 @@ from quart_schema import (
 
 from ..events.errors import StoreError
 from ..events.replay import chat_records
+from ..projections.errors import ViewStoreError
 from ..projections.projector import iso
 from . import schemas as s
 from .auth import current_user
@@ -32,6 +33,7 @@ from .services import Services
 
 rest = Blueprint("rest", __name__)
 HEALTH_TIMEOUT_S = 3.0
+PROTOCOL_VERSION = "1.1"
 ERRORS = {400: s.ErrorBody, 401: s.ErrorBody, 404: s.ErrorBody, 503: s.ErrorBody}
 
 
@@ -57,7 +59,12 @@ def documented(model: Any, status: int = 200, *errors: int) -> Any:
 async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
     """Creates a chat."""
     owner, svc = current_user(), services()
-    chat_id = await svc.system.create_chat(owner, data.title, data.model, data.system_prompt)
+    undo = svc.limiter.check_chat(owner)
+    try:
+        chat_id = await svc.system.create_chat(owner, data.title, data.model, data.system_prompt)
+    except BaseException:
+        undo()
+        raise
     await svc.caught_up()
     chat = await svc.views.get_chat(owner, chat_id)
     if chat is None:  # the views lag beyond the bound: answer from what was written
@@ -154,20 +161,34 @@ async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
 @document_response(s.Health, 200)
 @document_response(s.Health, 503)
 async def health() -> tuple[dict[str, Any], int]:
-    """200 when the event store answers, 503 when it does not."""
+    """200 ``ok`` when the store answers and the views keep up; 503 ``unavailable`` when
+    the store does not answer, 503 ``degraded`` when the views fall behind; 200
+    ``degraded`` when some events could not be projected (``problems`` lists them)."""
     svc = services()
-    body: dict[str, Any] = {"status": "ok", "store": svc.settings.store_kind}
+    settings = svc.settings
+    body: dict[str, Any] = {"status": "ok", "protocol": PROTOCOL_VERSION,
+                            "store": settings.store_kind}
     try:
         with trio.fail_after(HEALTH_TIMEOUT_S):
             body["position"] = await svc.store.max_position()
-    except (StoreError, trio.TooSlowError):
+            skipped, _ = await svc.views.skipped_events(0)
+    except (StoreError, ViewStoreError, trio.TooSlowError):
         body["status"] = "unavailable"
         body["error"] = {"code": "store_unavailable", "message": "the event store is unreachable"}
         return body, 503
+    problems = svc.runner.problems(settings.projection_max_lag, settings.projection_stall_s)
+    status = 503 if problems else 200
+    if skipped:
+        problems.append(f"{skipped} events could not be projected: see"
+                        " `eventchat projections status`")
+    if problems:
+        body["status"] = "degraded"
+        body["problems"] = problems
     body["projection_lag"] = svc.runner.lag
+    body["skipped_events"] = skipped
     body.update(svc.system.counts())
     body["connections"] = svc.connections
-    return body, 200
+    return body, status
 
 
 @rest.get("/metrics")

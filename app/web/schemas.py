@@ -6,12 +6,27 @@ are documented with the contract's shapes (``Chat``, ``Message``, ``Stats``, ``E
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel
+
+from ..events.text import text_problem
 
 MAX_ID = 200
+#: Largest ``seq`` a request may name (the views store seqs as 32-bit integers).
+MAX_SEQ = 2**31 - 1
+
+
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+#: A string that may be stored and queried: no NUL, no lone surrogate (``app.events.text``).
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class ErrorDetail(BaseModel):
@@ -27,31 +42,31 @@ class ErrorBody(BaseModel):
 
 
 class CreateChat(BaseModel):
-    title: str | None = Field(None, max_length=200)
-    model: str | None = Field(None, max_length=200)
-    system_prompt: str | None = Field(None, max_length=32_000)
+    title: Text | None = Field(None, max_length=200)
+    model: Text | None = Field(None, max_length=200)
+    system_prompt: Text | None = Field(None, max_length=32_000)
 
 
 class Generate(BaseModel):
-    message: str
+    message: Text
     chat_id: UUID | None = None
-    client_message_id: str | None = Field(None, min_length=1, max_length=MAX_ID)
+    client_message_id: Text | None = Field(None, min_length=1, max_length=MAX_ID)
     stream: bool = False
 
 
 class ChatsQuery(BaseModel):
     limit: int = Field(50, ge=1, le=200)
-    cursor: str | None = Field(None, max_length=500)
-    q: str | None = Field(None, max_length=500)
+    cursor: Text | None = Field(None, max_length=500)
+    q: Text | None = Field(None, max_length=500)
 
 
 class ChatQuery(BaseModel):
     limit: int = Field(100, ge=1, le=500)
-    before_seq: int | None = Field(None, ge=1)
+    before_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
 
 
 class EventsQuery(BaseModel):
-    after_seq: int = Field(0, ge=0)
+    after_seq: int = Field(0, ge=0, le=MAX_SEQ)
     limit: int = Field(500, ge=1, le=1000)
 
 
@@ -173,7 +188,7 @@ class Stats(BaseModel):
 
 class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     store: str
 
 

@@ -11,6 +11,7 @@ to ``build_services`` are the caller's to close.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -53,6 +54,8 @@ class Services:
     connections: int = 0
     #: The open WebSocket connections (watched together: see ``ws.watch_connections``).
     sockets: set[Any] = field(default_factory=set)
+    #: Open (or opening) WebSocket connections per user, for their limit.
+    sockets_of: Counter[str] = field(default_factory=Counter)
     #: Set when the server begins to shut down: connections close, new messages are refused.
     closing: trio.Event = field(default_factory=trio.Event)
     #: Set once running responses have ended: WebSocket connections close (1001).
@@ -176,7 +179,7 @@ async def build_services(
         system=system, runner=runner,
         auth=Authenticator(users or UserStore(settings)), metrics=metrics,
         limiter=MessageLimiter(settings.messages_per_minute, settings.concurrent_responses,
-                               system.generating_for),
+                               system.generating_for, chats_per_hour=settings.chats_per_hour),
         grace_s=grace_s, owned=owned,
     )
     _register_gauges(services)
@@ -196,3 +199,6 @@ def _register_gauges(s: Services) -> None:
     m.gauge("eventchat_projection_lag", "Events not yet in the views", lambda: s.runner.lag)
     m.gauge("eventchat_projection_position", "Log position the views include",
             lambda: s.runner.position)
+    m.gauge("eventchat_projection_skipped_events",
+            "Events this process could not project and passed over (see projections status)",
+            lambda: s.views.skipped)

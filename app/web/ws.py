@@ -28,9 +28,11 @@ from quart import Blueprint, current_app, websocket
 from ..actors.errors import SubscriberDroppedError
 from ..config import Settings
 from .auth import current_user
+from .bodies import loads
 from .errors import BadRequestError, ForbiddenError, RateLimitedError, WebError, web_error
 from .feed import ChatFeed, Frame, open_feed
 from .generate import ack_frame, admit, open_chat, send
+from .schemas import MAX_ID, MAX_SEQ, Text
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,14 @@ GOING_AWAY: Frame = {}
 
 
 class UserMessage(BaseModel):
-    message: str
+    message: Text
     chat_id: UUID | None = None
-    client_message_id: str | None = Field(None, min_length=1, max_length=200)
+    client_message_id: Text | None = Field(None, min_length=1, max_length=MAX_ID)
 
 
 class Subscribe(BaseModel):
     chat_id: UUID
-    after_seq: int | None = Field(None, ge=0)
+    after_seq: int | None = Field(None, ge=0, le=MAX_SEQ)
 
 
 class ChatCommand(BaseModel):
@@ -61,17 +63,28 @@ class ChatCommand(BaseModel):
 @ws.websocket("/ws/chat")
 async def chat_socket() -> None:
     svc: Services = current_app.extensions["eventchat"]
-    check_origin(svc.settings, websocket.headers.get("Origin"), websocket.headers.get("Host"))
+    check_origin(svc.settings, websocket.headers.get("Origin"), websocket.headers.get("Host"),
+                 websocket.scheme)
     owner = current_user()
-    await websocket.accept()
-    connection = Connection(svc, owner)
-    svc.connections += 1
-    svc.sockets.add(connection)
+    limit = svc.settings.ws_connections_per_user
+    if svc.sockets_of[owner] >= limit:  # refused before the handshake completes: HTTP 429
+        raise RateLimitedError(f"at most {limit} WebSocket connections per user",
+                               retry_after=5)
+    svc.sockets_of[owner] += 1
     try:
-        await connection.serve()
+        await websocket.accept()
+        connection = Connection(svc, owner)
+        svc.connections += 1
+        svc.sockets.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            svc.sockets.discard(connection)
+            svc.connections -= 1
     finally:
-        svc.sockets.discard(connection)
-        svc.connections -= 1
+        svc.sockets_of[owner] -= 1
+        if svc.sockets_of[owner] <= 0:
+            del svc.sockets_of[owner]
 
 
 async def watch_connections(svc: Services) -> None:
@@ -94,16 +107,43 @@ async def watch_connections(svc: Services) -> None:
         connection.close(CLOSE_GOING_AWAY, "server shutting down")
 
 
-def check_origin(settings: Settings, origin: str | None, host: str | None) -> None:
-    """Browsers send ``Origin``: it must be ours or listed; other clients send none."""
+def check_origin(
+    settings: Settings, origin: str | None, host: str | None, scheme: str = "ws"
+) -> None:
+    """Browsers send ``Origin``: it must be ours or listed; other clients send none.
+
+    Origins are compared whole: scheme, host and port (a default port written or not).
+    The server's own origin is ``http://Host`` on ``ws`` and ``https://Host`` on ``wss``;
+    behind a proxy that ends TLS, list the public origin in ``allowed_origins``.
+    """
     if origin is None:
         return
     allowed = settings.allowed_origins
-    if "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
+    if "*" in allowed:
         return
-    if host is not None and urlsplit(origin).netloc.lower() == host.lower():
+    theirs = _origin_key(origin)
+    own = None if host is None else _origin_key(
+        f"{'https' if scheme == 'wss' else 'http'}://{host}"
+    )
+    if theirs is not None and (theirs == own or theirs in {_origin_key(o) for o in allowed}):
         return
     raise ForbiddenError(f"origin {origin} is not allowed", "origin_not_allowed")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an origin, or None if it is not one (``null``, junk)."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, hostname = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not hostname:
+        return None
+    return scheme, hostname, port if port is not None else _DEFAULT_PORTS[scheme]
 
 
 class Gate:
@@ -193,10 +233,7 @@ class Connection:
     # -- commands -----------------------------------------------------------------------------
 
     async def _dispatch(self, raw: str | bytes) -> None:
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequestError("the frame is not valid JSON", "invalid_json") from None
+        data = loads(raw)
         if not isinstance(data, dict):
             raise BadRequestError("a frame must be a JSON object", "invalid_frame")
         event = data.get("event")
@@ -257,6 +294,8 @@ class Connection:
                                      client_message_id=message.client_message_id))
 
     async def _send_one(self, message: UserMessage) -> None:
+        if message.chat_id is None or message.chat_id not in self.following:
+            self._check_follow_limit()  # before a chat is made for a message it cannot follow
         chat_id, counted = await open_chat(self.svc, self.owner, message.chat_id)
         message = message.model_copy(update={"chat_id": chat_id})
         if chat_id not in self.following:
@@ -274,6 +313,8 @@ class Connection:
 
     async def _follow(self, chat_id: UUID, after_seq: int | None, history: bool) -> None:
         """Starts following ``chat_id`` (again); raises if the chat cannot be followed."""
+        if chat_id not in self.following:
+            self._check_follow_limit()
         old = self.following.pop(chat_id, None)
         if old is not None:
             old.cancel()
@@ -282,6 +323,13 @@ class Connection:
         except Exception as exc:
             raise _mapped(exc) from exc
         self.following[chat_id] = scope
+
+    def _check_follow_limit(self) -> None:
+        limit = self.svc.settings.follows_per_connection
+        if len(self.following) >= limit:
+            raise RateLimitedError(
+                f"a connection follows at most {limit} chats: unsubscribe from one first"
+            )
 
     async def _follower(
         self, chat_id: UUID, after_seq: int | None, history: bool,
