@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trio
 
+from app.events.application import ChatApplication, persistence_env
 from tests.fakes.openai_server import FakeToolCall, StreamReply, fake_openai_server
+from tests.projections.test_poison import poisoned_chat
 
 from .conftest import (
     Server,
@@ -263,3 +270,69 @@ async def test_the_server_answers_health_quickly_during_hostile_traffic(server: 
 async def _ok(server: Server) -> bool:
     async with server.client(None) as c:
         return (await c.get("/health")).json()["status"] == "ok"
+
+
+def _save_directly(settings: Any, *chats: Any) -> None:
+    app = ChatApplication(env=persistence_env(settings))
+    try:
+        app.save(*chats)
+    finally:
+        app.close()
+
+
+@contextmanager
+def views_writer_held(settings: Any) -> Iterator[None]:
+    """Holds the views' write lock from another connection, as a stuck database would."""
+    if settings.database_url:
+        with psycopg.connect(settings.database_url) as conn:
+            conn.execute(f'SET search_path TO "{settings.database_schema}"')
+            conn.execute("SELECT position FROM view_tracking FOR UPDATE")
+            yield
+            conn.rollback()
+    else:
+        conn = sqlite3.connect(settings.data_dir / "views.sqlite", isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+
+async def test_health_reports_skipped_events_and_views_that_cannot_advance(
+    settings: Any,
+) -> None:
+    s = web_settings(settings, projection_stall_s=0.3)
+    await trio.to_thread.run_sync(_save_directly, s, poisoned_chat())
+    async with running_server(s) as server, server.client(None) as c:
+        health = (await c.get("/health")).json()
+        assert health["status"] == "degraded" and health["skipped_events"] == 1
+        assert health["protocol"] == "1.1"
+        assert (await c.get("/health")).status_code == 200  # degraded, but serving
+        release = trio.Event()
+        held = trio.Event()
+
+        def hold() -> None:
+            with views_writer_held(s):
+                trio.from_thread.run_sync(held.set)
+                trio.from_thread.run(release.wait)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, hold, abandon_on_cancel=False))
+            await held.wait()
+            async with server.client() as alice:
+                answer = await alice.post("/generate", json={"message": "hello"})
+                assert answer.json()["message"]["status"] == "complete"
+            stalled = await eventually(lambda: _status(c, 503))
+            assert stalled["status"] == "degraded"
+            assert any("not advanced" in p for p in stalled["problems"]), stalled
+            release.set()
+        recovered = await eventually(lambda: _status(c, 200, projection_lag=0))
+        assert recovered["status"] == "degraded" and recovered["skipped_events"] == 1
+
+
+async def _status(c: httpx.AsyncClient, code: int, **expected: Any) -> dict[str, Any] | None:
+    r = await c.get("/health")
+    body = r.json()
+    matches = r.status_code == code and all(body.get(k) == v for k, v in expected.items())
+    return body if matches else None
