@@ -15,8 +15,13 @@ from quart_trio.wrappers.request import TrioRequest
 from .errors import BadRequestError
 
 
-def loads(raw: str | bytes | bytearray) -> Any:
-    """Parses untrusted JSON; raises ``BadRequestError`` (``invalid_json``) on any fault."""
+def loads(raw: str | bytes | bytearray | None) -> Any:
+    """Parses untrusted JSON; raises ``BadRequestError`` (``invalid_json``) on any fault.
+
+    ``None`` is what Quart hands over for an empty binary WebSocket frame.
+    """
+    if not raw:
+        raise BadRequestError("the body is empty", "invalid_json")
     try:
         return json.loads(raw)
     except UnicodeDecodeError:

@@ -163,6 +163,9 @@ async def test_hostile_frames_get_error_frames_and_the_connection_stays(server: 
         assert error["event"] == "error" and error["code"] == "invalid_request"
         await ws.send_message(b"\xff\xfe{")
         assert (await receive(ws))["code"] == "invalid_json"
+        for empty in (b"", ""):  # Quart hands an empty binary frame over as None
+            await ws.send_message(empty)
+            assert (await receive(ws))["code"] == "invalid_json"
         await send(ws, {"event": "subscribe", "chat_id": chat_id})
         assert (await receive(ws))["event"] == "chat_history"
 
