@@ -40,6 +40,11 @@ class Settings:
     max_retries: int = 2
     #: Seconds between two offline tokens (0 streams as fast as possible).
     offline_token_delay_s: float = 0.01
+    #: Longest wait for a model call's first streamed token, retries and their pauses
+    #: included (keep-alive comments do not count as a token).
+    model_first_token_timeout_s: float = 120.0
+    #: Longest a whole model call (one round of a response) may take, first byte to last.
+    model_deadline_s: float = 600.0
 
     allowed_origins: tuple[str, ...] = ()
 
@@ -52,6 +57,11 @@ class Settings:
     passivate_after_s: float = 300.0
     #: Several processes on PostgreSQL: how often each looks for chats a dead process left.
     recovery_interval_s: float = 30.0
+    #: Several processes on PostgreSQL: how often the connection holding the chat leases is
+    #: checked (a lost connection means lost leases: those chats stop being written here).
+    lease_check_interval_s: float = 1.0
+    #: Longest a request waits on a store that does not answer before a 503.
+    store_timeout_s: float = 5.0
     #: The views are updated this long (ms) after a save, so that a burst of saves makes one
     #: batch; a reader waiting for them (read-your-writes) has them updated at once.
     projection_delay_ms: float = 20.0
