@@ -177,7 +177,8 @@ class Connection:
         # The queues and their tasks are made on first use: an idle connection holds only
         # its reader.
         self.out_send: trio.MemorySendChannel[Frame] | None = None
-        self.pending_send: trio.MemorySendChannel[UserMessage] | None = None
+        #: Messages to record, in arrival order, and the stops sent after them.
+        self.pending_send: trio.MemorySendChannel[UserMessage | ChatCommand] | None = None
         self.following: dict[UUID, trio.CancelScope] = {}
         self.gates: dict[UUID, Gate] = {}
         self.close_reason: tuple[int, str] | None = None
@@ -250,8 +251,11 @@ class Connection:
             if scope is not None:
                 scope.cancel()
         elif event == "stop":
-            chat_id = _parse(ChatCommand, data).chat_id
-            await self._stop(chat_id)
+            command = _parse(ChatCommand, data)
+            if self.pending_send is None:
+                await self._stop(command.chat_id)
+            else:  # after the messages sent before it: a stop right after a message stops
+                self._enqueue(command)  # that message's answer
         else:
             raise BadRequestError(f"unknown event {event!r}", "unknown_event")
 
@@ -259,17 +263,20 @@ class Connection:
         extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
         try:
             admit(self.svc, message.message)
-            if self.pending_send is None:
-                self.pending_send, waiting = trio.open_memory_channel[UserMessage](
-                    PENDING_MESSAGES
-                )
-                self.nursery.start_soon(self._send_messages, waiting)
-            try:
-                self.pending_send.send_nowait(message)
-            except trio.WouldBlock:
-                raise RateLimitedError("too many messages waiting on this connection") from None
+            self._enqueue(message)
         except WebError as error:
             self.put(error.frame(**extra))
+
+    def _enqueue(self, command: UserMessage | ChatCommand) -> None:
+        if self.pending_send is None:
+            self.pending_send, waiting = trio.open_memory_channel[UserMessage | ChatCommand](
+                PENDING_MESSAGES
+            )
+            self.nursery.start_soon(self._send_messages, waiting)
+        try:
+            self.pending_send.send_nowait(command)
+        except trio.WouldBlock:
+            raise RateLimitedError("too many messages waiting on this connection") from None
 
     async def _stop(self, chat_id: UUID) -> None:
         try:
@@ -281,17 +288,23 @@ class Connection:
             self.put({"event": "error", "code": "no_response_in_progress",
                       "message": "no response is being generated", "chat_id": str(chat_id)})
 
-    async def _send_messages(self, waiting: trio.MemoryReceiveChannel[UserMessage]) -> None:
-        async for message in waiting:
+    async def _send_messages(
+        self, waiting: trio.MemoryReceiveChannel[UserMessage | ChatCommand]
+    ) -> None:
+        async for command in waiting:
             try:
-                await self._send_one(message)
+                if isinstance(command, UserMessage):
+                    await self._send_one(command)
+                else:
+                    await self._stop(command.chat_id)
             except Exception as exc:  # noqa: BLE001 - reported to the client, then go on
                 error = web_error(exc)
                 if error is None:
                     log.exception("sending a message failed", exc_info=exc)
                     error = WebError("internal error")
-                self.put(error.frame(chat_id=_str(message.chat_id),
-                                     client_message_id=message.client_message_id))
+                self.put(error.frame(chat_id=_str(command.chat_id),
+                                     client_message_id=getattr(command, "client_message_id",
+                                                               None)))
 
     async def _send_one(self, message: UserMessage) -> None:
         if message.chat_id is None or message.chat_id not in self.following:
