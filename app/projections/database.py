@@ -155,6 +155,10 @@ class SQLiteDatabase(Database):
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            # a streaming reply rewrites its row at every batch: checkpoint often (128 pages,
+            # 512 KiB) and truncate the WAL afterwards, so it never needs much disk
+            conn.execute("PRAGMA wal_autocheckpoint=128")
+            conn.execute("PRAGMA journal_size_limit=1048576")
         except sqlite3.Error as exc:
             raise ViewStoreError(f"views database unavailable: {exc}") from exc
         self._all.append(conn)

@@ -20,6 +20,7 @@ import trio
 
 from ..actors.system import ActorSystem
 from ..config import Settings
+from ..events import wal
 from ..events.errors import ChatNotFoundError
 from ..events.store import EventStore
 from ..llm import build_provider, default_registry
@@ -99,6 +100,10 @@ class Services:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.runner.run)
                     await nursery.start(self.system.run)
+                    if self.settings.store_kind == "sqlite":
+                        data = self.settings.data_dir
+                        nursery.start_soon(wal.keep_small, data / "events.sqlite",
+                                           data / "views.sqlite")
                     task_status.started()
         finally:
             self._stopped.set()
@@ -171,7 +176,7 @@ async def build_services(
         tools = default_registry(settings)
         register_search_tool(tools, views)
     system = ActorSystem(settings, store, provider, tools)
-    metrics = Metrics()
+    metrics = Metrics((settings.model, provider.default_model, *settings.metrics_models))
     runner = ProjectionRunner(settings, store, views)
     runner.observers.append(ResponseObserver(metrics))
     services = Services(
