@@ -24,6 +24,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from ..config import Settings
 from .app import create_app
+from .asgi import KeepAliveMiddleware, use_json_error_responses
 from .services import Services
 from .users import DEFAULT_USER, ensure_default_user
 
@@ -33,12 +34,12 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 30.0
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def hypercorn_config(settings: Settings, keep_alive_s: float = KEEP_ALIVE_S) -> Config:
     config = Config()
     config.bind = [f"{_bracket(settings.host)}:{settings.port}"]
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval_s or None
-    config.keep_alive_timeout = KEEP_ALIVE_S
+    config.keep_alive_timeout = keep_alive_s
     config.read_timeout = None
     config.graceful_timeout = 1.0
     config.accesslog = None
@@ -54,6 +55,7 @@ async def serve(
     grace_s: float = 10.0,
     handle_signals: bool = True,
     freeze_startup_objects: bool = False,
+    keep_alive_s: float = KEEP_ALIVE_S,
     **collaborators: Any,
 ) -> None:
     """Serves until a signal or ``shutdown_trigger``; see the module docstring.
@@ -63,10 +65,14 @@ async def serve(
     listens (modules, the app, the stores) is moved out of the garbage collector's sight
     (``gc.freeze()``): a full collection then walks only what requests created, not
     every loaded class and function, and so does not stall every stream for tens of ms.
+    ``keep_alive_s`` is how long an idle keep-alive connection stays open (tests shorten it).
+    The app is served through ``KeepAliveMiddleware``, and Hypercorn's own error answers
+    get JSON bodies (``use_json_error_responses``): see ``asgi.py`` for why.
     """
     token = await trio.to_thread.run_sync(ensure_default_user, settings)
     app = create_app(settings, grace_s=grace_s, **collaborators)
-    config = hypercorn_config(settings)
+    config = hypercorn_config(settings, keep_alive_s)
+    use_json_error_responses()
 
     async def stopping() -> None:
         async with trio.open_nursery() as nursery:
@@ -93,7 +99,7 @@ async def serve(
         task_status.started((host, port))
 
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(hypercorn_serve, app, config,
+        binds = await nursery.start(partial(hypercorn_serve, KeepAliveMiddleware(app), config,
                                             shutdown_trigger=stopping))
         started(binds)
 
