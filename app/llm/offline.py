@@ -12,6 +12,13 @@ Tools, when the request offers them:
   calls ``current_time`` (with ``timezone`` when the message names one);
 - when the messages end with tool results, it answers with them (``12*7 = 84.``).
 
+Reading a message takes time linear in its length, whatever it holds (long runs of spaces,
+tabs, parentheses or digits, long words). Tool detection proposes only what the tools can
+take (expressions of at most ``MAX_EXPRESSION_CHARS`` characters, zone names made of short
+parts), and a reply echoes at most 200 characters and no word longer than 40, so a long
+message does not make a long reply. A request whose text is longer than
+``INLINE_PLAN_CHARS`` is planned in a worker thread, at most two at a time per provider.
+
 Triggers, when the last user message starts with them (for tests and demos):
 
 ``/tokens N``  streams exactly N tokens (N at most 100,000);
@@ -48,12 +55,18 @@ from app.llm.base import (
     message_texts,
 )
 from app.llm.errors import ProviderStreamError
+from app.llm.tools import MAX_EXPRESSION_CHARS
 
 MODEL = "offline"
 MAX_TRIGGER_TOKENS = 100_000
 SLOW_TOKENS = 200
 SLOW_DELAY_S = 0.05
 FAIL_AFTER_TOKENS = 3
+#: Planning 1,000 characters of prose takes about 0.08 ms (0.3 ms at worst), about what a hop
+#: to a worker thread and back costs; shorter requests are planned on the event loop.
+INLINE_PLAN_CHARS = 1_000
+PLANNING_THREADS = 2
+_MAX_KEYWORD_CHARS = 40
 
 _LOREM = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 _STOPWORDS = frozenset(
@@ -76,12 +89,19 @@ _CLOSERS = (
     "Ask me to compute something, such as 12*7, and I will use the calculator.",
 )
 _EXPRESSION_RUN = re.compile(r"[-+(\d.][\d\s.+\-*/%()^]*")
-_HAS_OPERATION = re.compile(r"[\d.)]\s*(\*\*|//|[-+*/%])\s*[-+(\s]*[\d.]")
+# The possessive ``*+`` never gives back what it took: ``\s*[-+(\s]*`` tried every split of a
+# run of spaces between its two parts, which made a search quadratic in the run's length.
+_HAS_OPERATION = re.compile(r"[\d.)]\s*+(?:\*\*|//|[-+*/%])[-+(\s]*+[\d.]")
+_OPEN_PAREN = re.compile(r"\(\s*")
+_CLOSE_PAREN = re.compile(r"\)\s*")  # on the reversed expression
 _TIME_QUESTION = re.compile(
     r"\b(what time|the time|time is it|current time|what day|today'?s date|the date|what date)\b",
     re.IGNORECASE,
 )
-_ZONE = re.compile(r"\b(UTC|[A-Z][A-Za-z_]+/[A-Z][A-Za-z_]+(?:/[A-Z][A-Za-z_]+)?)\b")
+_ZONE_PART = r"[A-Z][A-Za-z_]{1,31}"  # IANA names are made of short parts
+_ZONE = re.compile(rf"\b(UTC|{_ZONE_PART}/{_ZONE_PART}(?:/{_ZONE_PART})?)\b")
+_TOKENS_TRIGGER = re.compile(r"/tokens\s+(\d+)\b")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +119,7 @@ class OfflineProvider:
 
     def __init__(self, settings: Settings) -> None:
         self._delay_s = settings.offline_token_delay_s
+        self._planners = trio.CapacityLimiter(PLANNING_THREADS)
 
     @property
     def default_model(self) -> str:
@@ -106,8 +127,12 @@ class OfflineProvider:
 
     @asynccontextmanager
     async def stream(self, request: ModelRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
-        """Streams the planned reply; raises ``ProviderStreamError`` only for ``/fail``."""
-        items = self._items(request, plan_reply(request, self._delay_s))
+        """Streams the planned reply; raises ``ProviderStreamError`` only for ``/fail``.
+
+        Cancelled while a worker thread plans a long request, it returns at once and leaves
+        the thread to finish on its own (planning is pure and takes milliseconds).
+        """
+        items = self._items(request, await self._plan(request))
         try:
             yield items
         finally:
@@ -115,6 +140,13 @@ class OfflineProvider:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+    async def _plan(self, request: ModelRequest) -> _Plan:
+        if planned_chars(request.messages) <= INLINE_PLAN_CHARS:
+            return plan_reply(request, self._delay_s)
+        return await trio.to_thread.run_sync(
+            plan_reply, request, self._delay_s, limiter=self._planners, abandon_on_cancel=True
+        )
 
     async def _items(self, request: ModelRequest, plan: _Plan) -> AsyncGenerator[StreamItem, None]:
         for index, token in enumerate(plan.tokens):
@@ -134,7 +166,8 @@ class OfflineProvider:
 
 
 def plan_reply(request: ModelRequest, delay_s: float) -> _Plan:
-    """Decides the whole reply up front, from the conversation alone."""
+    """Decides the whole reply up front, from the conversation alone, in time linear in
+    ``planned_chars(request.messages)``."""
     messages = request.messages
     if messages and messages[-1].get("role") == "tool":
         return _Plan(tokenize(_answer_tool_results(messages)), delay_s)
@@ -148,9 +181,19 @@ def plan_reply(request: ModelRequest, delay_s: float) -> _Plan:
     return _Plan(tokenize(compose_reply(text)), delay_s)
 
 
+def planned_chars(messages: list[dict[str, Any]]) -> int:
+    """How much text ``plan_reply`` reads: the last user message, or the whole conversation
+    when it answers tool results (it looks up the calls they answer)."""
+    if messages and messages[-1].get("role") == "tool":
+        return sum(len(text) for text in message_texts(messages))
+    return len(_last_user_text(messages))
+
+
 def tokenize(text: str) -> list[str]:
     """Word pieces of at most six characters, each with the spaces before it."""
-    return re.findall(r"\s*\S{1,6}", text)
+    # Trailing spaces belong to no piece: left in, a search would start at each of them and
+    # read on to the end, quadratic in their number.
+    return re.findall(r"\s*\S{1,6}", text.rstrip())
 
 
 def compose_reply(text: str) -> str:
@@ -160,7 +203,7 @@ def compose_reply(text: str) -> str:
     rng = random.Random(hashlib.sha256(text.encode()).digest())
     echo = " ".join(text.split())
     echo = echo if len(echo) <= 200 else echo[:197] + "..."
-    words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", text)]
+    words = [w.lower() for w in _WORD.findall(text) if len(w) <= _MAX_KEYWORD_CHARS]
     keywords = list(dict.fromkeys(w for w in words if w not in _STOPWORDS)) or ["this"]
     sentences = [f'You said: "{echo}".']
     chosen = rng.sample(keywords, min(2, len(keywords)))
@@ -172,15 +215,22 @@ def compose_reply(text: str) -> str:
 
 
 def _trigger_plan(text: str, delay_s: float) -> _Plan | None:
-    if match := re.match(r"/tokens\s+(\d+)\b", text):
-        count = min(int(match.group(1)), MAX_TRIGGER_TOKENS)
-        return _Plan(_lorem(count), delay_s)
+    if match := _TOKENS_TRIGGER.match(text):
+        return _Plan(_lorem(_trigger_count(match.group(1))), delay_s)
     if re.match(r"/fail\b", text):
         tokens = tokenize("This reply breaks off on purpose, as asked.")
         return _Plan(tokens, delay_s, fail_after=FAIL_AFTER_TOKENS)
     if re.match(r"/slow\b", text):
         return _Plan(_lorem(SLOW_TOKENS), SLOW_DELAY_S)
     return None
+
+
+def _trigger_count(digits: str) -> int:
+    # int() of thousands of digits is slow, and refused above 4,300 of them.
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_TRIGGER_TOKENS)):
+        return MAX_TRIGGER_TOKENS
+    return min(int(digits), MAX_TRIGGER_TOKENS)
 
 
 def _lorem(count: int) -> list[str]:
@@ -201,22 +251,32 @@ def _tool_call(text: str, request: ModelRequest, position: int) -> ToolCallReque
 
 
 def find_expression(text: str) -> str | None:
-    """The longest arithmetic expression in ``text`` (``^`` read as a power), or None."""
-    candidates = sorted(_EXPRESSION_RUN.findall(text), key=len, reverse=True)
-    for candidate in candidates:
-        expression = _balance(candidate.strip().rstrip(".").strip()).replace("^", "**")
-        if _HAS_OPERATION.search(expression):
+    """The longest arithmetic expression in ``text`` (``^`` read as a power, runs of spaces
+    read as one) that the calculator takes, or None; in time linear in ``len(text)``."""
+    runs = sorted(_EXPRESSION_RUN.findall(" ".join(text.split())), key=len, reverse=True)
+    for run in runs:
+        expression = _balance(run.strip().rstrip(".").strip()).replace("^", "**")
+        if len(expression) <= MAX_EXPRESSION_CHARS and _HAS_OPERATION.search(expression):
             return expression
     return None
 
 
 def _balance(expression: str) -> str:
     """Drops parentheses left open or closed by the surrounding prose."""
-    while expression.count("(") > expression.count(")") and expression.startswith("("):
-        expression = expression[1:].strip()
-    while expression.count(")") > expression.count("(") and expression.endswith(")"):
-        expression = expression[:-1].strip()
+    surplus = expression.count("(") - expression.count(")")
+    if surplus > 0:
+        return _drop_leading(expression, _OPEN_PAREN, surplus)
+    if surplus < 0:
+        return _drop_leading(expression[::-1], _CLOSE_PAREN, -surplus)[::-1]
     return expression
+
+
+def _drop_leading(text: str, paren: re.Pattern[str], count: int) -> str:
+    """``text`` without up to ``count`` leading parentheses and the spaces after each."""
+    start = 0
+    while count > 0 and (match := paren.match(text, start)):
+        start, count = match.end(), count - 1
+    return text[start:]
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -261,7 +321,7 @@ def _describe_result(name: str, arguments: Any, content: Any) -> str:
     except ValueError:
         result = content
     if isinstance(result, dict) and result.get("error"):
-        return f"I could not use {name}: {result['error']}."
+        return f"I could not use {name}: {str(result['error'])[:500]}."
     if name == "calculator" and isinstance(result, int | float):
         return f"{arguments.get('expression', 'The result')} = {format_number(result)}."
     if name == "current_time" and isinstance(result, dict) and "iso" in result:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
+import math
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,12 +29,14 @@ from app.llm.base import (
     estimate_tokens,
 )
 from app.llm.errors import ProviderStreamError
-from app.llm.offline import OfflineProvider, find_expression
+from app.llm.offline import OfflineProvider, find_expression, plan_reply, tokenize
 from app.llm.tools import default_registry
 
 SETTINGS = Settings(provider="offline", offline_token_delay_s=0)
 TOOLS = default_registry(SETTINGS).specs()
 CONTEXT = ToolContext(owner="alice", chat_id="chat-1")
+#: The message that froze the server for seconds when finding an expression was quadratic.
+FINDING = "what is 1+" + " " * 20_000 + "("
 
 
 def user(text: str) -> dict[str, Any]:
@@ -193,6 +200,11 @@ async def test_no_tool_call_when_the_tool_is_not_offered() -> None:
         ("what is 12 * 7?", "12 * 7"),
         ("I have 3 apples", None),
         ("GPT-4 is a model", None),
+        ("what is 12 *\n\t 7?", "12 * 7"),
+        ("what is 1+" + " " * 20_000 + "2", "1+ 2"),
+        ("(" * 5_000 + "3+4)*2", "(3+4)*2"),
+        ("add " + "1+" * 150 + "1, or just 2*3", "2*3"),  # too long for the calculator
+        (FINDING, None),
     ],
 )
 def test_finds_arithmetic_in_prose(text: str, expression: str | None) -> None:
@@ -203,3 +215,95 @@ def test_build_provider_picks_offline() -> None:
     provider = build_provider(SETTINGS)
 
     assert provider.name == "offline" and provider.default_model == "offline"
+
+
+def best_time(work: Callable[[str], object], text: str, runs: int = 5) -> float:
+    best = math.inf
+    gc.disable()  # a collection of the whole test process must not count
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            work(text)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        gc.enable()
+    return best
+
+
+def slowdown(work: Callable[[str], object], build: Callable[[int], str], n: int = 2_000) -> float:
+    """How many times longer ``work`` takes on ``build(10 * n)`` than on ``build(n)``: about
+    10 when it is linear. The best of a few runs each, so that a busy machine does not count."""
+    small, large = build(n), build(10 * n)
+    return best_time(work, large) / best_time(work, small)
+
+
+def plan(text: str) -> object:
+    return plan_reply(ModelRequest([user(text)], tools=TOOLS), 0)
+
+
+ADVERSARIAL = {
+    "spaces": lambda n: "what is 1+" + " " * n + "(",
+    "tabs": lambda n: "what is 1+" + "\t" * n + "(",
+    "spaced parentheses": lambda n: "( " * (n // 2) + "1+1",
+    "open parentheses": lambda n: "(" * n + "1+1",
+    "closing parentheses": lambda n: "1+1" + ")" * n,
+    "digits": lambda n: "/tokens " + "9" * n,
+}
+
+
+@pytest.mark.parametrize("build", ADVERSARIAL.values(), ids=ADVERSARIAL)
+def test_planning_time_is_linear_in_the_message(build: Callable[[int], str]) -> None:
+    assert slowdown(plan, build) < 30
+
+
+def test_tokenizing_time_is_linear_in_the_text() -> None:
+    assert slowdown(tokenize, lambda n: "word" + " " * n) < 30
+
+
+async def test_a_long_message_makes_a_short_reply() -> None:
+    long_word = "Supercalifragilistic" * 1_000
+    text = f"Tell me about {long_word} and {'x' * 20_000}"
+    reply = text_of(await collect(ModelRequest([user(text)], tools=TOOLS)))
+
+    assert reply.startswith('You said: "Tell me about Supercalifragilistic')
+    assert len(reply) < 600
+
+
+async def test_long_words_are_not_taken_for_time_zones() -> None:
+    text = "what time is it in Europe/" + "P" * 50 + ", or in Asia/Tokyo"
+    call = (await collect(ModelRequest([user(text)], tools=TOOLS)))[0]
+
+    assert isinstance(call, ToolCallRequest)
+    assert json.loads(call.arguments) == {"timezone": "Asia/Tokyo"}
+
+
+async def test_a_long_message_is_planned_like_a_short_one() -> None:
+    prose = "Event sourcing keeps every change as a fact. " * 200
+    items = await collect(ModelRequest([user(prose + "So, what is 12*7?")], tools=TOOLS))
+    call = items[0]
+
+    assert isinstance(call, ToolCallRequest)
+    assert json.loads(call.arguments) == {"expression": "12*7"}
+
+
+@pytest.mark.parametrize(
+    "text", [FINDING, "what is 1+" + "\t" * 31_000 + "("], ids=["spaces", "tabs"]
+)
+async def test_the_loop_stays_responsive_while_a_long_message_is_answered(text: str) -> None:
+    ticks: list[float] = []
+
+    async def tick(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ticks.append(trio.current_time())
+        task_status.started()
+        while True:
+            await trio.sleep(0.01)
+            ticks.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tick)
+        items = await collect(ModelRequest([user(text)], tools=TOOLS))
+        ticks.append(trio.current_time())
+        nursery.cancel_scope.cancel()
+
+    assert items[-1] == Finish("stop", "offline")
+    assert max(later - earlier for earlier, later in itertools.pairwise(ticks)) < 0.2

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,11 +18,12 @@ from app.config import Settings
 from app.llm.base import ToolContext, ToolSpec
 from app.llm.errors import (
     ToolArgumentsError,
+    ToolError,
     ToolExecutionError,
     ToolTimeoutError,
     UnknownToolError,
 )
-from app.llm.tools import ToolRegistry, default_registry
+from app.llm.tools import INLINE_EXPRESSION_CHARS, ToolRegistry, default_registry, evaluate
 
 CONTEXT = ToolContext(owner="alice", chat_id="chat-1")
 ANY_OBJECT = ToolSpec("slow", "Sleeps.", {"type": "object"})
@@ -88,6 +92,65 @@ async def test_calculator_refuses_anything_but_arithmetic(
 async def test_calculator_refuses_long_expressions(registry: ToolRegistry) -> None:
     with pytest.raises(ToolArgumentsError, match="200 characters"):
         await calculate(registry, "+".join(["1"] * 101))
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["(" * 10_000, "+" * 10_000 + "1", "-" * 10_000 + "1", "1+" * 5_000 + "1", "2**" * 2_000 + "1"],
+    ids=["parentheses", "plus signs", "minus signs", "additions", "powers"],
+)
+def test_deep_nesting_is_refused_as_arguments(expression: str) -> None:
+    # Allowed past MAX_EXPRESSION_CHARS, the parser and the evaluation give up on depth.
+    with pytest.raises(ToolArgumentsError, match="nested|not an arithmetic"):
+        evaluate(expression, max_chars=len(expression))
+
+
+def evaluate_any(expression: str) -> None:
+    try:
+        evaluate(expression, max_chars=len(expression))
+    except ToolError:
+        pass
+
+
+def best_time(work: Callable[[str], object], text: str, runs: int = 5) -> float:
+    best = math.inf
+    gc.disable()  # a collection of the whole test process must not count
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            work(text)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        gc.enable()
+    return best
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda n: "1+" + " " * n + "1",
+        lambda n: "1+" + "\t" * n + "(",
+        lambda n: "(" * n + "1",
+        lambda n: "-" * n + "1",
+        lambda n: "1+" * (n // 2) + "1",
+        lambda n: "1" * n,
+        lambda n: "1." + "5" * n,
+    ],
+    ids=["spaces", "tabs", "parentheses", "minus signs", "additions", "digits", "decimals"],
+)
+def test_evaluation_time_is_linear_in_the_expression(build: Callable[[int], str]) -> None:
+    small, large = build(2_000), build(20_000)
+
+    assert best_time(evaluate_any, large) / best_time(evaluate_any, small) < 30
+
+
+async def test_long_expressions_are_computed_in_a_thread_bounded_by_the_timeout() -> None:
+    expression = " + ".join(["(10**99)"] * 12)
+    assert len(expression) > INLINE_EXPRESSION_CHARS
+
+    assert await calculate(default_registry(Settings()), expression) == 12 * 10**99
+    with pytest.raises(ToolTimeoutError):  # no time left to wait for the thread
+        await calculate(default_registry(Settings(tool_timeout_s=0)), expression)
 
 
 @pytest.mark.parametrize("expression", ["1/0", "5 % 0", "3 // 0", "0 ** -1"])
