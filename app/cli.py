@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import trio
@@ -20,6 +20,9 @@ import trio
 from .config import Settings, SettingsError
 from .events.errors import EventsError
 from .projections.errors import ProjectionError
+
+if TYPE_CHECKING:
+    from .web.users import UserStore
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,9 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
 
-    users = command("users", _users, "manage users")
-    users.add_argument("action", choices=["add"])
-    users.add_argument("name")
+    users = command("users", _users, "add a user's token, list tokens, revoke them")
+    users.add_argument("action", choices=["add", "list", "revoke"])
+    users.add_argument("name", nargs="?", help="the user (add, revoke)")
+    users.add_argument("--id", dest="token_id", help="revoke only this token (see users list)")
 
     replay = command("replay", _replay, "print a chat's event log and its state at any seq")
     replay.add_argument("chat_id", type=UUID)
@@ -127,11 +131,49 @@ def _preflight(settings: Settings) -> None:
 
 
 def _users(settings: Settings, args: argparse.Namespace) -> None:
-    from .web.users import add_user
+    from .web.users import UserStore
 
-    token = add_user(settings, args.name)
-    print(f"Created user {args.name!r}. Bearer token:")
-    print(token)
+    users = UserStore(settings)
+    if args.action == "list":
+        _list_tokens(users)
+        return
+    if not args.name:
+        sys.exit(f"eventchat: users {args.action} needs a NAME")
+    if args.action == "add":
+        try:
+            token = users.add_user(args.name)
+        except ValueError as exc:
+            sys.exit(f"eventchat: {exc}")
+        print(f"Created user {args.name!r}. Bearer token:")
+        print(token)
+    else:
+        _revoke(users, args.name, args.token_id)
+
+
+def _list_tokens(users: UserStore) -> None:
+    tokens = users.tokens()
+    if not tokens:
+        print("no users")
+        return
+    width = max(len("NAME"), *(len(t.name) for t in tokens))
+    print(f"{'NAME':<{width}}  ID        CREATED (UTC)")
+    for t in tokens:
+        print(f"{t.name:<{width}}  {t.token_id}  {t.created_at}")
+
+
+def _revoke(users: UserStore, name: str, token_id: str | None) -> None:
+    from .web.users import TOKEN_CACHE_S
+
+    try:
+        count = users.revoke(name, token_id)
+    except ValueError as exc:
+        sys.exit(f"eventchat: {exc}")
+    if not count:
+        which = f"token {token_id} of user" if token_id else "token of user"
+        sys.exit(f"eventchat: no {which} {name!r}")
+    print(f"Revoked {count} token{'s' * (count > 1)} of user {name!r}; running servers refuse"
+          f" {'them' if count > 1 else 'it'} within {TOKEN_CACHE_S:g} s (WebSocket connections"
+          " already open stay open until they close).")
 
 
 def _open_app(settings: Settings) -> Any:

@@ -1,4 +1,5 @@
-"""The ``eventchat`` command, run as a user would: users, replay, export, projections."""
+"""The ``eventchat`` command, run as a user would: users (add, list, revoke), replay, export,
+projections."""
 
 from __future__ import annotations
 
@@ -6,23 +7,29 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from app.config import Settings
 from app.events.application import ChatApplication, persistence_env
 from app.events.domain import ChatSession
+from app.web.users import UserStore, hash_token
 
 
-async def eventchat(*args: str, data_dir: Path) -> str:
+async def run_eventchat(*args: str, data_dir: Path, check: bool = True) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTCHAT_", "OPENAI_"))}
-    done = await trio.run_process(
+    return await trio.run_process(
         [sys.executable, "-m", "app.cli", *args, "--data-dir", str(data_dir)],
         env=env,
         capture_stdout=True,
         capture_stderr=True,
+        check=check,
     )
-    return str(done.stdout.decode())
+
+
+async def eventchat(*args: str, data_dir: Path) -> str:
+    return str((await run_eventchat(*args, data_dir=data_dir)).stdout.decode())
 
 
 def recorded_chat(data_dir: Path) -> ChatSession:
@@ -81,3 +88,25 @@ async def test_projections_rebuild_and_status(tmp_path: Path) -> None:
     assert "from 7 events" in rebuilt
     status = json.loads(await eventchat("projections", "status", data_dir=tmp_path))
     assert status["position"] == status["max_position"] == 7 and status["lag"] == 0
+
+
+async def test_users_list_and_revoke(tmp_path: Path) -> None:
+    tokens = [(await eventchat("users", "add", name, data_dir=tmp_path)).split()[-1]
+              for name in ("carol", "carol", "dave")]
+    listed = await eventchat("users", "list", data_dir=tmp_path)
+    rows = [line.split() for line in listed.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["carol", "carol", "dave"]
+    assert {row[1] for row in rows} == {hash_token(t)[:8] for t in tokens}
+    assert all(token not in listed and hash_token(token) not in listed for token in tokens)
+
+    out = await eventchat("users", "revoke", "carol", "--id", hash_token(tokens[1])[:8],
+                          data_dir=tmp_path)
+    assert "Revoked 1 token of user 'carol'" in out
+    users = UserStore(Settings(data_dir=tmp_path))
+    assert users.authenticate(tokens[1]) is None and users.authenticate(tokens[0]) == "carol"
+    assert "Revoked 1 token" in await eventchat("users", "revoke", "carol", data_dir=tmp_path)
+    left = await eventchat("users", "list", data_dir=tmp_path)
+    assert "carol" not in left and "dave" in left
+
+    again = await run_eventchat("users", "revoke", "carol", data_dir=tmp_path, check=False)
+    assert again.returncode == 1 and b"no token of user 'carol'" in again.stderr

@@ -37,7 +37,7 @@ from .figures import (
     ttft_figures,
     write_rate_figures,
 )
-from .idle import measure_idle
+from .idle import METRICS_TOKEN, measure_idle
 from .upstream import expected_text, pacing
 
 SERVER_CPU, LOAD_CPU = 0, 1
@@ -344,6 +344,7 @@ def _server_env(options: Options, upstream_url: str, workdir: Path, schema: str 
     env.update({
         "EVENTCHAT_PROVIDER": "openai", "OPENAI_BASE_URL": upstream_url,
         "OPENAI_API_KEY": "bench", "EVENTCHAT_MODEL": "bench",
+        "EVENTCHAT_METRICS_TOKEN": METRICS_TOKEN,
         "EVENTCHAT_DATA_DIR": str(workdir / "data"),
         # One bench user sends for every chat: lift the per-user limits out of the way.
         "EVENTCHAT_MESSAGES_PER_MINUTE": "100000000",

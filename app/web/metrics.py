@@ -7,16 +7,28 @@ the projection runner projects it (``ResponseObserver``), so a response counts w
 not anyone watched it, and with several processes sharing one database each response is
 counted by exactly one of them (sum the series over processes). Gauges (connections, active
 chats, mailbox depth, projection lag) are read at scrape time.
+
+``gen_ai_response_model`` only takes the model names the operator configured (``Metrics``'s
+``models``: ``EVENTCHAT_MODEL``, the provider's default model and ``EVENTCHAT_METRICS_MODELS``);
+any other name, such as a free-text ``model`` a user gave a chat, is counted as ``other``, so
+users can neither read each other's names nor grow the series without bound.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    make_asgi_app,
+)
 
 from ..events.domain import TERMINAL_STATUS
 
@@ -32,10 +44,17 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_response_model")
+#: The ``gen_ai_response_model`` of every model name that was not configured.
+OTHER_MODEL = "other"
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Any], Callable[[Any], Any]], Any]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The app's registry and metrics; ``models`` are the names model labels may carry."""
+
+    def __init__(self, models: Iterable[str | None] = ()) -> None:
+        self.models = frozenset(name for name in models if name)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.token_usage = Histogram(
@@ -80,7 +99,7 @@ class Metrics:
         self.responses.labels(status).inc()
         usage = data.get("usage") or {}
         timing = data.get("timing") or {}
-        labels = ("chat", data.get("model") or model or "unknown")
+        labels = ("chat", self.model_label(data.get("model"), model))
         for token_type, key in (("input", "prompt_tokens"), ("output", "completion_tokens")):
             if isinstance(usage.get(key), int | float):
                 self.token_usage.labels(*labels, token_type).observe(usage[key])
@@ -97,8 +116,33 @@ class Metrics:
             if isinstance(duration, int | float) and isinstance(completion, int) and completion > 1:
                 self.tpot.labels(*labels).observe((duration - ttft) / 1000 / (completion - 1))
 
+    def model_label(self, *names: str | None) -> str:
+        """The first of ``names`` (answering model, then requested) that was configured."""
+        return next((name for name in names if name in self.models), OTHER_MODEL)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def asgi_app(self) -> ASGIApp:
+        """An ASGI app serving the registry on every path, for a listener of its own.
+
+        prometheus_client's app serves HTTP only: a WebSocket handshake is refused, and the
+        lifespan Hypercorn opens is acknowledged (there is nothing to start or stop).
+        """
+        serve_http = make_asgi_app(self.registry)
+
+        async def app(scope: dict[str, Any], receive: Callable[[], Any],
+                      send: Callable[[Any], Any]) -> None:
+            if scope["type"] == "http":
+                await serve_http(scope, receive, send)
+            elif scope["type"] == "websocket":
+                await send({"type": "websocket.close"})
+            else:
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+
+        return app
 
 
 class ResponseObserver:

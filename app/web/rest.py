@@ -12,8 +12,10 @@ from typing import Any
 from uuid import UUID
 
 import trio
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response, current_app, request
+from quart.blueprints import BlueprintSetupState
 from quart_schema import (
+    HttpSecurityScheme,
     document_response,
     security_scheme,
     validate_querystring,
@@ -25,7 +27,7 @@ from ..events.replay import chat_records
 from ..projections.errors import ViewStoreError
 from ..projections.projector import iso
 from . import schemas as s
-from .auth import current_user
+from .auth import current_user, require_metrics_token
 from .errors import NotFoundError
 from .generate import generate_json, generate_stream
 from .metrics import CONTENT_TYPE
@@ -191,8 +193,26 @@ async def health() -> tuple[dict[str, Any], int]:
     return body, status
 
 
+@rest.record_once
+def declare_metrics_token(state: BlueprintSetupState) -> None:
+    """Declares the scraper's bearer token (``EVENTCHAT_METRICS_TOKEN``) beside the users'
+    one in the OpenAPI document, as scheme ``metrics``."""
+    schema = state.app.extensions.get("QUART_SCHEMA")
+    if schema is not None and schema.security_schemes is not None:
+        schema.security_schemes["metrics"] = HttpSecurityScheme(scheme="bearer")
+
+
 @rest.get("/metrics")
-@documented(s.PrometheusText)
+@document_response(s.PrometheusText, 200)
+@document_response(s.ErrorBody, 401)
+@document_response(s.ErrorBody, 404)
+@security_scheme([{"metrics": []}])
 async def metrics() -> Response:
-    """Prometheus text format."""
-    return Response(services().metrics.render(), content_type=CONTENT_TYPE)
+    """Prometheus text format, for the scraper holding ``EVENTCHAT_METRICS_TOKEN``.
+
+    User tokens get 401; with no metrics token set, 404 (``EVENTCHAT_METRICS_BIND`` serves
+    the same text without a token on a listener of its own).
+    """
+    svc = services()
+    require_metrics_token(request, svc.settings.metrics_token)
+    return Response(svc.metrics.render(), content_type=CONTENT_TYPE)

@@ -6,6 +6,9 @@ through ``task_status`` as ``(host, port)``) and serves until SIGINT/SIGTERM or 
 get ``grace_s`` to finish and are then interrupted (recorded, text kept), WebSocket clients
 receive those last frames and a 1001 close, then the listeners close and the lifespan stops
 the background tasks.
+
+With ``settings.metrics_bind``, a second listener of its own serves the Prometheus metrics
+without a token (``serve_metrics``); it closes when the running responses have ended.
 """
 
 from __future__ import annotations
@@ -101,7 +104,23 @@ async def serve(
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(hypercorn_serve, KeepAliveMiddleware(app), config,
                                             shutdown_trigger=stopping))
+        if settings.metrics_bind:
+            await nursery.start(serve_metrics, app.extensions["eventchat"], settings.metrics_bind)
         started(binds)
+
+
+async def serve_metrics(
+    services: Services, bind: str, *, task_status: trio.TaskStatus[list[str]]
+) -> None:
+    """Serves the metrics without a token on ``bind`` (``host:port``), every path, until the
+    app has drained; reports the bound addresses. A bind that fails raises (``OSError``)."""
+    config = Config()
+    config.bind = [bind]
+    config.graceful_timeout = 1.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
+    await hypercorn_serve(services.metrics.asgi_app(), config,  # type: ignore[arg-type]
+                          shutdown_trigger=services.disconnect.wait, task_status=task_status)
 
 
 async def _wait_for(trigger: Callable[[], Awaitable[Any]], done: trio.Event) -> None:

@@ -21,6 +21,8 @@ from app.web.users import add_user
 
 START_S = 20.0
 STOP_S = 15.0
+#: The scraper's token (``/metrics``) of every test server but those that set another.
+METRICS_TOKEN = "test-metrics-token"
 
 
 @dataclass
@@ -41,6 +43,11 @@ class Server:
     def headers(self, user: str = "alice") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[user]}"}
 
+    def scraper(self) -> httpx.AsyncClient:
+        """A client holding the metrics token (``/metrics``), not a user's."""
+        headers = {"Authorization": f"Bearer {self.settings.metrics_token}"}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=20)
+
     def client(self, user: str | None = "alice", **kwargs: Any) -> httpx.AsyncClient:
         headers = self.headers(user) if user else {}
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=20, **kwargs)
@@ -51,7 +58,8 @@ class Server:
 
 
 def web_settings(settings: Settings, **changes: Any) -> Settings:
-    values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "offline_token_delay_s": 0.002}
+    values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "offline_token_delay_s": 0.002,
+                              "metrics_token": METRICS_TOKEN}
     return settings.replace(**{**values, **changes})
 
 

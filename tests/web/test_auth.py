@@ -1,15 +1,30 @@
-"""Every endpoint without a token, with a wrong one, and with another user's."""
+"""Every endpoint without a token, with a wrong one, and with another user's; listing and
+revoking tokens, and a revoked token refused by a running server."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
+import pytest
+import trio
 
 from app.config import Settings
-from app.web.users import UserStore, add_user, ensure_default_user, hash_token
+from app.web.users import (
+    TOKEN_CACHE_S,
+    Authenticator,
+    UserStore,
+    add_user,
+    ensure_default_user,
+    hash_token,
+)
 
-from .conftest import Server
+from .conftest import Server, eventually
+
+#: A WebSocket handshake sent with httpx (trio-websocket leaves a refused one's socket open).
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 
 
 def endpoints(chat_id: str) -> list[tuple[str, str, dict[str, Any] | None]]:
@@ -24,7 +39,6 @@ def endpoints(chat_id: str) -> list[tuple[str, str, dict[str, Any] | None]]:
         ("GET", f"/chat/{chat_id}/events", None),
         ("GET", "/stats", None),
         ("GET", f"/stats?chat_id={chat_id}", None),
-        ("GET", "/metrics", None),
     ]
 
 
@@ -70,3 +84,52 @@ def test_tokens_are_stored_hashed(settings: Settings) -> None:
     rows = users._query("SELECT token_hash, name FROM {table}")
     assert (hash_token(token), "carol") in [tuple(r) for r in rows]
     assert all(token not in str(r) for r in rows)
+
+
+def test_tokens_are_listed_by_id_and_revoked(settings: Settings) -> None:
+    users = UserStore(settings)
+    first, second, other = (users.add_user(n) for n in ("carol", "carol", "dave"))
+    listed = users.tokens()
+    assert [t.name for t in listed] == ["carol", "carol", "dave"]
+    by_id = {t.token_id: t for t in listed}
+    assert set(by_id) == {hash_token(t)[:8] for t in (first, second, other)}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t.created_at) for t in listed)
+    assert all(token not in repr(listed) for token in (first, second, other))
+
+    assert users.revoke("dave", hash_token(second)[:8]) == 0  # carol's token, not dave's
+    assert users.revoke("carol", hash_token(second)[:8].upper()) == 1
+    assert users.authenticate(second) is None and users.authenticate(first) == "carol"
+    with pytest.raises(ValueError, match="hex"):
+        users.revoke("carol", "not-an-id")
+    assert users.revoke("carol") == 1 and users.revoke("carol") == 0
+    assert users.authenticate(first) is None and users.authenticate(other) == "dave"
+    assert [t.name for t in users.tokens()] == ["dave"]
+
+
+async def test_a_checked_token_is_trusted_for_the_cache_ttl_only(settings: Settings) -> None:
+    users = UserStore(settings)
+    token = await trio.to_thread.run_sync(users.add_user, "carol")
+    auth = Authenticator(users, ttl_s=0.3)
+    assert await auth.user_for(token) == "carol"
+    await trio.to_thread.run_sync(users.revoke, "carol")
+    assert await auth.user_for(token) == "carol"  # trusted until the entry expires
+    await trio.sleep(0.35)
+    assert await auth.user_for(token) is None
+
+
+async def test_a_revoked_token_is_refused_by_a_running_server(server: Server) -> None:
+    async with server.client("bob") as bob:
+        assert (await bob.get("/chats")).status_code == 200  # now in the server's cache
+        revoked_at = trio.current_time()
+        assert await trio.to_thread.run_sync(UserStore(server.settings).revoke, "bob") == 1
+
+        async def refused() -> bool:
+            return (await bob.get("/chats")).status_code == 401
+
+        await eventually(refused, TOKEN_CACHE_S + 2)
+        assert trio.current_time() - revoked_at <= TOKEN_CACHE_S + 1
+        handshake = await bob.get("/ws/chat", headers=UPGRADE)
+        assert handshake.status_code == 401  # a refused WebSocket handshake
+    async with server.client("alice") as alice:
+        assert (await alice.get("/chats")).status_code == 200
+        assert (await alice.get("/ws/chat", headers=UPGRADE)).status_code == 101

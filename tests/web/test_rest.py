@@ -174,9 +174,10 @@ async def test_stats_health_and_metrics(server: Server) -> None:
         assert one["totals"]["messages"] == 2
         health = await c.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
+    async with server.scraper() as scraper:
         with trio.fail_after(5):
             while True:
-                metrics = (await c.get("/metrics"))
+                metrics = (await scraper.get("/metrics"))
                 if "gen_ai_client_token_usage_bucket" in metrics.text:
                     break
                 await trio.sleep(0.05)

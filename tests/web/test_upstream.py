@@ -47,13 +47,13 @@ async def test_a_turn_through_an_openai_compatible_server_never_shows_the_key(
                 chat_id = first[0]["chat_id"]
                 await ws.send_message(json.dumps({"message": "again", "chat_id": chat_id}))
                 second = await frames_of_turn(ws)
-            async with server.client() as client:
+            async with server.client() as client, server.scraper() as scraper:
                 readable = [
                     (await client.get(f"/chat/{chat_id}")).text,
                     (await client.get(f"/chat/{chat_id}/events")).text,
                     (await client.get("/stats")).text,
                     (await client.get("/chats")).text,
-                    (await client.get("/metrics")).text,
+                    (await scraper.get("/metrics")).text,
                     (await client.get("/health")).text,
                 ]
                 page = (await client.get(f"/chat/{chat_id}")).json()
