@@ -63,6 +63,8 @@ class ToolRegistry:
             arguments = json.loads(raw) if raw.strip() else {}
         except ValueError as exc:
             raise ToolArgumentsError(f"{name}: arguments are not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise ToolArgumentsError(f"{name}: arguments are nested too deeply") from exc
         if not isinstance(arguments, dict):
             raise ToolArgumentsError(f"{name}: arguments must be a JSON object")
         problem = schema_problem(spec.parameters, arguments)

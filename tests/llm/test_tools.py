@@ -176,6 +176,7 @@ async def test_non_real_results_are_refused(registry: ToolRegistry) -> None:
         ("{}", "required expression"),
         ('{"expression": 5}', "type string"),
         ('{"expression": "1", "mode": "x"}', "unknown mode"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # a model's garbage
     ],
 )
 async def test_bad_arguments_are_refused(registry: ToolRegistry, raw: str, problem: str) -> None:
