@@ -349,6 +349,9 @@ def _server_env(options: Options, upstream_url: str, workdir: Path, schema: str 
         # One bench user sends for every chat: lift the per-user limits out of the way.
         "EVENTCHAT_MESSAGES_PER_MINUTE": "100000000",
         "EVENTCHAT_CONCURRENT_RESPONSES": "100000",
+        "EVENTCHAT_CHATS_PER_HOUR": "100000000",
+        "EVENTCHAT_WS_CONNECTIONS_PER_USER": "100000",
+        "EVENTCHAT_FOLLOWS_PER_CONNECTION": "100000",
     })
     if schema is not None:
         env["EVENTCHAT_DATABASE_URL"] = options.database_url
