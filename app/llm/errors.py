@@ -2,8 +2,10 @@
 
     LLMError                       the model could not give (all of) an answer
     ├── ProviderUnavailableError   connection refused, 5xx after retries       (503)
-    ├── ProviderRateLimitedError   429 after retries                           (429)
-    ├── ProviderTimeoutError       no answer / no next chunk in time           (503)
+    ├── ProviderRateLimitedError   429 after retries, or a wait past the       (429)
+    │                              first-token deadline
+    ├── ProviderTimeoutError       no answer / first token / next chunk in     (503)
+    │                              time, or the call's deadline passed
     ├── ProviderRequestError       4xx other than 429: bad key, unknown model  (400)
     ├── ProviderProtocolError      a chunk we cannot parse
     └── ProviderStreamError        the stream broke in mid-answer

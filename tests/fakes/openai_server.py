@@ -28,17 +28,23 @@ Behaviours:
                  ``data: [DONE]``. Faults: ``delay_s`` between chunks, ``drop_after`` N chunks
                  (the connection is closed mid-body), ``malformed_after`` N chunks (sends
                  ``data: {not json``), ``error_after`` N chunks (sends an in-stream
-                 ``{"error": ...}`` event), ``stall_after`` N chunks for ``stall_s`` seconds,
-                 ``usage=False`` (no usage chunk), ``headers_delay_s`` before the status line.
-                 A request with ``"stream": false`` gets one ``chat.completion`` instead.
-``ErrorReply``   answers ``status`` with an OpenAI-style JSON error body and ``Retry-After: 0``
-                 plus ``retry-after-ms`` (so client retries do not sleep for long).
+                 ``{"error": ...}`` event), ``stall_after`` N chunks for ``stall_s`` seconds
+                 (``stall_after=0``: before the first chunk, the headers sent), ``usage=False``
+                 (no usage chunk), ``headers_delay_s`` before the status line, and
+                 ``keepalive_s``: an SSE comment (``: keep-alive``) every so many seconds
+                 through every stall and ``delay_s`` pause, as proxies and some servers send
+                 to keep an idle stream open. A request with ``"stream": false`` gets one
+                 ``chat.completion`` instead (after ``headers_delay_s``).
+``ErrorReply``   answers ``status`` with an OpenAI-style JSON error body, after ``delay_s``,
+                 with ``Retry-After: <retry_after>`` (0 by default) and ``retry-after-ms:
+                 <retry_after_ms>`` (1 by default, so client retries do not sleep for long;
+                 clients read it first). None leaves either header out.
 ``HangUp``       closes the connection without answering.
 
 ``server.client_disconnected`` (a ``trio.Event``) is set when the client closes its connection
-while a stream is still being sent, whether the server was writing, sleeping or stalled at the
-time; ``server.disconnects`` counts such closes. The server stops when the ``async with``
-block ends.
+before an answer is complete, whether the server was writing, sleeping (a headers delay, a
+stall) or sending keep-alive comments at the time; ``server.disconnects`` counts such closes.
+The server stops when the ``async with`` block ends.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -98,6 +104,8 @@ class StreamReply:
     stall_after: int | None = None
     stall_s: float = 3600.0
     headers_delay_s: float = 0.0
+    #: Seconds between keep-alive comments while stalled or pausing (0: none).
+    keepalive_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,8 +114,21 @@ class ErrorReply:
 
     status: int = 500
     message: str = "the fake server failed on purpose"
-    retry_after_ms: int = 1
+    #: ``Retry-After``: seconds, or text sent as is (an HTTP date); None leaves it out.
+    retry_after: float | str | None = 0
+    #: ``retry-after-ms``, which clients read first; None leaves it out.
+    retry_after_ms: int | None = 1
     delay_s: float = 0.0
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if isinstance(self.retry_after, str):
+            headers["retry-after"] = self.retry_after
+        elif self.retry_after is not None:
+            headers["retry-after"] = f"{self.retry_after:g}"
+        if self.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(self.retry_after_ms)
+        return headers
 
 
 @dataclass(frozen=True)
@@ -241,19 +262,14 @@ class _Connection:
         if isinstance(behaviour, HangUp):
             return False
         if isinstance(behaviour, ErrorReply):
-            await trio.sleep(behaviour.delay_s)
-            extra = {"retry-after": "0", "retry-after-ms": str(behaviour.retry_after_ms)}
-            error = _error_body(behaviour.message, behaviour.status)
-            await self._send_json(behaviour.status, error, extra)
-            return True
-        await trio.sleep(behaviour.headers_delay_s)
+            return await self._watched(partial(self._send_error, behaviour))
         if not request.get("stream"):
-            await self._send_json(200, _completion(behaviour, request))
-            return True
-        return await self._stream_reply(behaviour, request)
+            return await self._watched(partial(self._send_completion, behaviour, request))
+        return await self._watched(partial(self._send_stream, behaviour, request))
 
-    async def _stream_reply(self, reply: StreamReply, request: dict[str, Any]) -> bool:
-        """Streams while watching for the client to hang up; False if the connection ended."""
+    async def _watched(self, send: Callable[[], Awaitable[bool | None]]) -> bool:
+        """Answers with ``send`` while watching for the client to hang up; False if the
+        connection ended (``send`` returns None to have it dropped here)."""
         finished: bool | None = False
         async with trio.open_nursery() as nursery:
 
@@ -268,7 +284,7 @@ class _Connection:
 
             nursery.start_soon(watch)
             try:
-                finished = await self._send_stream(reply, request)
+                finished = await send()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._server.note_disconnect()
             nursery.cancel_scope.cancel()
@@ -281,8 +297,20 @@ class _Connection:
         await self._stream.aclose()
         return False
 
+    async def _send_error(self, reply: ErrorReply) -> bool:
+        await trio.sleep(reply.delay_s)
+        error = _error_body(reply.message, reply.status)
+        await self._send_json(reply.status, error, reply.headers())
+        return True
+
+    async def _send_completion(self, reply: StreamReply, request: dict[str, Any]) -> bool:
+        await trio.sleep(reply.headers_delay_s)
+        await self._send_json(200, _completion(reply, request))
+        return True
+
     async def _send_stream(self, reply: StreamReply, request: dict[str, Any]) -> bool | None:
         """Sends the stream; True when complete, None when it must be dropped here."""
+        await trio.sleep(reply.headers_delay_s)
         head = (
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             "transfer-encoding: chunked\r\n\r\n"
@@ -298,13 +326,21 @@ class _Connection:
                 error = _error_body("the fake server failed in mid-answer", 500)
                 await self._send_chunk(b"data: " + json.dumps(error).encode() + b"\n\n")
             if sent == reply.stall_after:
-                await trio.sleep(reply.stall_s)
+                await self._pause(reply.stall_s, reply.keepalive_s)
             if sent and reply.delay_s:
-                await trio.sleep(reply.delay_s)
+                await self._pause(reply.delay_s, reply.keepalive_s)
             await self._send_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         # [DONE] and the end of the body in one write, so the client never sees one alone.
         await self._stream.send_all(_chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         return True
+
+    async def _pause(self, seconds: float, keepalive_s: float) -> None:
+        """Sleeps, sending a keep-alive comment every ``keepalive_s`` seconds (if not 0)."""
+        end = trio.current_time() + seconds
+        while keepalive_s and trio.current_time() + keepalive_s < end:
+            await trio.sleep(keepalive_s)
+            await self._send_chunk(b": keep-alive\n\n")
+        await trio.sleep_until(end)
 
     async def _send_chunk(self, data: bytes) -> None:
         await self._stream.send_all(_chunked(data))

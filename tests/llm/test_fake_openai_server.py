@@ -50,3 +50,31 @@ async def test_answers_plain_completions_models_and_errors() -> None:
     assert models.json()["data"][0]["id"] == "fake-model"
     assert missing.status_code == 404
     assert len(server.requests) == 2
+
+
+async def test_sends_keep_alive_comments_through_a_stall() -> None:
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    reply = StreamReply(["a"], stall_after=0, stall_s=0.5, keepalive_s=0.2)
+    async with fake_openai_server(reply) as server:
+        async with httpx2.AsyncClient() as client:
+            with trio.fail_after(5):
+                response = await client.post(f"{server.base_url}/chat/completions", json=body)
+
+    events = response.text.split("\n\n")
+    assert events[:2] == [": keep-alive", ": keep-alive"]  # at 0.2 s and 0.4 s
+    assert events[2].startswith("data: ") and json.loads(events[2][6:])["choices"]
+
+
+async def test_error_replies_carry_the_retry_after_asked() -> None:
+    async with fake_openai_server(
+        ErrorReply(429, retry_after=30, retry_after_ms=None),
+        ErrorReply(503, retry_after="Wed, 21 Oct 2099 07:28:00 GMT", retry_after_ms=2500),
+        ErrorReply(500, retry_after=None, retry_after_ms=None),
+    ) as server:
+        async with httpx2.AsyncClient(base_url=server.base_url) as client:
+            with trio.fail_after(5):
+                answers = [await client.post("/chat/completions", json={}) for _ in range(3)]
+
+    headers = [(a.headers.get("retry-after"), a.headers.get("retry-after-ms")) for a in answers]
+    assert headers == [("30", None), ("Wed, 21 Oct 2099 07:28:00 GMT", "2500"), (None, None)]
+    assert [a.status_code for a in answers] == [429, 503, 500]

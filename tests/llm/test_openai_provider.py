@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -344,3 +346,162 @@ async def test_event_stream_reading_follows_the_format() -> None:
 async def test_an_error_in_the_event_stream_raises(event: bytes) -> None:
     with pytest.raises(_StreamedError):
         await sse(b'data: {"choices": []}\n\n' + event)
+
+
+# Deadlines. Each case runs the real fake server on loopback with deadlines of a second or
+# two; elapsed times are bounded below by the deadline and above by it plus MARGIN_S (time
+# to notice and close), never by a tight wall-clock figure.
+
+MARGIN_S = 2.0
+
+
+async def failing_call(
+    provider: OpenAIProvider, error: type[Exception], match: str, into: list[StreamItem]
+) -> float:
+    """Runs a call that must fail with ``error``; returns its elapsed seconds."""
+    started = trio.current_time()
+    with pytest.raises(error, match=match):
+        await collect(provider, into=into)
+    return trio.current_time() - started
+
+
+async def assert_upstream_closed(server: FakeOpenAIServer) -> None:
+    with trio.fail_after(2):
+        await server.client_disconnected.wait()
+
+
+async def test_keep_alive_comments_do_not_hold_off_the_first_token_deadline() -> None:
+    items: list[StreamItem] = []
+    reply = StreamReply(["late"], stall_after=0, keepalive_s=0.2)  # comments, never a token
+    async with fake_openai_server(reply) as server:
+        async with provider_for(
+            server, request_timeout_s=0.5, model_first_token_timeout_s=1.5
+        ) as provider:
+            elapsed = await failing_call(
+                provider, ProviderTimeoutError,
+                r"^no first token from the model within 1\.5 s \(1 attempt\)$", items,
+            )
+            await assert_upstream_closed(server)
+
+    assert 1.5 <= elapsed < 1.5 + MARGIN_S
+    assert texts(items) == []
+
+
+async def test_keep_alive_comments_after_the_first_token_do_not_hold_off_the_deadline() -> None:
+    items: list[StreamItem] = []
+    reply = StreamReply(["Hel", "lo"], stall_after=1, keepalive_s=0.2)
+    async with fake_openai_server(reply) as server:
+        async with provider_for(
+            server, request_timeout_s=0.5, model_first_token_timeout_s=1, model_deadline_s=2
+        ) as provider:
+            elapsed = await failing_call(
+                provider, ProviderTimeoutError, r"^the model's reply exceeded the 2 s deadline$",
+                items,
+            )
+            await assert_upstream_closed(server)
+
+    assert 2 <= elapsed < 2 + MARGIN_S
+    assert texts(items) == ["Hel"]  # kept: the turn records it with the failure
+
+
+async def test_only_content_or_tool_call_deltas_meet_the_first_token_deadline() -> None:
+    empty = StreamReply(["", "", "", "", "", "late"], delay_s=0.3)  # role and empty content
+    calls = [FakeToolCall("calculator", {"expression": "12*7"}, fragment_chars=2)]
+    fragments = StreamReply(tool_calls=calls, delay_s=0.1)  # 1.1 s, the first one at once
+    async with fake_openai_server(empty, fragments) as server:
+        async with provider_for(server, model_first_token_timeout_s=0.8) as provider:
+            elapsed = await failing_call(
+                provider, ProviderTimeoutError, "no first token from the model within 0.8 s",
+                [],
+            )
+            await assert_upstream_closed(server)
+            items = await collect(provider)
+
+    assert 0.8 <= elapsed < 0.8 + MARGIN_S
+    assert only(items, ToolCallRequest).arguments == '{"expression": "12*7"}'
+
+
+async def test_a_stall_before_the_headers_ends_at_the_first_token_deadline_retries_included(
+) -> None:
+    stalled = StreamReply(["late"], headers_delay_s=30)
+    async with fake_openai_server(ErrorReply(500), ErrorReply(503), stalled) as server:
+        async with provider_for(
+            server, request_timeout_s=5, max_retries=2, model_first_token_timeout_s=2
+        ) as provider:
+            # Without the deadline: two back-off pauses, then 5 s before the third answer.
+            elapsed = await failing_call(
+                provider, ProviderTimeoutError,
+                r"^no first token from the model within 2 s \(3 attempts\)$", [],
+            )
+            await assert_upstream_closed(server)
+
+    assert 2 <= elapsed < 2 + MARGIN_S
+    assert len(server.requests) == 3
+
+
+async def test_attempts_that_time_out_say_how_long_each_waited_and_how_many_were_made() -> None:
+    stalled = StreamReply(["late"], headers_delay_s=30)
+    async with fake_openai_server(stalled, stalled) as server:
+        async with provider_for(server, request_timeout_s=0.3, max_retries=1) as provider:
+            elapsed = await failing_call(
+                provider, ProviderTimeoutError,
+                r"^the model server did not answer within 0\.3 s \(2 attempts\)$", [],
+            )
+
+    assert 0.6 <= elapsed < 0.6 + MARGIN_S  # two attempts and one back-off pause
+    assert len(server.requests) == 2
+
+
+async def test_a_back_off_pause_beyond_the_first_token_deadline_is_not_taken() -> None:
+    refusal = ErrorReply(500, "overloaded", retry_after=None, retry_after_ms=None)
+    async with fake_openai_server(refusal, StreamReply(["ok"])) as server:
+        async with provider_for(server, model_first_token_timeout_s=0.3) as provider:
+            # no pause asked for: the first back-off pause is 0.375-0.5 s
+            elapsed = await failing_call(
+                provider, ProviderUnavailableError,
+                r"^the model server failed \(500\): overloaded; a retry after 0\.\d+ s would not"
+                r" fit in the 0\.\d s left of the 0\.3 s first-token deadline$", [],
+            )
+
+    assert elapsed < 0.3
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        {"retry_after": 30, "retry_after_ms": None},
+        {"retry_after_ms": 30_000},
+        {"retry_after": "in 30 s", "retry_after_ms": None},  # an HTTP date, written below
+    ],
+    ids=["retry-after", "retry-after-ms", "retry-after-date"],
+)
+async def test_a_rate_limit_pause_beyond_the_first_token_deadline_fails_at_once(
+    asked: dict[str, Any],
+) -> None:
+    if asked.get("retry_after") == "in 30 s":
+        asked = asked | {"retry_after": email.utils.formatdate(time.time() + 30, usegmt=True)}
+    refusal = ErrorReply(429, "slow down", **asked)
+    async with fake_openai_server(refusal, StreamReply(["later"])) as server:
+        async with provider_for(server, model_first_token_timeout_s=12) as provider:
+            elapsed = await failing_call(
+                provider, ProviderRateLimitedError,
+                r"^the model is rate limited: it asked to retry after (29(\.\d+)?|30) s, beyond"
+                r" the 1[12](\.\d)? s left of the 12 s first-token deadline$", [],
+            )
+
+    assert elapsed < 1
+    assert len(server.requests) == 1
+
+
+async def test_a_rate_limit_with_retry_after_0_is_retried_at_once() -> None:
+    refusal = ErrorReply(429, "slow down", retry_after=0, retry_after_ms=None)
+    async with fake_openai_server(refusal, StreamReply(["once"])) as server:
+        async with provider_for(server, model_first_token_timeout_s=12) as provider:
+            started = trio.current_time()
+            items = await collect(provider)
+            elapsed = trio.current_time() - started
+
+    assert texts(items) == ["once"]
+    assert len(server.requests) == 2
+    assert elapsed < 0.3  # no back-off pause (0.375 s at least) where the server asked none
