@@ -7,6 +7,11 @@ the chat goes through ``record()``: one lock, one transaction, then the new even
 published to the chat's subscribers. If a save fails, the aggregate is reloaded from the log
 so memory never runs ahead of the store. An actor idle for ``passivate_after_s`` returns
 from ``run()``; any other exception is a crash for the supervisor to restart from the log.
+
+The owner's saves carry its lease's fence. When the lease is lost (its connection failed, or
+a save was fenced) the actor writes nothing more: its running turn is abandoned (the model
+call closed, nothing recorded), ``run()`` returns with ``lease_lost`` set, and the supervisor
+starts it again, which takes the lease back if it is free or follows the new owner.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from ..events.errors import (
     ConcurrencyError,
     DuplicateMessageError,
     EventsError,
+    FencedError,
     StoreError,
 )
+from .cluster import Lease
 from .errors import ActorCrashedError, ActorStoppedError
 from .messages import (
     Accepted,
@@ -67,27 +74,53 @@ class SessionActor:
         self._stale = False
         #: The response started with a message whose transaction is still committing.
         self._early: str | None = None
-        #: True when this process holds the chat's lease and so runs its responses; a
+        #: Held when this process holds the chat's lease and so runs its responses; a
         #: follower only records messages (the owner picks them up from the log) and
         #: forwards stops, and takes over if the owner goes away.
-        self.owns = False
+        self.lease: Lease | None = None
+        #: The lease was lost during the last ``run()``: nothing more was written.
+        self.lease_lost = False
+        self._scope = trio.CancelScope()
+
+    @property
+    def owns(self) -> bool:
+        return self.lease is not None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self, recovery_reason: str) -> None:
         """Loads the chat, takes its lease if free (ending a response its dead owner left
-        open), then serves until idle."""
+        open: ``owner_lost`` if another process held the chat last), then serves until idle.
+        Returns at once, ``lease_lost`` set, when the lease is lost."""
         self.turn, self._lock, self._work = None, trio.Lock(), trio.Event()
-        if not self.owns:  # a restarted actor still holds its lease (locks count per take)
-            self.owns = await self.system.leases.acquire(self.chat_id)
-        self.chat = await self.store.get(self.chat_id)
-        self.published_seq = self.chat.version
-        if self.owns:
-            await self._recover(recovery_reason)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._generate_loop)
-            await self._receive_loop()
-            nursery.cancel_scope.cancel()
+        self.lease_lost, self._scope = False, trio.CancelScope()
+        with self._scope:
+            if self.lease is None:  # a restarted actor still holds its lease
+                self.lease = await self.system.leases.acquire(self.chat_id)
+                if self.lease is not None and self.lease.taken_over:
+                    recovery_reason = "owner_lost"
+            self.chat = await self.store.get(self.chat_id)
+            self.published_seq = self.chat.version
+            if self.owns:
+                try:
+                    await self._recover(recovery_reason)
+                except FencedError:
+                    return  # lose_lease() has run
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._generate_loop)
+                await self._receive_loop()
+                nursery.cancel_scope.cancel()
+
+    def lose_lease(self) -> None:
+        """The chat's lease is gone: writes stop at once, the running turn is abandoned and
+        ``run()`` returns (the supervisor starts the actor again)."""
+        if self.lease is None:
+            return
+        self.lease, self.lease_lost = None, True
+        log.warning("chat %s: lease lost; its running response is abandoned", self.chat_id)
+        if self.turn is not None:
+            self.turn.abandon()
+        self._scope.cancel()
 
     async def _recover(self, reason: str) -> None:
         """As the new owner: ends a response left open (text kept), answers what waits."""
@@ -96,11 +129,15 @@ class SessionActor:
         self._work.set()
 
     async def _try_to_own(self) -> None:
-        if await self.system.leases.acquire(self.chat_id):
-            self.owns = True
+        lease = await self.system.leases.acquire(self.chat_id)
+        if lease is not None:
+            self.lease = lease
             async with self._lock:
                 await self._reload()
-            await self._recover("owner_lost")
+            try:
+                await self._recover("owner_lost")
+            except FencedError:
+                pass  # lose_lease() has run
 
     async def _receive_loop(self) -> None:
         idle_since = trio.current_time()
@@ -154,10 +191,15 @@ class SessionActor:
                     async with self._lock:
                         await self._reload()
                 command.reply.set(None)
+        except FencedError:
+            self.system.redeliver(self.chat_id, command)  # nothing was written: run it again
         except EventsError as exc:
             command.reply.fail(exc)
         except trio.Cancelled:
-            command.reply.fail(ActorStoppedError("the chat's actor stopped; try again"))
+            if self.lease_lost:  # nothing was written: the restarted actor runs it
+                self.system.redeliver(self.chat_id, command)
+            else:
+                command.reply.fail(ActorStoppedError("the chat's actor stopped; try again"))
             raise
         except BaseException:
             command.reply.fail(ActorCrashedError("the chat's actor failed; try again"))
@@ -259,7 +301,10 @@ class SessionActor:
                 async with self._lock:
                     await self._reload()
             while self.owns and (self.chat.pending or self._started_with_its_message()):
-                await self._answer_next()
+                try:
+                    await self._answer_next()
+                except FencedError:
+                    return  # lose_lease() has run
             await self._work.wait()
             self._work = trio.Event()
 
@@ -303,25 +348,34 @@ class SessionActor:
         """Applies ``mutations`` to the chat and saves their events in one transaction.
 
         Returns the first mutation's result. A rule error leaves everything unchanged. If
-        another process wrote the chat first, the chat is reloaded and the mutations are
-        checked and applied again (a few times). Any other store error reloads the chat and
+        another process wrote the chat first (a follower recorded a message), the chat is
+        reloaded and the mutations decide again on the stored state, a few times: they check
+        what they need (a turn's text must continue the stored text exactly, see
+        ``Turn._flush``), so nothing is applied twice. The owner's saves carry its lease's
+        fence: ``FencedError`` (nothing written) loses the lease (``lose_lease``); once lost,
+        every save raises it at once. Any other store error reloads the chat and
         propagates. The save is shielded: once started, it completes and its events are
         published, even on cancellation.
         """
         async with self._lock:
+            if self.lease_lost:
+                raise FencedError(f"chat {self.chat_id} is no longer leased here")
+            fence = self.lease.fence if self.lease is not None else None
             with trio.CancelScope(shield=True):
                 for attempt in range(CONFLICT_RETRIES):
                     try:
                         results = [mutate(self.chat) for mutate in mutations]
                         if self._early is not None:  # its model call starts now
                             self._work.set()
-                        recordings = await self.store.save(self.chat)
+                        recordings = await self.store.save(self.chat, fence=fence)
                         break
                     except ConcurrencyError:
                         await self._reload()
                         if attempt == CONFLICT_RETRIES - 1:
                             raise
-                    except (ChatRuleError, StoreError):
+                    except (ChatRuleError, StoreError) as exc:
+                        if isinstance(exc, FencedError):
+                            self.lose_lease()
                         if self.chat.pending_events or self.chat.version != self.published_seq:
                             await self._reload()
                         raise
@@ -329,7 +383,7 @@ class SessionActor:
                 first = recordings[0].domain_event.originator_version
                 for recording in recordings:
                     self.published_seq = recording.domain_event.originator_version
-                    self.system.hub.publish(self.chat_id, recording.domain_event)
+                    self.system.publish_event(self.chat_id, recording.domain_event)
                 self.system.tell_others(k="e", c=str(self.chat_id), a=first, b=self.published_seq)
                 self._work.set()
             return results[0]

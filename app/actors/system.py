@@ -8,6 +8,12 @@ system resumes every chat left with an open response or an unanswered message.
 
 On SQLite the data directory is claimed with an exclusive file lock: one process owns its
 chats, so a response left open at start-up was necessarily left by a dead process.
+
+On PostgreSQL the system also runs the bus and watches the lease connection. When leases are
+lost, their actors stop writing at once and start again (as followers until they get the
+lease back, here or elsewhere); when items from other processes were lost, every actor
+reloads and the followers of each chat get the events they missed from the log.
+``problems()`` says what is degraded meanwhile.
 """
 
 from __future__ import annotations
@@ -31,10 +37,19 @@ from ..events.errors import ChatNotFoundError, EventsError, StoreError
 from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
-from .cluster import Bus, LocalLeases, PostgresLeases
+from .cluster import Bus, LocalLeases, PostgresLeases, RemoteText, SeqSet
 from .errors import ActorError, ActorStoppedError, MailboxFullError
 from .hub import Hub, Subscription
-from .messages import Accepted, Admission, Attach, Command, SendMessage, StopGeneration, TokenDelta
+from .messages import (
+    Accepted,
+    Admission,
+    Attach,
+    Command,
+    LiveState,
+    SendMessage,
+    StopGeneration,
+    TokenDelta,
+)
 from .session import SessionActor
 
 log = logging.getLogger(__name__)
@@ -90,11 +105,15 @@ class ActorSystem:
         self.leases: LocalLeases | PostgresLeases = LocalLeases()
         self.bus: Bus | None = None
         if settings.store_kind == "postgres":
-            self.leases = PostgresLeases(settings)
+            self.leases = PostgresLeases(settings, self._leases_lost)
             self.bus = Bus(settings, self._from_others)
         self._from_bus, self._bus_items = trio.open_memory_channel[dict[str, Any]](BUS_BACKLOG)
-        #: Text streamed by responses running in other processes (response id, offset, text).
-        self._remote: dict[UUID, tuple[str, int, str]] = {}
+        #: Text streamed by responses running in other processes.
+        self._remote: dict[UUID, RemoteText] = {}
+        #: The seqs handed to the followers of each chat followed here.
+        self._given: dict[UUID, SeqSet] = {}
+        #: Items from other processes were lost: catch up from the log before the next one.
+        self._catch_up_due = False
         self._unfinished = UnfinishedChats(store.app)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -109,6 +128,8 @@ class ActorSystem:
                 if self.bus is not None:
                     await nursery.start(self.bus.run)
                     nursery.start_soon(self._feed_from_others)
+                if isinstance(self.leases, PostgresLeases):
+                    await nursery.start(self.leases.watch)
                 await self._resume_unfinished()
                 if self.bus is not None:
                     nursery.start_soon(self._resume_periodically)
@@ -197,10 +218,19 @@ class ActorSystem:
             if actor is not None:  # else it passivated in between: attach to its successor
                 break
         subscription = self.hub.open(chat_id, actor.live_state())
+        self._joined(chat_id, subscription.state)
         try:
             yield subscription
         finally:
             self.hub.close(subscription)
+            if not self.hub.count(chat_id):
+                self._given.pop(chat_id, None)
+
+    def publish_event(self, chat_id: UUID, event: Any) -> None:
+        """Hands a stored event to the chat's followers here, unless they had it already."""
+        given = self._given.get(chat_id)
+        if given is None or given.add(event.originator_version):
+            self.hub.publish(chat_id, event)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -212,6 +242,14 @@ class ActorSystem:
                 a.mailbox.statistics().current_buffer_used for a in self._actors.values()
             ),
         }
+
+    def problems(self) -> list[str]:
+        """What is degraded now (a lost connection to PostgreSQL being made again), for
+        operators; empty when all is well."""
+        found = list(self.bus.problems.values()) if self.bus is not None else []
+        if self.leases.problem is not None:
+            found.append(self.leases.problem)
+        return found
 
     def owns(self, chat_id: UUID) -> bool:
         """True if this process runs the chat's responses (and so saves its events)."""
@@ -254,12 +292,20 @@ class ActorSystem:
         return actor
 
     async def _supervise(self, actor: SessionActor) -> None:
+        """Runs ``actor`` until it passivates. A crash restarts it from the log with backoff
+        (``actor_restarted``); a lost lease too, its abandoned response then being ended as
+        ``owner_lost`` by whichever process takes the chat."""
         reason, backoff = "server_restarted", BACKOFF_START_S
         try:
             while True:
                 try:
                     await actor.run(recovery_reason=reason)
-                    return
+                    if not actor.lease_lost:
+                        return
+                    reason = "owner_lost"
+                    await self._release(actor.chat_id)  # if its lock outlived the fence
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
                 except ChatNotFoundError as exc:
                     actor.fail_waiting(exc)
                     return
@@ -277,13 +323,16 @@ class ActorSystem:
             if self._actors.get(actor.chat_id) is actor:
                 del self._actors[actor.chat_id]
             for command in actor.drain():
-                self._redeliver(actor.chat_id, command)
+                self.redeliver(actor.chat_id, command)
             if actor.owns:
-                with trio.move_on_after(2, shield=True):
-                    try:
-                        await self.leases.release(actor.chat_id)
-                    except StoreError as exc:
-                        log.warning("could not release the lease of %s: %s", actor.chat_id, exc)
+                await self._release(actor.chat_id)
+
+    async def _release(self, chat_id: UUID) -> None:
+        with trio.move_on_after(2, shield=True):
+            try:
+                await self.leases.release(chat_id)
+            except StoreError as exc:
+                log.warning("could not release the lease of %s: %s", chat_id, exc)
 
     # -- other processes ----------------------------------------------------------------
 
@@ -291,33 +340,57 @@ class ActorSystem:
         if self.bus is not None:
             self.bus.send(**item)
 
+    def _leases_lost(self, chat_ids: list[UUID]) -> None:
+        for chat_id in chat_ids:
+            actor = self._actors.get(chat_id)
+            if actor is not None:
+                actor.lose_lease()
+
     def _from_others(self, item: dict[str, Any]) -> None:
+        if item["k"] == "r":
+            self._catch_up_due = True
         try:
             self._from_bus.send_nowait(item)
         except trio.WouldBlock:
+            self._catch_up_due = True
             log.warning("bus backlog full: a live item from another process was dropped")
 
     async def _feed_from_others(self) -> None:
-        """Applies other processes' items in arrival order: stops, wake-ups, live frames."""
+        """Applies other processes' items in arrival order: stops, wake-ups, live frames;
+        catches up from the log first when some were lost."""
         async for item in self._bus_items:
+            if self._catch_up_due:
+                self._catch_up_due = False
+                await self._catch_up()
+            kind = item["k"]
+            if kind == "r":
+                continue
             chat_id = UUID(item["c"])
             actor = self._actors.get(chat_id)
-            kind = item["k"]
             if kind == "x" and actor is not None and actor.owns:
                 actor.stop_here()
             elif kind == "e":
                 if actor is not None and actor.owns:
                     actor.refresh_soon()
-                if self.hub.count(chat_id):
-                    await self._publish_stored(chat_id, item["a"], item["b"])
+                given = self._given.get(chat_id)
+                if given is not None:  # from the first seq not handed on: none is skipped
+                    await self._publish_stored(chat_id, min(item["a"], given.upto + 1), item["b"])
             elif kind == "d":
-                self._mirror(chat_id, item["r"], item["o"], item["t"])
-                if self.hub.count(chat_id):
-                    self.hub.publish(chat_id, TokenDelta(chat_id, item["r"], item["t"], item["o"]))
+                self._remote_delta(chat_id, item["r"], item["o"], item["t"])
             elif kind == "z":
                 self._remote.pop(chat_id, None)
 
-    async def _publish_stored(self, chat_id: UUID, first: int, last: int) -> None:
+    async def _catch_up(self) -> None:
+        """Items from other processes were lost: every actor reloads its chat (a message
+        recorded elsewhere may be waiting for its owner), and the followers of each chat get
+        the events they missed, read from the log."""
+        log.info("catching up from the log: %d chats followed here", len(self._given))
+        for actor in list(self._actors.values()):
+            actor.refresh_soon()
+        for chat_id, given in list(self._given.items()):
+            await self._publish_stored(chat_id, given.upto + 1)
+
+    async def _publish_stored(self, chat_id: UUID, first: int, last: int | None = None) -> None:
         def fetch() -> list[Any]:
             return list(self.store.app.events.get(chat_id, gt=first - 1, lte=last))
 
@@ -325,28 +398,74 @@ class ActorSystem:
             events = await self.store.run(fetch)
         except StoreError as exc:
             log.warning("could not read events %s..%s of chat %s: %s", first, last, chat_id, exc)
+            self._catch_up_due = True  # try again with the next item
             return
         for event in events:
-            self.hub.publish(chat_id, event)
+            self.publish_event(chat_id, event)
+            self._remote_event(chat_id, event)
 
-    def _mirror(self, chat_id: UUID, response_id: str, offset: int, text: str) -> None:
-        known = self._remote.get(chat_id)
-        if known is not None and known[0] == response_id and known[1] + len(known[2]) == offset:
-            self._remote[chat_id] = (response_id, known[1], known[2] + text)
-        else:
-            self._remote[chat_id] = (response_id, offset, text)
+    def _remote_delta(self, chat_id: UUID, response_id: str, offset: int, text: str) -> None:
+        """Streamed text from another process: handed to the followers here if it continues
+        what they have; after a gap, held until stored text closes it (``_remote_event``)."""
+        remote = self._remote.get(chat_id)
+        if remote is None or remote.response_id != response_id:
+            remote = self._remote[chat_id] = RemoteText(response_id, offset)
+        followed = self.hub.count(chat_id) > 0
+        if offset > remote.end:
+            if followed:
+                remote.hold(offset, text)
+                return
+            remote = self._remote[chat_id] = RemoteText(response_id, offset)
+        start = remote.end
+        new = remote.extend(offset, text)
+        if new and followed:
+            self.hub.publish(chat_id, TokenDelta(chat_id, response_id, new, start))
+
+    def _remote_event(self, chat_id: UUID, event: Any) -> None:
+        """Keeps ``_remote`` in step with the stored events of another process's response."""
+        if isinstance(event, ChatSession.ResponseStarted):
+            self._remote[chat_id] = RemoteText(event.response_id)
+        elif isinstance(event, ChatSession.ResponseEnded):
+            self._remote.pop(chat_id, None)
+        elif isinstance(event, ChatSession.TokensGenerated):
+            remote = self._remote.get(chat_id)
+            if remote is None or remote.response_id != event.response_id:
+                remote = self._remote[chat_id] = RemoteText(event.response_id, event.offset)
+            elif event.offset > remote.end:
+                remote.start, remote.text = event.offset, ""
+            remote.extend(event.offset, event.text)
+            released = remote.release()
+            if released is not None and self.hub.count(chat_id):
+                offset, text = released
+                self.hub.publish(chat_id, TokenDelta(chat_id, event.response_id, text, offset))
+
+    def _joined(self, chat_id: UUID, state: LiveState) -> None:
+        """A follower joined with ``state``. The first one of a chat run elsewhere sets what
+        later deltas must continue: the text it was given."""
+        if chat_id in self._given:
+            return
+        self._given[chat_id] = SeqSet(state.last_seq)
+        response = state.response
+        if response is None or self.owns(chat_id):
+            return
+        old = self._remote.get(chat_id)
+        remote = self._remote[chat_id] = RemoteText(response.response_id, 0, response.text)
+        if old is not None and old.response_id == response.response_id and old.end > remote.end:
+            remote.ahead = (old.start, old.text)
 
     def remote_text(self, chat_id: UUID, response_id: str, persisted: str) -> str:
         """The text so far of a response running in another process: what it persisted,
         completed by the deltas this process saw, when the two join up."""
         known = self._remote.get(chat_id)
-        if known is None or known[0] != response_id or known[1] > len(persisted):
+        if known is None or known.response_id != response_id or known.start > len(persisted):
             return persisted
-        _, start, seen = known
-        return persisted[:start] + seen if start + len(seen) >= len(persisted) else persisted
+        if known.end < len(persisted):
+            return persisted
+        return persisted[: known.start] + known.text
 
-    def _redeliver(self, chat_id: UUID, command: Command) -> None:
-        """Hands a command left in a passivated actor's mailbox to its successor."""
+    def redeliver(self, chat_id: UUID, command: Command) -> None:
+        """Hands a command left in a passivated actor's mailbox (or one an actor could not
+        carry out: its lease was lost) to its successor, or the actor started again."""
         if self._nursery is None or self._nursery.cancel_scope.cancel_called:
             command.reply.fail(ActorStoppedError("the actor system stopped"))
             return

@@ -9,7 +9,14 @@ the start was saved, abandoned (nothing published, nothing recorded) if not. ``s
 cancels the model call, which closes the upstream request; the turn then records
 ``ResponseStopped``. A model error records ``ResponseFailed`` with the partial text kept.
 Cancellation from outside (shutdown, crash) leaves the response open for
-``ResponseInterrupted``.
+``ResponseInterrupted``. ``abandon()`` (the chat's lease is lost, or a save was fenced) ends
+the turn at once with nothing more published or recorded: the response stays open for the
+chat's next owner to end.
+
+Each batch of text is recorded only at the offset where the turn's previous batch ended: if
+a save conflicts and the reloaded chat's text for the response is not exactly what the turn
+recorded, another process wrote it and the batch is refused (``FencedError``), never
+appended a second time.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from uuid import uuid4
 import trio
 
 from ..events.domain import ChatSession
+from ..events.errors import FencedError
 from ..events.text import clean_text
 from ..llm.base import (
     Finish,
@@ -119,6 +127,9 @@ class Turn:
             self._settled.set()
         self.abandoned = False
         self.text = ""
+        #: Characters of the response's text recorded so far.
+        current = actor.chat.current
+        self.recorded = len(current.text) if current and current.response_id == response_id else 0
         self.meter = Meter()
         self.batch = TokenBatch(actor.settings.token_flush_tokens)
         self.finish_reason = "stop"
@@ -143,6 +154,11 @@ class Turn:
             return
         for delta in held:
             self._on_text(delta)
+
+    def abandon(self) -> None:
+        """Ends the turn at once, publishing and recording nothing more (the lease is lost)."""
+        self.abandoned = True
+        self.stop_scope.cancel()
 
     def interrupt(self, reason: str) -> None:
         """Ends the response early as interrupted (server shutdown), keeping its text."""
@@ -215,7 +231,7 @@ class Turn:
         return calls
 
     def _on_text(self, delta: TextDelta) -> None:
-        if not delta.text:
+        if not delta.text or self.abandoned:
             return
         if self.meter.first_token is None:
             self.meter.first_token = time.perf_counter()
@@ -251,10 +267,30 @@ class Turn:
             text, tokens = self.batch.take()
             mutations: list[Mutation] = []
             if text:
-                mutations.append(lambda chat: chat.record_tokens(self.response_id, text, tokens))
+                offset = self.recorded
+                mutations.append(lambda chat: self._record_text(chat, text, tokens, offset))
             mutations.extend(then)
-            if mutations:
-                await self.actor.record(*mutations)
+            if mutations and await self._record(*mutations):
+                self.recorded += len(text)
+
+    def _record_text(self, chat: ChatSession, text: str, tokens: int, offset: int) -> None:
+        current = chat.current
+        if current is None or current.response_id != self.response_id:
+            raise FencedError(f"response {self.response_id} was ended by another process")
+        if len(current.text) != offset:
+            raise FencedError(f"response {self.response_id} was written by another process")
+        chat.record_tokens(self.response_id, text, tokens)
+
+    async def _record(self, *mutations: Mutation) -> bool:
+        """Records ``mutations``; False, the turn abandoned, if the chat is not ours to write."""
+        if self.abandoned:
+            return False
+        try:
+            await self.actor.record(*mutations)
+        except FencedError:
+            self.abandon()
+            return False
+        return True
 
     async def _run_tools(self, calls: list[ToolCallRequest]) -> list[dict[str, Any]]:
         results = [await self._run_tool(call) for call in calls]
@@ -274,9 +310,10 @@ class Turn:
             else f"call_{uuid4().hex[:12]}"
         )
         arguments = _decode_arguments(call.arguments)
-        await self.actor.record(
+        await self._record(
             lambda chat: chat.invoke_tool(self.response_id, call_id, call.name, arguments)
         )
+        await trio.lowlevel.checkpoint()  # abandoned: the stop scope ends the turn here
         context = ToolContext(owner=self.actor.chat.owner, chat_id=str(self.actor.chat_id))
         started = time.perf_counter()
         record: Callable[[ChatSession], Any]
@@ -291,7 +328,7 @@ class Turn:
             duration = _ms_since(started)
             record = lambda chat: chat.complete_tool(self.response_id, call_id, result, duration)  # noqa: E731
             content = json.dumps(result, default=str)
-        await self.actor.record(record)
+        await self._record(record)
         return {"role": "tool", "tool_call_id": call.call_id or call_id, "content": content}
 
     async def _end(self, error: LLMError | None) -> None:

@@ -4,21 +4,83 @@
 code that talks to the event tables. ``persistence_env`` turns our ``Settings`` into the
 library's environment (SQLite file in the data dir, or PostgreSQL from the URL), so the store
 is a setting and never a code path.
+
+On PostgreSQL the application recorder is ``FencedRecorder``: it also creates the chat leases'
+table and checks, in the transaction that inserts a chat's events, that the saving process
+still holds the chat's lease (``Fence``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import JSONTranscoder, Notification, Transcoding
+from eventsourcing.persistence import JSONTranscoder, Notification, StoredEvent, Transcoding
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg.sql import SQL, Identifier
 
 from ..config import Settings
 from .domain import ActiveResponse, ChatSession, Outcome, ToolCallState
+from .errors import FencedError
 
 APPLICATION_NAME = "eventchat"
+#: One row per chat ever leased: the process holding it and its epoch, bumped at every take.
+LEASES_TABLE = f"{APPLICATION_NAME}_leases"
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What a save of ``chat_id`` must prove: the chat's lease still has ``epoch``."""
+
+    chat_id: UUID
+    epoch: int
+
+
+class FencedRecorder(PostgresApplicationRecorder):
+    """The library's PostgreSQL recorder, with fencing.
+
+    ``insert_events(..., fence=Fence(...))`` (``Application.save(chat, fence=...)`` passes it
+    down) reads the chat's lease row ``FOR SHARE`` in the inserting transaction, before the
+    events: if its epoch is not the fence's, the transaction is rolled back and
+    ``FencedError`` raised (nothing written). The share lock holds until the commit, so a new
+    owner's epoch bump waits for a save already past the check, and every later save of the
+    old owner fails it. The leases' table is created with the events' table.
+    """
+
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
+        if datastore.enable_db_functions:  # that path inserts outside a transaction of ours
+            raise ValueError("fenced saves need POSTGRES_ENABLE_DB_FUNCTIONS off")
+        super().__init__(datastore, events_table_name=events_table_name)
+        table = SQL("{}.{}").format(Identifier(datastore.schema), Identifier(LEASES_TABLE))
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {} (chat_id uuid PRIMARY KEY, "
+                "holder text NOT NULL, epoch bigint NOT NULL)"
+            ).format(table)
+        )
+        self.check_fence_statement = SQL(
+            "SELECT epoch FROM {} WHERE chat_id = %s FOR SHARE"
+        ).format(table)
+
+    def _insert_events(
+        self,
+        curs: Any,
+        stored_events: Sequence[StoredEvent],
+        *,
+        fence: Fence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        if fence is None:
+            return
+        curs.execute(self.check_fence_statement, (fence.chat_id,), prepare=True)
+        row = curs.fetchone()
+        if row is None or row["epoch"] != fence.epoch:
+            raise FencedError(f"chat {fence.chat_id} is leased by another process now")
 
 
 class ChatApplication(Application[UUID]):
@@ -110,6 +172,7 @@ def persistence_env(settings: Settings) -> dict[str, str]:
     env: dict[str, str] = {}
     if settings.database_url:
         env.update(postgres_env(settings.database_url, settings.database_schema))
+        env["APPLICATION_RECORDER_TOPIC"] = f"{__name__}:{FencedRecorder.__qualname__}"
         env["POSTGRES_POOL_SIZE"] = str(settings.store_threads)
         env["POSTGRES_MAX_OVERFLOW"] = "0"
     else:

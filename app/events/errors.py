@@ -11,7 +11,8 @@ EventsError
 ├── ChatNotFoundError         no such chat (or not the caller's)
 └── StoreError                the store could not be read or written
     ├── StoreUnavailableError the database is unreachable
-    └── ConcurrencyError      another writer saved the chat first: reload and retry
+    ├── ConcurrencyError      another writer saved the chat first: reload and retry
+    └── FencedError           this process no longer holds the chat's lease; nothing was written
 """
 
 from __future__ import annotations
@@ -68,3 +69,10 @@ class StoreUnavailableError(StoreError):
 
 class ConcurrencyError(StoreError):
     code = "conflict"
+
+
+class FencedError(StoreError):
+    """A save of a chat by a process that no longer holds its lease (another process may
+    have taken the chat over): nothing was written. The actor stops writing the chat."""
+
+    code = "owner_lost"

@@ -25,7 +25,7 @@ from eventsourcing.persistence import (
 from psycopg import sql
 
 from ..config import Settings
-from .application import ChatApplication, persistence_env
+from .application import ChatApplication, Fence, persistence_env
 from .domain import ChatSession
 from .errors import ChatNotFoundError, ConcurrencyError, StoreUnavailableError
 
@@ -92,9 +92,13 @@ class EventStore:
     async def get(self, chat_id: UUID) -> ChatSession:
         return await self.run(self.app.get_chat, chat_id)
 
-    async def save(self, *objs: Any) -> list[Recording[UUID]]:
-        """Saves the pending events of ``objs`` atomically; raises ``ConcurrencyError``."""
-        recordings = await self.run(self.app.save, *objs)
+    async def save(self, *objs: Any, fence: Fence | None = None) -> list[Recording[UUID]]:
+        """Saves the pending events of ``objs`` atomically; raises ``ConcurrencyError``, or
+        ``FencedError`` if ``fence`` (PostgreSQL) no longer matches the chat's lease."""
+        if fence is None:
+            recordings = await self.run(self.app.save, *objs)
+        else:
+            recordings = await self.run(lambda: self.app.save(*objs, fence=fence))
         if recordings:
             position = max(r.notification.id for r in recordings)
             self.last_saved = max(self.last_saved, position)

@@ -218,10 +218,10 @@ async def test_the_model_is_called_while_the_message_commits(start_system, provi
     save, committed = system.store.app.save, trio.Event()
     token = trio.lowlevel.current_trio_token()
 
-    def slow_save(*objs: object) -> object:
+    def slow_save(*objs: object, **kwargs: object) -> object:
         # the model call starts while this commit waits
         trio.from_thread.run(model_called, provider, trio_token=token)
-        result = save(*objs)
+        result = save(*objs, **kwargs)
         trio.from_thread.run_sync(committed.set, trio_token=token)
         return result
 
@@ -255,7 +255,7 @@ async def test_a_failed_commit_abandons_the_early_model_call(start_system, provi
     save = system.store.app.save
     token = trio.lowlevel.current_trio_token()
 
-    def failing_save(*objs: object) -> object:
+    def failing_save(*objs: object, **kwargs: object) -> object:
         trio.from_thread.run(model_called, provider, trio_token=token)
         raise PersistenceError("the disk is gone")
 
