@@ -364,11 +364,18 @@ def on_response_ended(b: Batch, e: ChatSession.ResponseEnded, chat_id: str, at: 
     _count_response(b, chat, message)
 
 
-def _usage(usage: Any) -> dict[str, int] | None:
+def _usage(usage: Any) -> dict[str, Any] | None:
+    """The three token counts, and, as the log has them, ``estimated`` (the server sent no
+    usage, or the stream was cut) and ``server_timings`` (llama.cpp's, Ollama's)."""
     if not isinstance(usage, dict):
         return None
     keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {k: int(usage.get(k) or 0) for k in keys}
+    shown: dict[str, Any] = {k: int(usage.get(k) or 0) for k in keys}
+    if usage.get("estimated"):
+        shown["estimated"] = True
+    if isinstance(usage.get("server_timings"), dict) and usage["server_timings"]:
+        shown["server_timings"] = usage["server_timings"]
+    return shown
 
 
 def _count_response(b: Batch, chat: ChatRow, message: MessageRow) -> None:
