@@ -45,6 +45,9 @@ class Settings:
     model_first_token_timeout_s: float = 120.0
     #: Longest a whole model call (one round of a response) may take, first byte to last.
     model_deadline_s: float = 600.0
+    #: Most tokens a model may generate in one call, sent upstream as ``max_tokens`` (a
+    #: chat's own ``max_tokens`` wins); unset: the server's own limit.
+    max_tokens: int | None = None
 
     allowed_origins: tuple[str, ...] = ()
 

@@ -186,7 +186,8 @@ class Turn:
         tools = self.actor.tools.specs()
         for round_number in range(settings.max_tool_rounds + 1):
             offered = tools if round_number < settings.max_tool_rounds else ()
-            request = ModelRequest(messages=messages, model=self.actor.chat.model, tools=offered)
+            request = ModelRequest(messages=messages, model=self.actor.chat.model, tools=offered,
+                                   max_tokens=self.actor.chat.max_tokens or settings.max_tokens)
             calls = await self._stream(request)
             if not calls or not offered:  # tools asked for when none were offered are ignored
                 return
@@ -196,12 +197,14 @@ class Turn:
 
     async def _stream(self, request: ModelRequest) -> list[ToolCallRequest]:
         """One model call. A call cut short (stop, error, crash) reports no usage: its
-        tokens are then estimated, and marked so, so that every response is accounted."""
+        tokens are then estimated, and marked so, so that every response is accounted; a
+        call that failed before the model sent anything (refused, unreachable) counts 0."""
         calls: list[ToolCallRequest] = []
-        streamed, usage = 0, None
+        streamed, usage, received = 0, None, False
         try:
             async with self.provider.stream(request) as items:
                 async for item in items:
+                    received = True
                     if isinstance(item, TextDelta):
                         # what the model sends is cleaned before anyone sees it: the
                         # frames and the log then hold the same text
@@ -223,6 +226,10 @@ class Turn:
                     elif isinstance(item, Finish):
                         self.finish_reason = clean_text(item.reason)
                         self.model = clean_text(item.model) if item.model else self.model
+        except LLMError:
+            if not received:
+                usage = Usage(0, 0, estimated=True)
+            raise
         finally:
             if usage is None:
                 prompt = estimate_tokens(message_texts(request.messages))

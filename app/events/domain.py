@@ -16,6 +16,7 @@ from uuid import UUID, uuid4
 from eventsourcing.domain import Aggregate
 
 from .errors import (
+    ChatRuleError,
     DuplicateMessageError,
     EmptyMessageError,
     MessageTooLongError,
@@ -84,6 +85,7 @@ class ChatSession(Aggregate):
         title: str
         model: str | None
         system_prompt: str | None
+        max_tokens: int | None
 
     class Renamed(Event):
         title: str
@@ -212,13 +214,18 @@ class ChatSession(Aggregate):
     #: Terminal event classes, for ``isinstance`` checks by readers.
     ENDINGS: ClassVar[tuple[type[Aggregate.Event], ...]] = ()
 
+    #: Chats (and snapshots) recorded before chats had a ``max_tokens`` read it as None.
+    max_tokens: int | None = None
+
     def __init__(
-        self, owner: str, title: str, model: str | None, system_prompt: str | None
+        self, owner: str, title: str, model: str | None, system_prompt: str | None,
+        max_tokens: int | None = None,
     ) -> None:
         self.owner = owner
         self.title = title
         self.model = model
         self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
         self.history: list[dict[str, Any]] = []
         self.client_message_ids: dict[str, int] = {}
         self.pending: list[int] = []
@@ -236,14 +243,18 @@ class ChatSession(Aggregate):
         model: str | None = None,
         system_prompt: str | None = None,
         chat_id: UUID | None = None,
+        max_tokens: int | None = None,
     ) -> ChatSession:
-        """A new chat. Raises ``InvalidTextError`` for a text that is never stored."""
+        """A new chat. Raises ``InvalidTextError`` for a text that is never stored, and
+        ``ChatRuleError`` for a ``max_tokens`` below 1."""
         check_text(owner, "owner")
         check_text(title, "title")
         if model is not None:
             check_text(model, "model")
         if system_prompt is not None:
             check_text(system_prompt, "system_prompt")
+        if max_tokens is not None and max_tokens < 1:
+            raise ChatRuleError("max_tokens must be at least 1")
         return cls._create(
             cls.Started,
             id=chat_id or uuid4(),
@@ -251,6 +262,7 @@ class ChatSession(Aggregate):
             title=title.strip() or "New chat",
             model=model,
             system_prompt=system_prompt,
+            max_tokens=max_tokens,
         )
 
     # -- commands -------------------------------------------------------------------------

@@ -149,6 +149,9 @@ class OfflineProvider:
         )
 
     async def _items(self, request: ModelRequest, plan: _Plan) -> AsyncGenerator[StreamItem, None]:
+        cut = request.max_tokens is not None and len(plan.tokens) > request.max_tokens
+        if cut:
+            plan = _Plan(plan.tokens[: request.max_tokens], plan.delay_s, None, plan.fail_after)
         for index, token in enumerate(plan.tokens):
             if index == plan.fail_after:
                 raise ProviderStreamError("the offline model failed on purpose (/fail)")
@@ -162,7 +165,7 @@ class OfflineProvider:
             yield plan.tool_call
             completion += estimate_tokens([plan.tool_call.arguments])
         yield Usage(estimate_tokens(message_texts(request.messages)), completion)
-        yield Finish("tool_calls" if plan.tool_call else "stop", MODEL)
+        yield Finish("length" if cut else "tool_calls" if plan.tool_call else "stop", MODEL)
 
 
 def plan_reply(request: ModelRequest, delay_s: float) -> _Plan:

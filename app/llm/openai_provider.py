@@ -284,6 +284,8 @@ def _body(request: ModelRequest, model: str) -> dict[str, Any]:
     }
     if request.tools:
         body["tools"] = [tool.to_openai() for tool in request.tools]
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
     return body
 
 
@@ -371,7 +373,7 @@ class _ChunkReader:
         self._pending: deque[StreamItem] = deque()
         self._tool_calls: dict[int, _ToolCallParts] = {}
         self._tool_calls_sent = False
-        self._text_chars = 0
+        self._text: list[str] = []
         self._usage: dict[str, Any] | None = None
         self._timings: dict[str, Any] = {}
         self._finish_reason: str | None = None
@@ -449,7 +451,7 @@ class _ChunkReader:
         content = delta.get("content")
         if content and isinstance(content, str):
             self._first_token = True
-            self._text_chars += len(content)
+            self._text.append(content)
             self._pending.append(TextDelta(content))
         for position, fragment in enumerate(delta.get("tool_calls") or ()):
             if not isinstance(fragment, dict):
@@ -484,10 +486,10 @@ class _ChunkReader:
                 usage["prompt_tokens"], usage.get("completion_tokens") or 0,
                 server_timings=self._timings,
             )
-        arguments = sum(len(parts.arguments) for parts in self._tool_calls.values())
+        arguments = [parts.arguments for parts in self._tool_calls.values()]
         return Usage(
             prompt_tokens=estimate_tokens(message_texts(self._request.messages)),
-            completion_tokens=max(1, math.ceil((self._text_chars + arguments) / 4)),
+            completion_tokens=estimate_tokens([*self._text, *arguments]),
             estimated=True,
             server_timings=self._timings,
         )

@@ -45,6 +45,8 @@ class CreateChat(BaseModel):
     title: Text | None = Field(None, max_length=200)
     model: Text | None = Field(None, max_length=200)
     system_prompt: Text | None = Field(None, max_length=32_000)
+    #: Most tokens the model may generate per call in this chat (default: the server's).
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
 
 
 class Generate(BaseModel):

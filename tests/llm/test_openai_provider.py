@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from app.llm.base import (
     ToolCallRequest,
     ToolSpec,
     Usage,
+    estimate_tokens,
 )
 from app.llm.errors import (
     ProviderProtocolError,
@@ -243,8 +243,8 @@ async def test_missing_usage_is_estimated_and_marked_so() -> None:
 
     usage = only(items, Usage)
     assert usage.estimated is True
-    assert usage.completion_tokens == math.ceil(len("Hello there, friend") / 4)
-    assert usage.prompt_tokens == math.ceil(len("Say hello to the world") / 4)
+    assert usage.completion_tokens == estimate_tokens(["Hello there, friend"]) == 4
+    assert usage.prompt_tokens == estimate_tokens(["Say hello to the world"])
     assert usage.as_dict()["estimated"] is True
 
 
