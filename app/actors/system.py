@@ -180,8 +180,10 @@ class ActorSystem:
         title: str | None = None,
         model: str | None = None,
         system_prompt: str | None = None,
+        max_tokens: int | None = None,
     ) -> UUID:
-        chat = ChatSession.start(owner, title or "New chat", model, system_prompt)
+        chat = ChatSession.start(owner, title or "New chat", model, system_prompt,
+                                 max_tokens=max_tokens)
         await self.store.save(chat)
         return chat.id
 

@@ -63,7 +63,8 @@ async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
     owner, svc = current_user(), services()
     undo = svc.limiter.check_chat(owner)
     try:
-        chat_id = await svc.system.create_chat(owner, data.title, data.model, data.system_prompt)
+        chat_id = await svc.system.create_chat(owner, data.title, data.model, data.system_prompt,
+                                               data.max_tokens)
     except BaseException:
         undo()
         raise
