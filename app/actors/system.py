@@ -377,7 +377,8 @@ class ActorSystem:
                 given = self._given.get(chat_id)
                 if given is not None:  # from the first seq not handed on: none is skipped
                     await self._publish_stored(chat_id, min(item["a"], given.upto + 1), item["b"])
-            elif kind == "d":
+            elif kind == "d" and not (actor is not None and actor.owns):
+                # (text from an owner that lost the chat to this process is not handed on)
                 self._remote_delta(chat_id, item["r"], item["o"], item["t"])
             elif kind == "z":
                 self._remote.pop(chat_id, None)
