@@ -214,3 +214,35 @@ async def test_a_chat_taken_over_from_another_server_records_owner_lost(
     assert interrupted.reason == "owner_lost"
     assert types[-1] == "ResponseCompleted"
     assert survivor_model.requests[0].messages[-1] == {"role": "user", "content": "queued"}
+
+
+async def test_the_fence_stops_an_owner_that_has_not_noticed_its_lost_lease(
+    start_system, settings: Settings, pg_url: str
+) -> None:
+    """Another process takes the chat before the old owner checks its lease connection: the
+    old owner's next save is refused by the database, and it writes nothing more."""
+    words = [f"t{i} " for i in range(400)]
+    a_model = ScriptedProvider().then(*words, delay=0.01)
+    b_model = ScriptedProvider().then("from b")
+    a = await start_system(a_model, lease_check_interval_s=60.0, token_flush_ms=30.0)
+    b = await start_system(b_model)
+    chat_id = await a.create_chat("alice")
+    await a.send_message(chat_id, "alice", "long")
+    await a_model.started.wait()
+    async with b.subscribe(chat_id, "alice"):  # b tries the lease every 2 s
+        await trio.sleep(0.2)
+        assert len(kill_lease_holder(pg_url, chat_id)) == 1
+        with trio.fail_after(5):
+            await wait_until(lambda: b.owns(chat_id), within=5)  # a has not noticed
+            await wait_until(lambda: a_model.closed == 1)  # its next save was fenced
+            await b.send_message(chat_id, "alice", "again")
+            await until_answered(b, chat_id, 2)
+        await trio.sleep(0.3)
+    assert not a.owns(chat_id)
+    events = await stored_events(b, chat_id)
+    assert [e.reason for e in events if isinstance(e, ChatSession.ResponseInterrupted)] == [
+        "owner_lost"
+    ]
+    texts = await replies(b, chat_id)
+    assert texts[0] and "".join(words).startswith(texts[0]) and texts[1] == "from b"
+    assert len(a_model.requests) == 1 and len(b_model.requests) == 1
