@@ -33,7 +33,7 @@ import trio
 from ..config import Settings
 from ..events.application import UnfinishedChats
 from ..events.domain import ChatSession
-from ..events.errors import ChatNotFoundError, EventsError, StoreError
+from ..events.errors import ChatNotFoundError, EventsError, StoreError, StoreUnavailableError
 from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
@@ -293,11 +293,14 @@ class ActorSystem:
             self._nursery.start_soon(self._supervise, actor)
         return actor
 
-    async def _supervise(self, actor: SessionActor) -> None:
+    async def _supervise(
+        self, actor: SessionActor, reason: str = "server_restarted",
+        backoff: float = BACKOFF_START_S,
+    ) -> None:
         """Runs ``actor`` until it passivates. A crash restarts it from the log with backoff
         (``actor_restarted``); a lost lease too, its abandoned response then being ended as
-        ``owner_lost`` by whichever process takes the chat."""
-        reason, backoff = "server_restarted", BACKOFF_START_S
+        ``owner_lost`` by whichever process takes the chat. A crash because the store could
+        not be used answers the commands waiting for the actor at once (``_restart_later``)."""
         try:
             while True:
                 try:
@@ -313,6 +316,10 @@ class ActorSystem:
                     return
                 except Exception as exc:  # noqa: BLE001 - a crash: log it and restart
                     self.restarts += 1
+                    outage = store_outage(exc)
+                    if outage is not None:
+                        self._restart_later(actor, outage, backoff)
+                        return
                     log.error(
                         "actor for chat %s crashed; restarting from the log",
                         actor.chat_id,
@@ -328,6 +335,29 @@ class ActorSystem:
                 self.redeliver(actor.chat_id, command)
             if actor.owns:
                 await self._release(actor.chat_id)
+
+    def _restart_later(
+        self, actor: SessionActor, outage: StoreUnavailableError, backoff: float
+    ) -> None:
+        """The store failed under ``actor`` (while it loaded, or later): the commands waiting
+        for it are answered with ``outage`` now, and the actor is let go, so that the next
+        command starts a fresh one at once. After ``backoff``, a fresh actor is started
+        anyway if none was (a response left open is then ended, and waiting messages
+        answered, as soon as the store is back)."""
+        chat_id = actor.chat_id
+        log.warning("actor for chat %s cannot use the store (%s); trying again in %.2f s",
+                    chat_id, outage, backoff)
+        actor.fail_waiting(outage)
+
+        async def retry() -> None:
+            await trio.sleep(backoff)
+            if chat_id in self._actors or self._nursery is None or self._closing:
+                return
+            fresh = self._actors[chat_id] = SessionActor(self, chat_id)
+            await self._supervise(fresh, "actor_restarted", min(backoff * 2, BACKOFF_MAX_S))
+
+        if self._nursery is not None:
+            self._nursery.start_soon(retry)
 
     async def _release(self, chat_id: UUID) -> None:
         with trio.move_on_after(2, shield=True):
@@ -480,3 +510,14 @@ class ActorSystem:
                 command.reply.fail(exc)
 
         self._nursery.start_soon(forward)
+
+
+def store_outage(exc: BaseException) -> StoreUnavailableError | None:
+    """The store failure behind a crash (in an exception group, or as a cause), if any."""
+    if isinstance(exc, StoreUnavailableError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := store_outage(inner)) is not None:
+                return found
+    return None if exc.__cause__ is None else store_outage(exc.__cause__)

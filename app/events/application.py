@@ -12,6 +12,7 @@ still holds the chat's lease (``Fence``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,6 +27,7 @@ from psycopg.sql import SQL, Identifier
 from ..config import Settings
 from .domain import ActiveResponse, ChatSession, Outcome, ToolCallState
 from .errors import FencedError
+from .postgres import bounded_env
 
 APPLICATION_NAME = "eventchat"
 #: One row per chat ever leased: the process holding it and its epoch, bumped at every take.
@@ -175,11 +177,12 @@ def persistence_env(settings: Settings) -> dict[str, str]:
         env["APPLICATION_RECORDER_TOPIC"] = f"{__name__}:{FencedRecorder.__qualname__}"
         env["POSTGRES_POOL_SIZE"] = str(settings.store_threads)
         env["POSTGRES_MAX_OVERFLOW"] = "0"
+        env.update(bounded_env(settings.store_timeout_s, settings.database_schema))
     else:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         env["PERSISTENCE_MODULE"] = "eventsourcing.sqlite"
         env["SQLITE_DBNAME"] = str(settings.data_dir / "events.sqlite")
-        env["SQLITE_LOCK_TIMEOUT"] = "10"
+        env["SQLITE_LOCK_TIMEOUT"] = str(max(1, math.ceil(settings.store_timeout_s)))
     if settings.cipher_key:
         env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
         env["CIPHER_KEY"] = settings.cipher_key

@@ -2,8 +2,15 @@
 
 ``EventStore`` wraps a ``ChatApplication``; each method runs the library call in
 ``trio.to_thread.run_sync`` through one ``CapacityLimiter`` sized to the database pool, and
-maps the library's errors to ours once, here. On cancellation the worker thread finishes its
-call (a save is never half-done) and the cancellation propagates.
+maps the library's errors to ours once, here.
+
+Reads (``read``, ``get``, ``select``, ``max_position``) answer within ``timeout_s``: a store
+that does not answer by then raises ``StoreUnavailableError``, and the worker thread is
+abandoned (it ends by itself, within the driver's bounds: see ``postgres``); cancellation
+abandons it the same way. Writes (``run``, ``save``) are never abandoned: on cancellation the
+worker thread finishes its call (a save is never half-done, and its caller learns whether it
+committed) and the cancellation propagates; the driver's bounds (connect, pool and lock
+timeouts, keepalives, ``statement_timeout``) keep them from waiting forever.
 """
 
 from __future__ import annotations
@@ -22,12 +29,12 @@ from eventsourcing.persistence import (
     PersistenceError,
     Recording,
 )
-from psycopg import sql
 
 from ..config import Settings
 from .application import ChatApplication, Fence, persistence_env
 from .domain import ChatSession
 from .errors import ChatNotFoundError, ConcurrencyError, StoreUnavailableError
+from .postgres import deadline, schema_lock
 
 T = TypeVar("T")
 
@@ -45,11 +52,11 @@ def mapped_store_errors() -> Iterator[None]:
         raise StoreUnavailableError(f"event store unavailable: {reason}") from exc
 
 
-def ensure_schema(url: str, schema: str) -> None:
-    """Creates the PostgreSQL schema for every table if it does not exist yet (blocking)."""
+@contextmanager
+def postgres_errors() -> Iterator[None]:
+    """Maps the driver's errors (schema creation) to ``StoreUnavailableError``."""
     try:
-        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        yield
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreUnavailableError(f"PostgreSQL unavailable: {reason}") from exc
@@ -62,35 +69,86 @@ class EventStore:
     highest notification id written (the projection runner uses it as a nudge).
     """
 
-    def __init__(self, app: ChatApplication, limiter: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, app: ChatApplication, limiter: trio.CapacityLimiter, timeout_s: float = 5.0
+    ) -> None:
         self.app = app
         self.limiter = limiter
+        #: Longest a read waits for the store before ``StoreUnavailableError``.
+        self.timeout_s = timeout_s
         self.on_saved: list[Callable[[int], None]] = []
         #: The highest notification id this process has saved.
         self.last_saved = 0
+        #: When (trio clock) and why the store last could not be used.
+        self._failure: tuple[float, str] | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> EventStore:
-        """Builds the application for ``settings`` (blocking: creates tables if needed)."""
+        """Builds the application for ``settings`` (blocking: creates tables if needed;
+        on PostgreSQL one process at a time, so that concurrent starts do not collide)."""
+
+        def build() -> ChatApplication:
+            with mapped_store_errors():
+                return ChatApplication(
+                    env=persistence_env(settings), snapshot_interval=settings.snapshot_interval
+                )
+
         if settings.database_url:
-            ensure_schema(settings.database_url, settings.database_schema)
-        with mapped_store_errors():
-            app = ChatApplication(
-                env=persistence_env(settings), snapshot_interval=settings.snapshot_interval
-            )
-        return cls(app, trio.CapacityLimiter(settings.store_threads))
+            with postgres_errors(), schema_lock(settings.database_url,
+                                                settings.database_schema,
+                                                settings.store_timeout_s):
+                app = build()
+        else:
+            app = build()
+        return cls(app, trio.CapacityLimiter(settings.store_threads), settings.store_timeout_s)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs a blocking store call in a worker thread, with errors mapped."""
+        """Runs a blocking store call in a worker thread, with errors mapped (never
+        abandoned: use it for writes)."""
 
         def call() -> T:
-            with mapped_store_errors():
+            with mapped_store_errors(), deadline(self.timeout_s):
                 return fn(*args)
 
-        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+        with self._noting_failures():
+            return await trio.to_thread.run_sync(call, limiter=self.limiter)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs a blocking call that only reads, bounded by ``timeout_s``: a store that does
+        not answer by then raises ``StoreUnavailableError`` and the thread is abandoned."""
+
+        def call() -> T:
+            with mapped_store_errors(), deadline(self.timeout_s):
+                return fn(*args)
+
+        with self._noting_failures():
+            with trio.move_on_after(self.timeout_s):
+                return await trio.to_thread.run_sync(
+                    call, limiter=self.limiter, abandon_on_cancel=True
+                )
+            raise StoreUnavailableError(
+                f"event store unavailable: no answer within {self.timeout_s:g} s"
+            )
+
+    @contextmanager
+    def _noting_failures(self) -> Iterator[None]:
+        try:
+            yield
+        except StoreUnavailableError as exc:
+            self._failure = (trio.current_time(), str(exc).splitlines()[0] if str(exc) else "")
+            raise
+
+    def recent_failure(self, within_s: float) -> str | None:
+        """Why the store could not be used, if that happened in the last ``within_s``
+        seconds (a readiness check reports it: requests were refused meanwhile)."""
+        if self._failure is None:
+            return None
+        at, reason = self._failure
+        ago = trio.current_time() - at
+        return f"the event store failed {ago:.1f} s ago: {reason}" if ago < within_s else None
 
     async def get(self, chat_id: UUID) -> ChatSession:
-        return await self.run(self.app.get_chat, chat_id)
+        return await self.read(self.app.get_chat, chat_id)
 
     async def save(self, *objs: Any, fence: Fence | None = None) -> list[Recording[UUID]]:
         """Saves the pending events of ``objs`` atomically; raises ``ConcurrencyError``, or
@@ -107,10 +165,10 @@ class EventStore:
         return recordings
 
     async def select(self, start: int, limit: int) -> list[Notification]:
-        return await self.run(self.app.select, start, limit)
+        return await self.read(self.app.select, start, limit)
 
     async def max_position(self) -> int:
-        return await self.run(self.app.max_position)
+        return await self.read(self.app.max_position)
 
     def close(self) -> None:
         self.app.close()

@@ -24,6 +24,7 @@ from psycopg import sql as pgsql
 from psycopg_pool import ConnectionPool
 
 from ..config import Settings
+from ..events.postgres import application_name, connection_bounds, reconnect_timeout
 from .errors import ViewDataError, ViewStoreError
 
 #: Name of the followed application in the tracking table.
@@ -209,7 +210,7 @@ class PostgresDatabase(Database):
 
     postgres = True
 
-    def __init__(self, url: str, schema: str, size: int) -> None:
+    def __init__(self, url: str, schema: str, size: int, timeout_s: float = 5.0) -> None:
         self.location = f"{schema} schema"
         self._schema = schema
 
@@ -219,9 +220,11 @@ class PostgresDatabase(Database):
             conn.autocommit = False
 
         try:
+            # every wait bounded: for a pooled connection (``timeout``) and on the wire
             self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
                 url, min_size=1, max_size=max(size, 2), configure=configure, open=True,
-                kwargs={"connect_timeout": 5},
+                kwargs=connection_bounds(timeout_s, application_name("views", schema)),
+                timeout=max(1.0, timeout_s), reconnect_timeout=reconnect_timeout(timeout_s),
             )
             self._pool.wait(timeout=10)
         except psycopg.Error as exc:
@@ -270,7 +273,7 @@ def open_database(settings: Settings) -> Database:
     db: Database
     if settings.database_url:
         db = PostgresDatabase(settings.database_url, settings.database_schema,
-                              settings.store_threads)
+                              settings.store_threads, settings.store_timeout_s)
     else:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = SQLiteDatabase(settings.data_dir / "views.sqlite")

@@ -2,8 +2,9 @@
 
 ``Views`` is shared by the web layer (reads) and the ``ProjectionRunner`` (writes through
 ``apply``). Its async methods run the blocking database work in worker threads through one
-``CapacityLimiter``; on cancellation the worker finishes its statement and the cancellation
-propagates. Database failures raise ``ViewStoreError``.
+``CapacityLimiter``, and only read: a database that does not answer within ``timeout_s``
+raises ``ViewStoreError``, and the worker thread is abandoned (as it is on cancellation; it
+ends by itself within the driver's bounds). Database failures raise ``ViewStoreError``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 class Views:
     """Async reads of the views, and the blocking ``apply`` the runner writes with."""
 
-    def __init__(self, db: Database, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, db: Database, limiter: trio.CapacityLimiter,
+                 timeout_s: float = 5.0) -> None:
         self.db = db
         self.limiter = limiter
+        #: Longest a read waits for the database before ``ViewStoreError``.
+        self.timeout_s = timeout_s
         self._known = 0
         #: Events this process passed over (``apply``): counted for ``/metrics``.
         self.skipped = 0
@@ -48,7 +52,11 @@ class Views:
         self.wanted = trio.Event()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter)
+        """Runs a blocking read, bounded by ``timeout_s`` (its thread abandoned after it)."""
+        with trio.move_on_after(self.timeout_s):
+            return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter,
+                                                 abandon_on_cancel=True)
+        raise ViewStoreError(f"views database unavailable: no answer within {self.timeout_s:g} s")
 
     # -- writing (blocking, called by the runner in a worker thread) ---------------------
 
@@ -290,7 +298,8 @@ class Views:
 
 def open_views(settings: Settings) -> Views:
     """Opens the views for ``settings``' store, creating their tables if needed (blocking)."""
-    return Views(open_database(settings), trio.CapacityLimiter(max(2, settings.store_threads)))
+    return Views(open_database(settings), trio.CapacityLimiter(max(2, settings.store_threads)),
+                 settings.store_timeout_s)
 
 
 def _tracked(tx: Tx) -> int:

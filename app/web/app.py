@@ -4,6 +4,8 @@
 lifespan (``before_serving``) opens what was not given, starts the projection runner, the
 actor system and the metrics follower in the app's nursery, and ``after_serving`` lets
 running responses finish for ``grace_s`` before interrupting them, then stops everything.
+A core task that fails does not take the lifespan down with it (Hypercorn would then go on
+serving without it): ``Services`` keeps the failure, and ``server.serve`` stops and raises.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .auth import install_auth
 from .bodies import Request
 from .errors import register_error_handlers
 from .rest import rest
-from .services import Services, build_services
+from .services import SHUTDOWN_GRACE_S, Services, build_services
 from .users import UserStore
 from .ws import watch_connections, ws
 
@@ -45,7 +47,7 @@ def create_app(
     provider: Provider | None = None,
     tools: ToolRegistry | None = None,
     users: UserStore | None = None,
-    grace_s: float = 10.0,
+    grace_s: float = SHUTDOWN_GRACE_S,
 ) -> QuartTrio:
     app = QuartTrio(__name__)
     app.request_class = Request
@@ -85,7 +87,7 @@ def create_app(
         )
         try:
             await app.nursery.start(services.run)
-            app.nursery.start_soon(watch_connections, services)
+            app.nursery.start_soon(services.keep, watch_connections, services)
         except BaseException:
             await services.close()
             raise

@@ -20,8 +20,8 @@ from quart.wrappers import Request, Websocket
 from .errors import NotFoundError, UnauthorizedError
 from .users import Authenticator
 
-#: Endpoints anyone may call: the health check, the contract itself, the web client.
-PUBLIC_ENDPOINTS = frozenset({"rest.health", "openapi", "static", "index"})
+#: Endpoints anyone may call: the health checks, the contract itself, the web client.
+PUBLIC_ENDPOINTS = frozenset({"rest.health", "rest.live", "openapi", "static", "index"})
 #: Endpoints that check a token of their own rather than a user's.
 OWN_TOKEN_ENDPOINTS = frozenset({"rest.metrics"})
 NO_USER_TOKEN = PUBLIC_ENDPOINTS | OWN_TOKEN_ENDPOINTS

@@ -8,7 +8,9 @@
     ├── ConflictError           409
     ├── PayloadTooLargeError    413
     ├── RateLimitedError        429, with ``Retry-After``
-    └── UnavailableError        503 store or model unavailable
+    └── UnavailableError        503 store or model unavailable (the store: with ``Retry-After``)
+
+    CoreTaskFailedError         not an answer: a core task of the server failed, which exits
 
 ``web_error(exc)`` maps a foreign error (domain, store, actors, model) to a ``WebError``;
 ``register_error_handlers(app)`` makes every failure, including Werkzeug's HTTP errors and
@@ -43,6 +45,8 @@ from ..llm.errors import LLMError, ProviderRateLimitedError, ProviderRequestErro
 from ..projections.errors import ViewStoreError
 
 log = logging.getLogger(__name__)
+#: ``Retry-After`` (seconds) of a 503 ``store_unavailable``.
+STORE_RETRY_AFTER_S = 2
 
 
 class WebError(Exception):
@@ -107,6 +111,12 @@ class UnavailableError(WebError):
     status, code = 503, "unavailable"
 
 
+class CoreTaskFailedError(Exception):
+    """A task the server cannot run without (the actor system and its bus, the projection
+    runner, the connection watcher) failed: the server has stopped, and its process exits
+    with status 1 for its supervisor to start it again."""
+
+
 def web_error(exc: BaseException) -> WebError | None:
     """The contract's error for a known foreign error, or None for an unexpected one."""
     if isinstance(exc, WebError):
@@ -121,7 +131,8 @@ def web_error(exc: BaseException) -> WebError | None:
     if isinstance(exc, ChatRuleError):
         return BadRequestError(message, exc.code)
     if isinstance(exc, StoreError | ViewStoreError):
-        return UnavailableError("the event store is unavailable", "store_unavailable")
+        return UnavailableError("the event store is unavailable", "store_unavailable",
+                                retry_after=STORE_RETRY_AFTER_S)
     if isinstance(exc, MailboxFullError):
         return RateLimitedError("the chat is busy: try again shortly", exc.code, retry_after=1)
     if isinstance(exc, ActorCrashedError):

@@ -8,10 +8,11 @@ a following GET sees it. Errors are raised and turned into JSON bodies by ``erro
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import trio
+from pydantic import BaseModel
 from quart import Blueprint, Response, current_app, request
 from quart.blueprints import BlueprintSetupState
 from quart_schema import (
@@ -137,8 +138,8 @@ async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
     """The chat's stored event log (the audit trail), after ``after_seq``."""
     svc = services()
     await svc.require_chat(current_user(), chat_id)
-    page = await svc.store.run(chat_records, svc.store.app, chat_id, query_args.after_seq,
-                               None, query_args.limit)
+    page = await svc.store.read(chat_records, svc.store.app, chat_id, query_args.after_seq,
+                                None, query_args.limit)
     last = page[-1]["seq"] if page else query_args.after_seq
     return {"events": page, "next_after_seq": last}
 
@@ -164,22 +165,27 @@ async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
 @document_response(s.Health, 200)
 @document_response(s.Health, 503)
 async def health() -> tuple[dict[str, Any], int]:
-    """200 ``ok`` when the store answers and the views keep up; 503 ``unavailable`` when
-    the store does not answer, 503 ``degraded`` when the views fall behind; 200
-    ``degraded`` when some events could not be projected (``problems`` lists them)."""
+    """Readiness, within ``HEALTH_TIMEOUT_S`` (or the store timeout, if shorter) whatever the
+    database does: 200 ``ok`` when the store answers and the views keep up; 503
+    ``unavailable`` when the store or the views do not answer; 503 ``degraded`` when the views
+    fall behind or cannot be updated, a connection to PostgreSQL (the bus, the chat leases)
+    is being made again, or the store failed in the last ``store_timeout_s``; 200
+    ``degraded`` when some events could not be projected. ``problems`` says why."""
     svc = services()
     settings = svc.settings
     body: dict[str, Any] = {"status": "ok", "protocol": PROTOCOL_VERSION,
                             "store": settings.store_kind}
-    try:
-        with trio.fail_after(HEALTH_TIMEOUT_S):
-            body["position"] = await svc.store.max_position()
-            skipped, _ = await svc.views.skipped_events(0)
-    except (StoreError, ViewStoreError, trio.TooSlowError):
+    answers = await _store_answers(svc, min(HEALTH_TIMEOUT_S, settings.store_timeout_s))
+    if answers is None:
         body["status"] = "unavailable"
         body["error"] = {"code": "store_unavailable", "message": "the event store is unreachable"}
         return body, 503
+    body["position"], skipped = answers
     problems = svc.runner.problems(settings.projection_max_lag, settings.projection_stall_s)
+    problems.extend(svc.system.problems())
+    failed = svc.store.recent_failure(settings.store_timeout_s)
+    if failed is not None:
+        problems.append(failed)
     status = 503 if problems else 200
     if skipped:
         problems.append(f"{skipped} events could not be projected: see"
@@ -192,6 +198,48 @@ async def health() -> tuple[dict[str, Any], int]:
     body.update(svc.system.counts())
     body["connections"] = svc.connections
     return body, status
+
+
+async def _store_answers(svc: Services, deadline_s: float) -> tuple[int, int] | None:
+    """The log's position and the count of skipped events, asked of both databases at once;
+    None when either fails or does not answer within ``deadline_s`` (the worker threads
+    still waiting are abandoned: a stuck database never holds the answer up)."""
+    found: dict[str, int] = {}
+
+    async def position() -> None:
+        found["position"] = await svc.store.max_position()
+
+    async def skipped() -> None:
+        found["skipped"] = (await svc.views.skipped_events(0))[0]
+
+    failed = False
+    with trio.move_on_after(deadline_s):
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(position)
+                nursery.start_soon(skipped)
+        except* (StoreError, ViewStoreError):
+            failed = True
+    if failed or len(found) < 2:
+        return None
+    return found["position"], found["skipped"]
+
+
+class Liveness(BaseModel):
+    status: Literal["alive", "stopping"]
+
+
+@rest.get("/health/live")
+@document_response(Liveness, 200)
+@document_response(Liveness, 503)
+async def live() -> tuple[dict[str, Any], int]:
+    """Liveness, for a process supervisor: 200 ``alive`` while the core tasks run (the actor
+    system, the projection runner, the web server answering this), with no database call;
+    503 ``stopping`` once one failed (the process is exiting) or the server has stopped."""
+    svc: Services | None = current_app.extensions.get("eventchat")
+    if svc is None or not svc.alive:
+        return {"status": "stopping"}, 503
+    return {"status": "alive"}, 200
 
 
 @rest.record_once

@@ -6,12 +6,18 @@ the actor system in a nursery of its own (itself started in the app's lifespan n
 reports started once both are; ``close()`` lets running responses finish for the grace period, then
 interrupts them (recorded), cancels the tasks and closes what it opened. Collaborators given
 to ``build_services`` are the caller's to close.
+
+A core task that fails once started (the projection runner, the actor system and its bus,
+the connection watcher) is not restarted and never leaves the server half-alive: the failure
+is kept in ``failure``, ``failed`` is set, and the server stops at once and exits with an
+error (``server.serve`` raises ``CoreTaskFailedError``) for its supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -21,11 +27,12 @@ import trio
 from ..actors.system import ActorSystem
 from ..config import Settings
 from ..events import wal
-from ..events.errors import ChatNotFoundError
+from ..events.errors import ChatNotFoundError, StoreError
 from ..events.store import EventStore
 from ..llm import build_provider, default_registry
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
+from ..projections.errors import ViewStoreError
 from ..projections.runner import ProjectionRunner
 from ..projections.search import register_search_tool
 from ..projections.views import Views, open_views
@@ -37,6 +44,11 @@ log = logging.getLogger(__name__)
 
 #: How long a POST waits for the views to include its write before answering anyway.
 READ_YOUR_WRITES_S = 2.0
+#: How long a graceful shutdown lets running responses finish before interrupting them.
+SHUTDOWN_GRACE_S = 8.0
+#: After the grace period (or a second signal), how long the interrupted responses have to be
+#: recorded and reach the views; with the listeners' second, the exit stays within 10 s.
+ENDINGS_S = 1.0
 
 
 @dataclass
@@ -51,7 +63,7 @@ class Services:
     auth: Authenticator
     metrics: Metrics
     limiter: MessageLimiter
-    grace_s: float = 10.0
+    grace_s: float = SHUTDOWN_GRACE_S
     connections: int = 0
     #: The open WebSocket connections (watched together: see ``ws.watch_connections``).
     sockets: set[Any] = field(default_factory=set)
@@ -62,9 +74,20 @@ class Services:
     #: Set once running responses have ended: WebSocket connections close (1001).
     disconnect: trio.Event = field(default_factory=trio.Event)
     owned: list[object] = field(default_factory=list)
+    #: The error of the core task that failed, if one did; ``failed`` is set with it.
+    failure: BaseException | None = None
+    failed: trio.Event = field(default_factory=trio.Event)
+    _running: bool = False
     _scope: trio.CancelScope | None = None
+    _grace: trio.CancelScope | None = None
+    _hurried: bool = False
     _stopped: trio.Event = field(default_factory=trio.Event)
     _drained: bool = False
+
+    @property
+    def alive(self) -> bool:
+        """True while the core tasks run (liveness: no database call)."""
+        return self._running and self.failure is None
 
     async def caught_up(
         self, limit_s: float = READ_YOUR_WRITES_S, chat_id: UUID | None = None
@@ -91,10 +114,12 @@ class Services:
         """
         if await self.views.get_chat(owner, chat_id) is not None:
             return
-        await self.store.run(chat_owned_by, self.store.app, chat_id, owner)
+        await self.store.read(chat_owned_by, self.store.app, chat_id, owner)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Runs the background tasks until ``close()`` (or cancellation)."""
+        """Runs the background tasks until ``close()`` (or cancellation). A failure at
+        start-up propagates; one after it ends them all and is kept (``fail``)."""
+        started = False
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
@@ -104,28 +129,71 @@ class Services:
                         data = self.settings.data_dir
                         nursery.start_soon(wal.keep_small, data / "events.sqlite",
                                            data / "views.sqlite")
+                    self._running = started = True
                     task_status.started()
+        except Exception as exc:
+            if not started:
+                raise
+            self.fail(exc)
         finally:
+            self._running = False
             self._stopped.set()
 
+    async def keep(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Runs another core task (the app's connection watcher): its failure is ``fail``'s."""
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """A core task failed: records why (logged with its traceback) and sets ``failed``."""
+        if self.failure is None:
+            self.failure = exc
+            log.error("a core task failed; the server stops", exc_info=exc)
+        self.failed.set()
+
     async def drain(self) -> None:
-        """Refuses new work, lets responses finish for ``grace_s``, then interrupts them."""
+        """Refuses new work, lets responses finish for ``grace_s`` (``hurry()`` cuts that
+        short), then interrupts them (recorded, text kept). Returns within ``grace_s +
+        ENDINGS_S`` (``ENDINGS_S`` after a hurry), whatever the store does."""
         if self._drained:
             return
         self._drained = True
         self.closing.set()
         try:
-            await self.system.shutdown(self.grace_s)
-            with trio.move_on_after(1):  # the endings reach the views, then the followers
-                await self.caught_up(1)
+            with trio.move_on_after(self.grace_s + ENDINGS_S) as budget:
+                with trio.CancelScope() as self._grace:
+                    if self._hurried:
+                        self._grace.cancel()
+                    await self.system.shutdown(self.grace_s)
+                if self._grace.cancelled_caught:
+                    budget.deadline = trio.current_time() + ENDINGS_S
+                    await self.system.shutdown(0)
+                # the endings reach the views, then the followers
+                await self.caught_up(ENDINGS_S)
+        except (StoreError, ViewStoreError) as exc:
+            log.warning("shutting down: the views could not catch up: %s", exc)
         finally:
             self.disconnect.set()
 
+    def hurry(self) -> None:
+        """Cuts the grace period short: running responses are interrupted now (recorded,
+        text kept). For a second shutdown signal."""
+        self._hurried = True
+        if self._grace is not None:
+            self._grace.cancel()
+
     async def close(self) -> None:
-        """Drains, stops the background tasks and closes what ``build_services`` opened."""
+        """Drains (unless a core task failed: the store may be what failed), stops the
+        background tasks and closes what ``build_services`` opened."""
         try:
             if self._scope is not None:
-                await self.drain()
+                if self.failure is None:
+                    await self.drain()
+                else:
+                    self.closing.set()
+                    self.disconnect.set()
                 self._scope.cancel()
                 await self._stopped.wait()
         finally:
@@ -159,7 +227,7 @@ async def build_services(
     provider: Provider | None = None,
     tools: ToolRegistry | None = None,
     users: UserStore | None = None,
-    grace_s: float = 10.0,
+    grace_s: float = SHUTDOWN_GRACE_S,
 ) -> Services:
     """Opens what is not given (blocking parts in worker threads) and wires it all."""
     owned: list[object] = []

@@ -31,7 +31,7 @@ from psycopg import sql
 
 from ..config import Settings
 from ..events.errors import StoreUnavailableError
-from ..events.store import ensure_schema
+from ..events.postgres import application_name, connection_bounds, schema_lock
 
 DEFAULT_USER = "local"
 #: Seconds a running server trusts a token it has checked (a revocation's longest delay).
@@ -136,7 +136,8 @@ class UserStore:
     @contextmanager
     def _sqlite(self) -> Iterator[tuple[Any, Callable[[str], Any]]]:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.settings.data_dir / "users.sqlite", timeout=10)
+        conn = sqlite3.connect(self.settings.data_dir / "users.sqlite",
+                               timeout=max(1.0, self.settings.store_timeout_s))
         try:
             with conn:
                 if not self._ready:
@@ -157,32 +158,36 @@ class UserStore:
         def render(statement: str) -> Any:
             return sql.SQL(statement).format(table=table, p=sql.Placeholder())
 
-        if not self._ready:
-            ensure_schema(self.settings.database_url, self.settings.database_schema)
-        with psycopg.connect(self.settings.database_url, connect_timeout=5) as conn:
-            if not self._ready:
+        url, schema = self.settings.database_url, self.settings.database_schema
+        timeout_s = self.settings.store_timeout_s
+        if not self._ready:  # one process at a time: concurrent starts would collide
+            with schema_lock(url, schema, timeout_s) as conn:
                 conn.execute(
                     render(
                         "CREATE TABLE IF NOT EXISTS {table} (token_hash TEXT PRIMARY KEY,"
                         " name TEXT NOT NULL, created_at TIMESTAMPTZ DEFAULT now())"
                     )
                 )
-                self._ready = True
+            self._ready = True
+        bounds = connection_bounds(timeout_s, application_name("users", schema))
+        with psycopg.connect(url, **bounds) as conn:
             yield conn, render
 
 
 class Authenticator:
     """Async token checks; a known token is trusted for ``ttl_s`` seconds without asking the
     store again, so a revoked one is refused at most ``ttl_s`` after its row is deleted.
-    Unknown tokens are never cached."""
+    Unknown tokens are never cached. A store that does not answer within ``timeout_s``
+    raises ``StoreUnavailableError`` (its worker thread is abandoned)."""
 
     MAX_CACHED = 10_000
 
     def __init__(self, users: UserStore, limiter: trio.CapacityLimiter | None = None,
-                 ttl_s: float = TOKEN_CACHE_S) -> None:
+                 ttl_s: float = TOKEN_CACHE_S, timeout_s: float | None = None) -> None:
         self.users = users
         self.limiter = limiter or trio.CapacityLimiter(4)
         self.ttl_s = ttl_s
+        self.timeout_s = users.settings.store_timeout_s if timeout_s is None else timeout_s
         #: token hash -> (user name, trio clock time until which it is trusted)
         self._known: dict[str, tuple[str, float]] = {}
 
@@ -203,7 +208,13 @@ class Authenticator:
         return name
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        """Runs a read of the user store, bounded by ``timeout_s`` (abandoned after it)."""
+        with trio.move_on_after(self.timeout_s):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter,
+                                                 abandon_on_cancel=True)
+        raise StoreUnavailableError(
+            f"user store unavailable: no answer within {self.timeout_s:g} s"
+        )
 
 
 def add_user(settings: Settings, name: str) -> str:
