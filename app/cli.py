@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
+    from .web.errors import CoreTaskFailedError
     from .web.server import serve
 
     store = (
@@ -117,7 +118,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         "store: %s; model: %s via %s%s", store, model, settings.provider, upstream
     )
     _preflight(settings)
-    trio.run(partial(serve, settings, freeze_startup_objects=True))
+    try:
+        trio.run(partial(serve, settings, freeze_startup_objects=True))
+    except* CoreTaskFailedError as group:  # for the supervisor to start the process again
+        sys.exit(f"eventchat: {_first(group)}; exiting")
 
 
 def _preflight(settings: Settings) -> None:
