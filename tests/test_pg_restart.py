@@ -100,7 +100,9 @@ async def test_postgres_stopped_then_started(settings: Settings) -> None:
             started = trio.current_time()
         took = await recovered(server, started)
         print(f"PostgreSQL started: ready again {took:.2f} s later")
-        assert took < 5.0
+        # the store and the views are back within a second; the live channel waits up to
+        # 5 s between two attempts to connect again
+        assert took < 8.0
         answer = await c.post("/generate", json={"message": "after", "chat_id": chat_id})
         assert answer.json()["message"]["status"] == "complete"
 

@@ -36,6 +36,9 @@ from .services import Services
 
 rest = Blueprint("rest", __name__)
 HEALTH_TIMEOUT_S = 3.0
+#: ``/health`` is ``degraded`` for this long after a store call failed (a write may fail
+#: while reads answer: a locked table, a full disk).
+FAILURE_MEMORY_S = 1.0
 PROTOCOL_VERSION = "1.1"
 ERRORS = {400: s.ErrorBody, 401: s.ErrorBody, 404: s.ErrorBody, 503: s.ErrorBody}
 
@@ -169,7 +172,7 @@ async def health() -> tuple[dict[str, Any], int]:
     database does: 200 ``ok`` when the store answers and the views keep up; 503
     ``unavailable`` when the store or the views do not answer; 503 ``degraded`` when the views
     fall behind or cannot be updated, a connection to PostgreSQL (the bus, the chat leases)
-    is being made again, or the store failed in the last ``store_timeout_s``; 200
+    is being made again, or a store call failed in the last ``FAILURE_MEMORY_S``; 200
     ``degraded`` when some events could not be projected. ``problems`` says why."""
     svc = services()
     settings = svc.settings
@@ -183,7 +186,7 @@ async def health() -> tuple[dict[str, Any], int]:
     body["position"], skipped = answers
     problems = svc.runner.problems(settings.projection_max_lag, settings.projection_stall_s)
     problems.extend(svc.system.problems())
-    failed = svc.store.recent_failure(settings.store_timeout_s)
+    failed = svc.store.recent_failure(FAILURE_MEMORY_S)
     if failed is not None:
         problems.append(failed)
     status = 503 if problems else 200

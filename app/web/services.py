@@ -49,6 +49,9 @@ SHUTDOWN_GRACE_S = 8.0
 #: After the grace period (or a second signal), how long the interrupted responses have to be
 #: recorded and reach the views; with the listeners' second, the exit stays within 10 s.
 ENDINGS_S = 1.0
+#: Longest pause of the projection runner between two attempts while the store fails: the
+#: views (and ``/health``) recover within it once the store is back.
+RUNNER_MAX_BACKOFF_S = 1.0
 
 
 @dataclass
@@ -245,7 +248,7 @@ async def build_services(
         register_search_tool(tools, views)
     system = ActorSystem(settings, store, provider, tools)
     metrics = Metrics((settings.model, provider.default_model, *settings.metrics_models))
-    runner = ProjectionRunner(settings, store, views)
+    runner = ProjectionRunner(settings, store, views, max_backoff=RUNNER_MAX_BACKOFF_S)
     runner.observers.append(ResponseObserver(metrics))
     services = Services(
         settings=settings, store=store, views=views, provider=provider, tools=tools,
