@@ -38,6 +38,7 @@ from ..events.errors import (
     ChatRuleError,
     ConcurrencyError,
     DuplicateMessageError,
+    FencedError,
     ResponseInProgressError,
     StoreError,
 )
@@ -130,6 +131,9 @@ def web_error(exc: BaseException) -> WebError | None:
         return ConflictError(message, exc.code)
     if isinstance(exc, ChatRuleError):
         return BadRequestError(message, exc.code)
+    if isinstance(exc, FencedError):
+        return UnavailableError("the chat moved to another server: try again", exc.code,
+                                retry_after=1)
     if isinstance(exc, StoreError | ViewStoreError):
         return UnavailableError("the event store is unavailable", "store_unavailable",
                                 retry_after=STORE_RETRY_AFTER_S)
