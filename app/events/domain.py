@@ -87,6 +87,13 @@ class ChatSession(Aggregate):
         system_prompt: str | None
         max_tokens: int | None
 
+        #: Version 1 had no ``max_tokens``: such events are read with None.
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["max_tokens"] = None
+
     class Renamed(Event):
         title: str
 

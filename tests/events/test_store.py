@@ -92,3 +92,29 @@ async def test_unfinished_chats_are_followed_incrementally(settings: Settings) -
     assert await store.run(unfinished.scan) == [waiting.id]
     assert unfinished.position == await store.max_position() > position
     store.close()
+
+
+async def test_a_chat_recorded_before_max_tokens_existed_loads_with_none(
+    settings: Settings,
+) -> None:
+    """A ``Started`` event of version 1 (no ``max_tokens``), as stored by earlier versions,
+    is read with ``max_tokens`` None, and its chat goes on."""
+    from dataclasses import replace
+
+    store = await open_store(settings)
+    try:
+        mapper = store.app.mapper
+        chat = ChatSession.start("alice", "old", max_tokens=None)
+        stored = mapper.to_stored_event(chat.collect_events()[0])
+        state = mapper.transcoder.decode(stored.state)
+        del state["max_tokens"]
+        state.pop("class_version", None)
+        old = replace(stored, state=mapper.transcoder.encode(state))
+        await trio.to_thread.run_sync(store.app.recorder.insert_events, [old])
+        loaded = await store.get(chat.id)
+        assert loaded.max_tokens is None and loaded.title == "old"
+        loaded.receive_message("still works")
+        await store.save(loaded)
+        assert (await store.get(chat.id)).history[0]["content"] == "still works"
+    finally:
+        store.close()

@@ -33,7 +33,7 @@ def poisoned_chat(owner: str = "alice") -> ChatSession:
 def written_before_the_text_rules(owner: str = "alice") -> ChatSession:
     """A chat as the earlier version recorded it: NUL in its title, message and reply."""
     chat = ChatSession._create(ChatSession.Started, id=uuid4(), owner=owner, title="x\x00y",
-                               model=None, system_prompt="be\x00brief")
+                               model=None, system_prompt="be\x00brief", max_tokens=None)
     chat.trigger_event(ChatSession.MessageReceived, text="a\x00b", client_message_id="c\x00")
     rid = chat.start_response("offline", "offline")
     chat.trigger_event(ChatSession.TokensGenerated, response_id=rid, text="r\x00s", offset=0,
