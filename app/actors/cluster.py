@@ -49,7 +49,8 @@ MAX_PAYLOAD = 7500
 FLUSH_INTERVAL_S = 0.005
 #: Waits between two attempts to make a lost connection again.
 BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
+#: Longest pause between two tries: a database back from a restart is used within 2 s.
+BACKOFF_MAX_S = 2.0
 #: A silent network loss fails a connection's calls within about 10 s instead of never.
 KEEPALIVES: dict[str, Any] = {
     "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
