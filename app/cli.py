@@ -1,15 +1,22 @@
 """The eventchat command: serve, users, replay, export, projections, chat, bench.
 
 Settings come from flags, then the environment, then defaults (``Settings.from_env``).
+Every failure is one line on stderr and an exit code: 2 for what was asked wrongly (a bad
+setting, a data dir that does not exist), 1 for what went wrong (a busy port, an
+unreachable store, a server in the way); ``--debug`` shows the traceback of an error that
+has no message of its own. Modules are imported by the command that needs them, so that
+``--help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,17 +26,28 @@ import trio
 
 from .config import Settings, SettingsError
 from .events.errors import EventsError
-from .projections.errors import ProjectionError
 
 if TYPE_CHECKING:
     from .web.users import UserStore
+
+#: The files of a SQLite data dir: one of them shows that a directory is one.
+STORE_FILES = ("events.sqlite", "views.sqlite", "users.sqlite")
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked: one line, and ``code`` as the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # The benchmarks parse their own options (argparse.REMAINDER would drop leading flags).
-        _run_bench(argv[1:])
+        _run(argparse.ArgumentParser(prog="eventchat bench"), _run_bench, argv[1:],
+             debug=False)
         return
     parser = _parser()
     args = parser.parse_args(argv)
@@ -46,12 +64,43 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except SettingsError as exc:
         parser.exit(2, f"eventchat: {exc}\n")
+    _run(parser, partial(args.run, settings), args, debug=args.debug)
+
+
+def _run(parser: argparse.ArgumentParser, run: Any, args: Any, debug: bool) -> None:
+    """Runs a command; any error ends it with one line and an exit status."""
     try:
-        args.run(settings, args)
+        run(args)
     except* KeyboardInterrupt:
         pass
-    except* (EventsError, ProjectionError) as group:
-        parser.exit(1, f"eventchat: {_first(group)}\n")
+    except* Exception as group:
+        error = _first(group)
+        if debug and _message(error) is None:
+            raise
+        parser.exit(*_exit(error))
+
+
+def _exit(error: BaseException) -> tuple[int, str]:
+    """The exit status and the one line that say what went wrong."""
+    message = _message(error)
+    if message is None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = (f"unexpected error: {type(error).__name__}{': ' if first else ''}{first} "
+                   "(--debug shows the traceback)")
+    code = error.code if isinstance(error, CommandError) else 1
+    return code, f"eventchat: {message}\n"
+
+
+def _message(error: BaseException) -> str | None:
+    """The one-line message of an error the commands expect, else None."""
+    from .projections.errors import ProjectionError
+
+    if isinstance(error, CommandError | EventsError | ProjectionError | SettingsError):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return None
 
 
 def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
@@ -68,37 +117,51 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--data-dir", type=Path, help="embedded store directory (./data)")
-        sub.add_argument("--database-url", help="postgresql://... (else SQLite in the data dir)")
+        sub.add_argument("--data-dir", type=Path,
+                         help="directory of the SQLite store (EVENTCHAT_DATA_DIR, ./data)")
+        sub.add_argument("--database-url",
+                         help="postgresql://... to use PostgreSQL instead of SQLite "
+                              "(EVENTCHAT_DATABASE_URL)")
+        sub.add_argument("--debug", action="store_true",
+                         help="show the traceback of an unexpected error")
         sub.set_defaults(run=run)
         return sub
 
     serve = command("serve", _serve, "serve HTTP and WebSocket")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (EVENTCHAT_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (EVENTCHAT_PORT, 8000)")
 
     users = command("users", _users, "add a user's token, list tokens, revoke them")
-    users.add_argument("action", choices=["add", "list", "revoke"])
+    users.add_argument("action", choices=["add", "list", "revoke"],
+                       help="add NAME: a new token, printed alone on the last line; list: every "
+                            "token; revoke NAME: delete its tokens")
     users.add_argument("name", nargs="?", help="the user (add, revoke)")
     users.add_argument("--id", dest="token_id", help="revoke only this token (see users list)")
 
     replay = command("replay", _replay, "print a chat's event log and its state at any seq")
-    replay.add_argument("chat_id", type=UUID)
-    replay.add_argument("--until-seq", type=int, help="stop at this event and show the chat then")
+    replay.add_argument("chat_id", type=UUID, help="the chat's id")
+    replay.add_argument("--until-seq", type=int, metavar="N",
+                        help="stop at event N and show the chat as it was then (0: before it "
+                             "existed)")
     replay.add_argument("--json", action="store_true", help="one JSON record a line")
 
     export = command("export", _export, "export event logs as JSON Lines")
     export.add_argument("chat_id", type=UUID, nargs="?", help="one chat (default: every chat)")
 
     projections = command("projections", _projections, "rebuild the views or show their lag")
-    projections.add_argument("action", choices=["rebuild", "status"])
+    projections.add_argument("action", choices=["rebuild", "status"],
+                             help="rebuild: drop the views and apply the whole log again (the "
+                                  "servers must be stopped); status: position, log end, lag")
 
     chat = command("chat", _chat, "talk to a running server from the terminal")
-    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat")
-    chat.add_argument("--token", required=True)
-    chat.add_argument("--chat-id")
+    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat",
+                      help="the server's WebSocket (default %(default)s); http://HOST:PORT "
+                           "works too")
+    chat.add_argument("--token", help="your bearer token (eventchat users add NAME prints one)")
+    chat.add_argument("--chat-id", help="continue this chat: its history is shown first")
 
-    bench = command("bench", _bench, "measure eventchat against a direct model call")
+    bench = command("bench", _bench, "measure eventchat against a direct model call "
+                                     "(eventchat bench --help)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     return parser
 
@@ -107,6 +170,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from .web.errors import CoreTaskFailedError
     from .web.server import serve
 
+    _preflight(settings)
     store = (
         f"PostgreSQL ({_redact(settings.database_url)})"
         if settings.database_url
@@ -117,7 +181,6 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     logging.getLogger("eventchat").info(
         "store: %s; model: %s via %s%s", store, model, settings.provider, upstream
     )
-    _preflight(settings)
     try:
         trio.run(partial(serve, settings, freeze_startup_objects=True))
     except* CoreTaskFailedError as group:  # for the supervisor to start the process again
@@ -125,18 +188,58 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _preflight(settings: Settings) -> None:
-    """Fails early, in one line, when the store cannot be used (before anything listens)."""
+    """Fails early, in one line, when the port is taken or the store cannot be used: before
+    anything is created (the data dir, the first user) and before anything listens."""
     from .actors.system import claim_data_dir
     from .events.store import EventStore
 
+    _check_bind(settings.host, settings.port, "--port")
+    if settings.metrics_bind:
+        host, _, port = settings.metrics_bind.rpartition(":")
+        _check_bind(host.strip("[]"), int(port), "EVENTCHAT_METRICS_BIND")
     if settings.store_kind == "sqlite":
         claim_data_dir(settings.data_dir).close()
     EventStore.open(settings).close()
 
 
+def _check_bind(host: str, port: int, option: str) -> None:
+    """Binds ``host:port`` as Hypercorn will (``SO_REUSEADDR``), and lets it go at once."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise CommandError(f"cannot listen on {host}: unknown address ({exc.strerror})",
+                               2) from None
+        except OSError as exc:
+            hint = {errno.EADDRINUSE: f" (another server? {option} chooses another)",
+                    errno.EACCES: " (ports below 1024 need privileges)"}.get(exc.errno or 0, "")
+            raise CommandError(f"cannot listen on {host}:{port}: "
+                               f"{(exc.strerror or str(exc)).lower()}{hint}") from None
+
+
+def _existing_data_dir(settings: Settings) -> None:
+    """Read commands use an existing store: a mistyped ``--data-dir`` must not create an
+    empty one (exit status 2)."""
+    if settings.store_kind != "sqlite":
+        return
+    data_dir = settings.data_dir
+    if not data_dir.is_dir():
+        raise CommandError(f"no data dir {data_dir} (--data-dir or EVENTCHAT_DATA_DIR names "
+                           "the directory eventchat serve uses)", 2)
+    if not any((data_dir / name).exists() for name in STORE_FILES):
+        raise CommandError(f"{data_dir} is not an eventchat data dir (it holds none of "
+                           f"{', '.join(STORE_FILES)})", 2)
+
+
 def _users(settings: Settings, args: argparse.Namespace) -> None:
     from .web.users import UserStore
 
+    if args.action != "add":
+        _existing_data_dir(settings)
     users = UserStore(settings)
     if args.action == "list":
         _list_tokens(users)
@@ -189,15 +292,20 @@ def _open_app(settings: Settings) -> Any:
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> None:
-    from .events.errors import ChatNotFoundError
     from .events.replay import chat_at, chat_records, describe
 
+    if args.until_seq is not None and args.until_seq < 0:
+        raise CommandError("--until-seq counts events: 0 or more", 2)
+    _existing_data_dir(settings)
     app = _open_app(settings)
-    try:
-        for record in chat_records(app, args.chat_id, until_seq=args.until_seq):
-            print(json.dumps(record) if args.json else describe(record))
-    except ChatNotFoundError as exc:
-        sys.exit(f"eventchat: {exc}")
+    if args.until_seq == 0:
+        chat_records(app, args.chat_id, limit=1)  # the chat exists (else: no chat)
+        if not args.json:
+            print(f"chat {args.chat_id} at seq 0: not created yet (its first event, seq 1, "
+                  "creates it)")
+        return
+    for record in chat_records(app, args.chat_id, until_seq=args.until_seq):
+        print(json.dumps(record) if args.json else describe(record))
     if not args.json:
         chat = chat_at(app, args.chat_id, args.until_seq)
         print(f"\nchat {chat.id} at seq {chat.version}: {chat.title!r} (owner {chat.owner})")
@@ -212,6 +320,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> None:
 def _export(settings: Settings, args: argparse.Namespace) -> None:
     from .events.replay import all_chat_ids, chat_records
 
+    _existing_data_dir(settings)
     app = _open_app(settings)
     chat_ids = [args.chat_id] if args.chat_id else all_chat_ids(app)
     for chat_id in chat_ids:
@@ -222,17 +331,69 @@ def _export(settings: Settings, args: argparse.Namespace) -> None:
 def _projections(settings: Settings, args: argparse.Namespace) -> None:
     from .projections import rebuild, status
 
+    _existing_data_dir(settings)
     if args.action == "rebuild":
-        count = rebuild(settings, progress=True)
+        with _no_running_server(settings):
+            count = rebuild(settings, progress=True)
         print(f"rebuilt every view from {count} events")
     else:
         print(json.dumps(status(settings), indent=2))
 
 
+@contextmanager
+def _no_running_server(settings: Settings) -> Iterator[None]:
+    """Refuses to go on while a server uses the store (it would keep projecting into the
+    views being rebuilt). SQLite: takes the data dir's lock, held until the end, so that no
+    server starts meanwhile. PostgreSQL: looks for the servers' LISTEN connections."""
+    from .actors.system import DataDirLockedError, claim_data_dir
+
+    if settings.store_kind == "postgres":
+        servers = _listening_servers(settings)
+        if servers:
+            raise CommandError(f"{servers} eventchat server{'s' * (servers > 1)} use"
+                               f"{'s' * (servers == 1)} this database (schema "
+                               f"{settings.database_schema}): stop them before rebuilding")
+        yield
+        return
+    try:
+        lock = claim_data_dir(settings.data_dir)
+    except DataDirLockedError:
+        raise CommandError(f"a server is using {settings.data_dir}: stop it before rebuilding "
+                           "the views") from None
+    try:
+        yield
+    finally:
+        lock.close()
+
+
+def _listening_servers(settings: Settings) -> int:
+    """How many ``eventchat serve`` processes listen for this schema's live channel
+    (0 when that cannot be told: the rebuild then reports the store's own errors)."""
+    import psycopg
+    from psycopg import sql
+
+    from .actors.cluster import LISTEN_APP_NAME, Bus
+
+    channel = Bus(settings, lambda item: None).channel
+    try:
+        with psycopg.connect(settings.database_url or "", connect_timeout=5,
+                             autocommit=True) as conn:
+            listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_string(conn)
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                "AND datname = current_database() AND query = %s",
+                (LISTEN_APP_NAME, listen)).fetchone()
+    except psycopg.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
 def _chat(settings: Settings, args: argparse.Namespace) -> None:
     from .terminal import run_terminal_chat
 
-    trio.run(run_terminal_chat, args.url, args.token, args.chat_id)
+    code = trio.run(run_terminal_chat, args.url, args.token, args.chat_id)
+    if code:
+        sys.exit(code)
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> None:
@@ -240,13 +401,12 @@ def _bench(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _run_bench(rest: list[str]) -> None:
-    if rest[:1] == ["projections"]:
-        from .projections.bench import main as projections_bench
-
-        projections_bench(rest[1:])
-        return
     from .bench import main as bench_main
+    from .bench import projections_main
 
+    if rest[:1] == ["projections"]:
+        projections_main(rest[1:])
+        return
     bench_main(rest)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from app.config import Settings
@@ -110,3 +111,129 @@ async def test_users_list_and_revoke(tmp_path: Path) -> None:
 
     again = await run_eventchat("users", "revoke", "carol", data_dir=tmp_path, check=False)
     assert again.returncode == 1 and b"no token of user 'carol'" in again.stderr
+
+
+# -- errors: one line and an exit status, never a traceback -------------------------------------
+
+def one_line(done: Any) -> str:
+    err = done.stderr.decode()
+    assert "Traceback" not in err, err
+    assert err.count("\n") == 1, err
+    return err
+
+
+async def test_serve_checks_the_port_before_creating_anything(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = await run_eventchat("serve", "--port", str(port), data_dir=tmp_path / "data",
+                                   check=False)
+    assert done.returncode == 1
+    assert one_line(done).startswith(f"eventchat: cannot listen on 127.0.0.1:{port}: address "
+                                     "already in use (another server? --port chooses another)")
+    assert done.stdout == b"" and not (tmp_path / "data").exists()  # no user 'local' made
+
+
+async def test_replay_until_seq_0_is_before_the_chat(tmp_path: Path) -> None:
+    chat = await trio.to_thread.run_sync(recorded_chat, tmp_path)
+    out = await eventchat("replay", str(chat.id), "--until-seq", "0", data_dir=tmp_path)
+    assert out == f"chat {chat.id} at seq 0: not created yet (its first event, seq 1, creates it)\n"
+    done = await run_eventchat("replay", str(chat.id), "--until-seq", "-1", data_dir=tmp_path,
+                               check=False)
+    assert done.returncode == 2 and "--until-seq counts events" in one_line(done)
+
+
+@pytest.mark.parametrize("command", [
+    ["replay", "3fa85f64-5717-4562-b3fc-2c963f66afa6"], ["export"], ["projections", "status"],
+    ["projections", "rebuild"], ["users", "list"], ["users", "revoke", "carol"],
+])
+async def test_read_commands_refuse_a_data_dir_that_does_not_exist(
+    tmp_path: Path, command: list[str]
+) -> None:
+    missing = tmp_path / "dta"
+    done = await run_eventchat(*command, data_dir=missing, check=False)
+    assert done.returncode == 2
+    assert one_line(done).startswith(f"eventchat: no data dir {missing}")
+    assert not missing.exists()
+
+
+async def test_a_directory_that_is_not_a_data_dir_is_refused(tmp_path: Path) -> None:
+    done = await run_eventchat("export", data_dir=tmp_path, check=False)
+    assert done.returncode == 2 and "is not an eventchat data dir" in one_line(done)
+    assert os.listdir(tmp_path) == []
+
+
+async def test_projections_rebuild_refuses_while_a_server_holds_the_data_dir(
+    tmp_path: Path
+) -> None:
+    from app.actors.system import claim_data_dir
+
+    await trio.to_thread.run_sync(recorded_chat, tmp_path)
+    lock = claim_data_dir(tmp_path)  # as a running server holds it
+    try:
+        done = await run_eventchat("projections", "rebuild", data_dir=tmp_path, check=False)
+    finally:
+        lock.close()
+    assert done.returncode == 1
+    assert one_line(done) == (f"eventchat: a server is using {tmp_path}: stop it before "
+                              "rebuilding the views\n")
+    assert "from 7 events" in await eventchat("projections", "rebuild", data_dir=tmp_path)
+
+
+@pytest.mark.postgres
+async def test_projections_rebuild_refuses_while_a_server_listens_on_postgres(
+    tmp_path: Path, pg_url: str, pg_schema: str
+) -> None:
+    import psycopg
+    from psycopg import sql
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTCHAT_", "OPENAI_"))}
+    env["EVENTCHAT_DATABASE_SCHEMA"] = pg_schema
+    argv = [sys.executable, "-m", "app.cli", "projections", "rebuild", "--database-url", pg_url]
+    # what a running server holds: its live channel's LISTEN connection
+    with psycopg.connect(pg_url, autocommit=True, application_name="eventchat-listen") as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"eventchat_{pg_schema}")))
+        done = await trio.run_process(argv, env=env, capture_stdout=True, capture_stderr=True,
+                                      check=False)
+    assert done.returncode == 1
+    assert one_line(done) == (f"eventchat: 1 eventchat server uses this database (schema "
+                              f"{pg_schema}): stop them before rebuilding\n")
+    done = await trio.run_process(argv, env=env, capture_stdout=True, capture_stderr=True)
+    assert b"rebuilt every view from 0 events" in done.stdout
+
+
+async def test_an_os_error_is_one_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    done = await run_eventchat("users", "add", "bob", data_dir=not_a_dir, check=False)
+    assert done.returncode == 1 and one_line(done).startswith("eventchat: ")
+
+
+async def test_chat_with_a_url_that_is_not_a_websocket_one(tmp_path: Path) -> None:
+    done = await run_eventchat("chat", "--token", "t", "--url", "gopher://x", data_dir=tmp_path,
+                               check=False)
+    assert done.returncode == 2 and "is not a WebSocket URL" in one_line(done)
+
+
+def test_every_option_says_what_it_is_for() -> None:
+    import argparse
+
+    from app.bench.options import parser as bench_parser
+    from app.bench.options import projections_parser
+    from app.cli import _parser
+
+    def undocumented(parser: argparse.ArgumentParser) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += [f"{name} {m}" for m in undocumented(sub)]
+            elif not action.help:
+                missing.append("/".join(action.option_strings) or action.dest)
+        return missing
+
+    for parser in (_parser(), bench_parser(), projections_parser()):
+        assert undocumented(parser) == []

@@ -22,6 +22,8 @@ import openai
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from .progress import tick
+
 #: One turn: sends message ``n`` of a chat; returns (ttft seconds, chunks, text, status).
 Turn = Callable[[int], Awaitable[tuple[float | None, int, str, str]]]
 
@@ -95,14 +97,17 @@ async def run_load(name: str, chats: int, messages: int, expected_text: str,
                     result.wall_s = time.perf_counter() - began
                     on_end()
 
-    async with trio.open_nursery() as nursery:
-        for index in range(chats):
-            nursery.start_soon(chat, index)
-        for _ in range(chats):
-            await warm.acquire()
-        on_start()
-        began = time.perf_counter()
-        start.set()
+    async with trio.open_nursery() as ticking:
+        ticking.start_soon(tick, name, lambda: result.turns + result.wrong, chats * messages)
+        async with trio.open_nursery() as nursery:
+            for index in range(chats):
+                nursery.start_soon(chat, index)
+            for _ in range(chats):
+                await warm.acquire()
+            on_start()
+            began = time.perf_counter()
+            start.set()
+        ticking.cancel_scope.cancel()
     return result
 
 

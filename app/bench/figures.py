@@ -132,6 +132,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def table(results: dict[str, Any]) -> str:
     """A plain-text table of the headline figures, one column per measurement."""
     base = results["baseline"]
+    chats = results.get("options", {}).get("chats", base["chats"])
     columns: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [("baseline", base, None)]
     for name, store in results["stores"].items():
         columns += [(f"{name} ws", store["websocket"], store), (f"{name} sse", store["sse"], None)]
@@ -144,7 +145,7 @@ def table(results: dict[str, Any]) -> str:
         ("TTFT p99 ms", [c["ttft_ms"]["p99"] for _, c, _ in columns]),
         ("added TTFT p50 ms", [c.get("added_ttft_ms", {}).get("p50", "-") for _, c, _ in columns]),
         ("added TTFT p99 ms", [c.get("added_ttft_ms", {}).get("p99", "-") for _, c, _ in columns]),
-        ("paced 50 chats: TTFT p50 ms",
+        (f"paced {chats} chats: TTFT p50 ms",
          [c["paced"]["ttft_ms"]["p50"] if "paced" in c else "-" for _, c, _ in columns]),
         ("paced: added TTFT p50 ms",
          [c["paced"].get("added_ttft_ms", {}).get("p50", "-") if "paced" in c else "-"

@@ -18,7 +18,6 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,29 +37,11 @@ from .figures import (
     write_rate_figures,
 )
 from .idle import METRICS_TOKEN, measure_idle
+from .options import Options
+from .progress import say
 from .upstream import expected_text, pacing
 
 SERVER_CPU, LOAD_CPU = 0, 1
-
-
-@dataclass(frozen=True)
-class Options:
-    stores: tuple[str, ...]
-    chats: int
-    messages: int
-    chunks: int
-    idle_connections: int
-    database_url: str
-    paced_models: tuple[str, ...]
-    projection_events: int
-    projection_messages: int
-    projection_reads: int
-    #: Turns of the single-chat runs (TTFT with nothing else going on).
-    single_chat_messages: int = 40
-    #: Mean pause between two turns of a chat in the paced runs (0: no paced run).
-    think_s: float = 1.0
-    #: Directory for py-spy profiles of the server during the WebSocket load (None: none).
-    profile: Path | None = None
 
 
 class Server:
@@ -81,6 +62,7 @@ def run(options: Options) -> dict[str, Any]:
     p.pin(LOAD_CPU)
     with tempfile.TemporaryDirectory(prefix="eventchat-bench-") as tmp:
         workdir = Path(tmp)
+        say(f"starting the model server ({options.chunks} chunks an answer)")
         upstream, upstream_port = p.start_upstream(options.chunks, workdir)
         try:
             p.pin(LOAD_CPU, upstream.pid)
@@ -96,6 +78,7 @@ def run(options: Options) -> dict[str, Any]:
 
 def _idle_floor(options: Options, workdir: Path) -> dict[str, Any]:
     """Idle memory of the framework alone (``app.bench.floor``): the baseline for eventchat's."""
+    say(f"baseline: {options.idle_connections} idle connections to the bare framework")
     child, port = p.start_server(dict(os.environ), workdir, bare=True)
     try:
         p.pin(SERVER_CPU, child.pid)
@@ -108,6 +91,8 @@ def _idle_floor(options: Options, workdir: Path) -> dict[str, Any]:
 
 async def _paced(name: str, options: Options, open_chat: Any) -> LoadResult:
     """The same chats with people's pauses between turns: TTFT below capacity."""
+    say(f"{name}: {options.chats} chats x {options.messages} turns, pauses of about "
+        f"{options.think_s:g} s")
     return await run_load(name, options.chats, options.messages, expected_text(options.chunks),
                           open_chat, think_s=options.think_s)
 
@@ -116,9 +101,12 @@ def _baseline(options: Options, base_url: str) -> dict[str, Any]:
     async def main() -> tuple[LoadResult, float, LoadResult]:
         async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as client:
             cpu = _Meter(_own_cpu)
+            say(f"baseline: {options.chats} chats x {options.messages} turns, straight to the "
+                "model server")
             load = await run_load("baseline", options.chats, options.messages,
                                   expected_text(options.chunks), direct_chats(client, "bench"),
                                   cpu.start, cpu.stop)
+            say(f"baseline: one chat x {options.single_chat_messages} turns")
             alone = await run_load("baseline, one chat", 1, options.single_chat_messages,
                                    expected_text(options.chunks), direct_chats(client, "bench"))
             paced.append(await _paced("baseline, paced", options,
@@ -140,18 +128,23 @@ def _store(options: Options, store: str, upstream_url: str, workdir: Path) -> di
         env = _server_env(options, upstream_url, workdir, schema)
         token = p.add_user(env)
         figures: dict[str, Any] = {}
+        say(f"{store}: starting eventchat serve")
         with _server(env, workdir, token) as server:
             figures["websocket"], figures["log"] = _websocket_phase(options, server, schema)
-            figures["sse"] = _sse_phase(options, server)
+            figures["sse"] = _sse_phase(options, server, store)
             figures["write_rate"] = _write_rate_phase(options, server, schema)
         for deflate in (False, True):
             for exchange in (False, True):
+                say(f"{store}: {options.idle_connections} idle connections"
+                    f"{', permessage-deflate' if deflate else ''}"
+                    f"{', one frame each way first' if exchange else ''} (a fresh server)")
                 with _server(env, workdir, token) as server:
                     idle = trio.run(measure_idle, server.port, token, options.idle_connections,
                                     deflate, exchange, server.child.rss_bytes)
                 key = "idle" + "_deflate" * deflate + "_after_frame" * exchange
                 figures[key] = idle_figures(idle)
         # without the keep-alive pings (one Hypercorn task per connection)
+        say(f"{store}: {options.idle_connections} idle connections, no keep-alive pings")
         with _server({**env, "EVENTCHAT_WS_PING_INTERVAL_S": "0"}, workdir, token) as server:
             idle = trio.run(measure_idle, server.port, token, options.idle_connections,
                             False, False, server.child.rss_bytes)
@@ -160,6 +153,8 @@ def _store(options: Options, store: str, upstream_url: str, workdir: Path) -> di
         if schema is not None:
             settings = settings.replace(database_url=options.database_url,
                                         database_schema=f"{schema}_views")
+        say(f"{store}: the views: {options.projection_events} events written and rebuilt, "
+            f"{options.projection_reads} page reads")
         with _schema(options.database_url if schema else None, settings.database_schema):
             figures["projections"] = run_bench(settings, options.projection_events,
                                                options.projection_messages,
@@ -191,15 +186,20 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
     #: seconds from model call to first text, as the server recorded them (paced turns)
     model_ttft: list[float] = []
 
+    store = "postgres" if schema else "sqlite"
+
     async def main() -> tuple[LoadResult, dict[str, int]]:
-        load = await run_load("websocket", options.chats, options.messages,
+        say(f"{store}: websocket: {options.chats} chats x {options.messages} turns")
+        load = await run_load(f"{store}: websocket", options.chats, options.messages,
                               expected_text(options.chunks), websocket_chats(server.ws_url),
                               start, stop)
+        say(f"{store}: websocket: one chat x {options.single_chat_messages} turns")
         alone.append(await run_load("websocket, one chat", 1, options.single_chat_messages,
                                     expected_text(options.chunks), websocket_chats(server.ws_url)))
         async with server.http() as http:
             before_paced = {c["id"] for c in await _all_chats(http)}
-        alone.append(await _paced("websocket, paced", options, websocket_chats(server.ws_url)))
+        alone.append(await _paced(f"{store}: websocket, paced", options,
+                                  websocket_chats(server.ws_url)))
         async with server.http() as http:
             chats.extend(c["id"] for c in await _all_chats(http))
             counts: dict[str, int] = {}
@@ -221,10 +221,11 @@ def _websocket_phase(options: Options, server: Server, schema: str | None
     return figures, log
 
 
-def _sse_phase(options: Options, server: Server) -> dict[str, Any]:
+def _sse_phase(options: Options, server: Server, store: str) -> dict[str, Any]:
     cpu = _Meter(server.child.cpu_seconds)
 
     async def main() -> LoadResult:
+        say(f"{store}: sse (POST /generate): {options.chats} chats x {options.messages} turns")
         async with server.http(options.chats + 5) as http:
             return await run_load("sse", options.chats, options.messages,
                                   expected_text(options.chunks), sse_chats(http),
@@ -255,6 +256,8 @@ def _write_rate_phase(options: Options, server: Server, schema: str | None
         return write_rate_figures(model, chunks, ok, events, writes)
 
     async def main() -> list[dict[str, Any]]:
+        say(f"{'postgres' if schema else 'sqlite'}: write rate during long answers: "
+            f"{', '.join(options.paced_models)}")
         return [await one(model) for model in options.paced_models]
 
     return trio.run(main)

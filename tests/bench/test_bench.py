@@ -7,6 +7,7 @@ only counts that must match and values that must make sense.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "turns completed / requested" in done.stdout
+    assert "paced 3 chats: TTFT p50 ms" in done.stdout  # the chats it ran, not 50
+    # what it does, on stderr as it goes: the stores first, then each phase with counts
+    progress = done.stderr.splitlines()
+    assert "stores: sqlite; 3 chats x 2 turns" in progress[0]
+    for phase in ("baseline: 3 chats x 2 turns", "sqlite: websocket: 3 chats x 2 turns",
+                  "sse (POST /generate)", "sqlite: 50 idle connections", "sqlite: the views",
+                  "done; every figure in"):
+        assert any(phase in line for line in progress), (phase, progress)
     results = json.loads(out.read_text())
     assert results["machine"]["cpus"] >= 1
 
@@ -91,3 +100,31 @@ def _check_load(load: dict, turns: int, chunks: int) -> None:
     assert turns <= load["delta_frames"] <= turns * chunks
     assert load["turns_per_s"] > 0 and load["chunks_per_s"] > 0
     assert 0 < load["ttft_ms"]["p50"] <= load["ttft_ms"]["p99"]
+
+
+def test_bench_help_is_plain_text_and_imports_nothing_heavy() -> None:
+    probe = (
+        "import sys\n"
+        "from app.cli import main\n"
+        "try:\n"
+        "    main(['bench', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = {'httpx', 'openai', 'psycopg', 'eventsourcing', 'quart', 'hypercorn', 'wsproto'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert done.stderr == "[]\n"
+    assert "usage: eventchat bench" in done.stdout
+    assert "``" not in done.stdout and "--store" in done.stdout
+    assert "default: both" in done.stdout
+
+
+def test_bench_needs_nothing_beyond_the_readme_install() -> None:
+    """``pip install -e .`` (the README's) brings what ``eventchat bench`` imports."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    main = {re.split(r"[<>=\[;\s]", r)[0] for r in project["project"]["dependencies"]}
+    assert {"httpx", "wsproto", "openai", "psycopg", "trio-websocket"} <= main
