@@ -4,6 +4,11 @@ Playwright's sync API runs its own event loop, so the server runs on a trio loop
 in a thread (as in ``test_openapi_fuzz``) and the tests are plain functions. Without
 ``/usr/bin/chromium`` (or the ``playwright`` package) they are skipped with the reason,
 unless ``EVENTCHAT_REQUIRE_BROWSER=1`` (set by CI), where they fail instead.
+
+Tests that need replies of a given shape (markdown, a failure) put the server in front of the
+fake OpenAI-compatible upstream (``tests/fakes/openai_server.py``), on the same trio loop.
+Screenshots go to ``$EVENTCHAT_ARTIFACTS`` (else the test's ``tmp_path``) and are copied to
+``/tmp/eventchat-screenshots/``.
 """
 
 from __future__ import annotations
@@ -11,22 +16,34 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Iterator
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from app.config import Settings
+from tests.fakes.openai_server import (
+    Behaviour,
+    ErrorReply,
+    StreamReply,
+    echo_reply,
+    fake_openai_server,
+)
 
-from .conftest import Server, server_in_thread, web_settings
+from .conftest import Server, running_server, server_in_thread, web_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 WAIT_MS = 20_000
+SCREENSHOTS = Path("/tmp/eventchat-screenshots")
 
 
 def browser_missing() -> str | None:
@@ -50,37 +67,143 @@ def server_changes() -> dict[str, Any]:
 
 
 @pytest.fixture
-def browser_server(settings: Settings, server_changes: dict[str, Any]) -> Iterator[Server]:
+def upstream() -> str | None:
+    """The fake upstream's answers (a key of ``UPSTREAMS``); None: the offline model."""
+    return None
+
+
+#: Markdown the fake upstream streams in ``test_markdown_replies``.
+MARKDOWN_REPLY = """Here is **a table**:
+
+| Name | Value |
+|:-----|------:|
+| alpha | 1 |
+| beta | 22 |
+
+```python
+def greet(name):
+    return f"hello {name}"  # <b>not bold</b>
+```
+
+Read [the guide](https://example.com/guide) for more."""
+
+
+def markdown_reply(body: dict[str, Any]) -> Behaviour:
+    """Streams ``MARKDOWN_REPLY`` in small pieces, with no usage (so it is estimated)."""
+    pieces = [MARKDOWN_REPLY[i:i + 9] for i in range(0, len(MARKDOWN_REPLY), 9)]
+    return StreamReply(pieces, usage=False, delay_s=0.01)
+
+
+def failing_once(trigger: str) -> Callable[[dict[str, Any]], Behaviour]:
+    """Fails the first request whose last message contains ``trigger``; echoes otherwise."""
+    failed: list[bool] = []
+
+    def answer(body: dict[str, Any]) -> Behaviour:
+        last = str(body["messages"][-1].get("content"))
+        if trigger in last and not failed:
+            failed.append(True)
+            return ErrorReply(500, "the upstream fell over")
+        return echo_reply(body)
+
+    return answer
+
+
+UPSTREAMS: dict[str, Callable[[], Any]] = {
+    "markdown": lambda: markdown_reply,
+    "fails_once": lambda: failing_once("please fail"),
+}
+
+
+@contextmanager
+def server_behind_upstream(settings: Settings, default: Any) -> Iterator[Server]:
+    """The real server using the fake upstream, both on one trio loop in a thread."""
+    started: dict[str, Server] = {}
+    ready, stop = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        async with fake_openai_server(default=default) as fake:
+            s = settings.replace(provider="openai", openai_base_url=fake.base_url,
+                                 openai_api_key="test-key", model="fake-model", max_retries=0)
+            async with running_server(s) as server:
+                started["server"] = server
+                ready.set()
+                await trio.to_thread.run_sync(stop.wait)
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the server did not start"
+    try:
+        yield started["server"]
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+@pytest.fixture
+def browser_server(settings: Settings, server_changes: dict[str, Any],
+                   upstream: str | None) -> Iterator[Server]:
     """The real server, on a trio loop in a thread, with visibly streamed replies."""
     reason = browser_missing()
     if reason is not None:
         if os.environ.get("EVENTCHAT_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    changed = web_settings(settings, offline_token_delay_s=0.01, **server_changes)
-    with server_in_thread(changed) as server:
+    changed = web_settings(settings, **{"offline_token_delay_s": 0.01, **server_changes})
+    serving = (server_in_thread(changed) if upstream is None
+               else server_behind_upstream(changed, UPSTREAMS[upstream]()))
+    with serving as server:
         yield server
 
 
 @pytest.fixture
-def page(browser_server: Server) -> Iterator[Any]:
-    """A fresh Chromium page; JavaScript errors on it fail the test."""
+def browser(browser_server: Server) -> Iterator[Any]:
+    """Headless Chromium (after the server: it is closed before the server stops)."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                      args=CHROMIUM_ARGS)
+        expect.set_options(timeout=WAIT_MS)
         try:
-            tab = browser.new_page(viewport={"width": 1100, "height": 760})
-            tab.set_default_timeout(WAIT_MS)
-            expect.set_options(timeout=WAIT_MS)
-            errors: list[str] = []
-            tab.on("pageerror", lambda exc: errors.append(str(exc)))
-            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            yield tab
-            assert errors == []
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@contextmanager
+def watched(tab: Any) -> Iterator[Any]:
+    """``tab``, whose JavaScript errors fail the test."""
+    tab.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    yield tab
+    assert errors == []
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh desktop-sized Chromium page, allowed to use the clipboard."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    with watched(context.new_page()) as tab:
+        yield tab
+    context.close()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    """Where screenshots go: ``$EVENTCHAT_ARTIFACTS`` or the test's own directory."""
+    path = Path(os.environ.get("EVENTCHAT_ARTIFACTS") or tmp_path / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def screenshot(page: Any, artifacts: Path, name: str) -> None:
+    path = artifacts / f"{name}.png"
+    page.screenshot(path=str(path))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, SCREENSHOTS / path.name)
 
 
 #: Records every text the node shows (to see a resumed stream never double anything).
@@ -109,7 +232,7 @@ def stored_messages(server: Server, chat_id: str) -> list[dict[str, Any]]:
     return list(r.json()["messages"])
 
 
-def test_chat_tools_history_and_stop(browser_server: Server, page: Any, tmp_path: Path) -> None:
+def test_chat_tools_history_and_stop(browser_server: Server, page: Any, artifacts: Path) -> None:
     from playwright.sync_api import expect
 
     server = browser_server
@@ -157,8 +280,13 @@ def test_chat_tools_history_and_stop(browser_server: Server, page: Any, tmp_path
     expect(slow.locator(".text")).to_have_text(stopped["content"])
 
     page.click("#stats summary")
-    expect(page.locator("#stats-body")).to_contain_text("TTFT p50")
-    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    expect(page.locator("#stats-body")).to_contain_text("TTFT")
+    tools = page.locator("#stats-body .stats-group", has_text="Tools")
+    expect(tools).to_contain_text("calculator")
+    expect(tools).to_contain_text("1 call · 0 errors")
+    expect(page.locator(".message.assistant .tool").first).to_contain_text(
+        re.compile(r"completed in (0\.\d*[1-9]\d*|[1-9]\d*(\.\d+)?) ms"))  # never "0 ms"
+    screenshot(page, artifacts, "chat-tools-stats")
 
 
 def test_a_dropped_connection_resumes_the_reply_exactly(browser_server: Server, page: Any) -> None:
@@ -240,7 +368,7 @@ def test_search_and_older_pages(browser_server: Server, page: Any) -> None:
     expect(page.locator("#chat-list button")).to_have_count(2)
     page.fill("#search-input", "zebra")
     expect(page.locator("#chat-list button")).to_have_count(1)
-    expect(page.locator("#chat-list button")).to_contain_text("zebra")
+    expect(page.locator("#chat-list li")).to_contain_text("zebra")
     page.fill("#search-input", "")
     expect(page.locator("#chat-list button")).to_have_count(2)
 
@@ -258,3 +386,236 @@ async def test_the_page_is_public_and_locked_down(server: Server) -> None:
         assert "http" not in index.text.replace('http-equiv', '')  # no external assets
         assert (await c.get("/chats")).status_code == 401
         assert "/" not in (await c.get("/openapi.json")).json()["paths"]
+
+
+#: Starts with an emoji; has mathematical letters, an accent, a ZWJ family and a flag. Its
+#: 57th UTF-16 unit is the first half of 🙂: a title cut there by UTF-16 length is refused.
+ASTRAL = "😀 héllo 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 test 👩\u200d👩\u200d👧 a tiny bit longer 🙂 done 🇫🇷"
+
+#: Installed in every document: reports the last reply's text on every change.
+RECORD_REPLY = """(() => {
+    const sample = () => {
+        const texts = document.querySelectorAll('.message.assistant .text');
+        if (texts.length) window.recordReplyText(texts[texts.length - 1].textContent);
+    };
+    document.addEventListener('DOMContentLoaded', () => new MutationObserver(sample)
+        .observe(document.body, {childList: true, characterData: true, subtree: true}));
+})()"""
+
+
+def chat_id_of(page: Any) -> str:
+    return str(page.url.rsplit("#", 1)[1])
+
+
+@pytest.mark.parametrize("server_changes", [{"offline_token_delay_s": 0.06}])
+def test_astral_text_streams_and_resumes_by_code_points(
+        browser_server: Server, page: Any, artifacts: Path) -> None:
+    """Offsets count code points: every text shown, live and after a reload mid-stream, is
+    a prefix of the stored reply, and a first message starting with an emoji titles the chat."""
+    from playwright.sync_api import expect
+
+    server = browser_server
+    states: list[str] = []
+    page.expose_function("recordReplyText", lambda text: states.append(text))
+    page.add_init_script(RECORD_REPLY)
+    open_client(page, server)
+    send(page, ASTRAL)
+    expect(page.locator("#alert")).to_be_hidden()
+    expect(page.locator("#chat-title")).to_have_text(ASTRAL)
+    reply = page.locator(".message.assistant").first
+    expect(reply.locator(".text")).to_contain_text("You said: \"😀 héllo 𝔘𝔫𝔦")
+    expect(reply.locator(".state")).to_have_text("streaming…")
+    live = len(states)
+    page.reload()
+    expect(reply.locator(".state")).to_have_text("complete")
+    screenshot(page, artifacts, "astral-stream")
+
+    chat_id = chat_id_of(page)
+    final = stored_messages(server, chat_id)[-1]["content"]
+    assert ASTRAL in final
+    assert reply.locator(".text").evaluate("node => node.textContent") == final
+    shown = [text for i, text in enumerate(states) if i == 0 or states[i - 1] != text]
+    assert live >= 3 and len(states) - live >= 5  # it streamed before and after the reload
+    assert [text for text in shown if not final.startswith(text)] == []
+    expect(page.locator("#chat-list button").first).to_contain_text(ASTRAL)
+
+
+@pytest.mark.parametrize("upstream", ["markdown"])
+def test_markdown_replies(browser_server: Server, page: Any, artifacts: Path) -> None:
+    """A streamed markdown reply: a table, a highlighted code block that copies, a safe link,
+    and usage the model did not report marked as estimated."""
+    from playwright.sync_api import expect
+
+    open_client(page, browser_server)
+    send(page, "show me some markdown")
+    reply = page.locator(".message.assistant").first
+    expect(reply.locator(".state")).to_have_text("complete")
+    text = reply.locator(".text")
+    expect(text.locator("strong")).to_have_text("a table")
+    expect(text.locator("table thead th")).to_have_text(["Name", "Value"])
+    expect(text.locator("table tbody tr")).to_have_count(2)
+    expect(text.locator("table tbody tr").nth(1).locator("td")).to_have_text(["beta", "22"])
+    code = text.locator(".code-block pre code")
+    expect(code).to_have_class(re.compile(r"\blanguage-python\b"))
+    expect(code.locator(".hljs-keyword").first).to_have_text("def")
+    expect(code).to_contain_text("<b>not bold</b>")  # text in code, not markup
+    expect(text.locator("b")).to_have_count(0)
+    link = text.get_by_role("link", name="the guide")
+    expect(link).to_have_attribute("href", "https://example.com/guide")
+    expect(link).to_have_attribute("rel", re.compile(r"\bnoopener\b"))
+    expect(link).to_have_attribute("target", "_blank")
+    expect(reply.locator(".usage")).to_contain_text("≈")
+    assert "```" not in text.inner_text()
+
+    text.get_by_role("button", name="Copy code").click()
+    expect(text.get_by_role("button", name="Copied")).to_have_attribute("data-copied", "yes")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied.rstrip("\n") == (
+        'def greet(name):\n    return f"hello {name}"  # <b>not bold</b>')
+    screenshot(page, artifacts, "markdown")
+
+    page.click("#stats summary")
+    models = page.locator("#stats-body .stats-group", has_text="Models")
+    expect(models).to_contain_text("fake-model")
+    expect(models).to_contain_text("1 response · ")
+
+
+HOSTILE = ('__bold__ <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> '
+           '[click](javascript:window.__pwned=3) zebra')
+
+
+def test_hostile_text_runs_nothing_and_search_jumps_to_it(
+        browser_server: Server, page: Any, artifacts: Path) -> None:
+    """Markup in a reply, a title and a search snippet is shown as text (markdown still
+    renders), and a search hit scrolls to its message and highlights it."""
+    from playwright.sync_api import expect
+
+    server = browser_server
+    open_client(page, server)
+    send(page, HOSTILE)
+    reply = page.locator(".message.assistant").first
+    expect(reply.locator(".state")).to_have_text("complete")
+    expect(reply.locator(".text strong")).to_have_text("bold")
+    expect(reply.locator(".text")).to_contain_text('<img src=x onerror="window.__pwned=1">')
+    expect(reply.locator(".text")).to_contain_text("<script>window.__pwned=2</script>")
+    expect(page.locator("#chat-title")).to_contain_text("<img src=x onerror=")
+    reply.locator(".text a", has_text="click").click()
+
+    chat_id = chat_id_of(page)
+    with httpx.Client(base_url=server.base_url, headers=server.headers(), timeout=20) as c:
+        for n in range(8):
+            c.post("/generate", json={"message": f"/tokens 60 filler {n}", "chat_id": chat_id})
+    expect(page.locator(".message")).to_have_count(18)
+    page.fill("#search-input", "zebra")
+    hit = page.locator("#chat-list .chat-snippet").first
+    expect(hit.locator("mark").first).to_have_text(re.compile("zebra", re.I))
+    expect(hit).to_contain_text("<script>window.__pwned=2</script>")
+    assert "**zebra**" not in hit.inner_text()
+    seq = hit.get_attribute("data-seq")
+    target = page.locator(f'.message[data-seq="{seq}"]')
+    expect(target).not_to_be_in_viewport()
+    hit.click()
+    expect(target).to_have_class(re.compile(r"\bhit\b"))
+    expect(target).to_be_in_viewport()
+    screenshot(page, artifacts, "hostile-and-search")
+
+    counts = page.evaluate("""() => ({
+        img: document.querySelectorAll('img').length,
+        inline_script: document.querySelectorAll('script:not([src])').length,
+        handlers: document.querySelectorAll('[onerror], [onclick], [onload]').length,
+        js_links: document.querySelectorAll('a[href^="javascript"]').length,
+        pwned: typeof window.__pwned,
+    })""")
+    assert counts == {"img": 0, "inline_script": 0, "handlers": 0, "js_links": 0,
+                      "pwned": "undefined"}
+
+
+@pytest.mark.parametrize("upstream", ["fails_once"])
+def test_a_failed_reply_on_a_phone_shows_its_code_and_retries(
+        browser_server: Server, browser: Any, artifacts: Path) -> None:
+    """On a phone: Enter is a new line and the button sends; a failed reply's error is
+    scrolled into view with its code, and Retry sends the question again."""
+    from playwright.sync_api import expect
+
+    server = browser_server
+    with httpx.Client(base_url=server.base_url, headers=server.headers(), timeout=20) as c:
+        chat_id = c.post("/generate", json={"message": "a first question"}).json()["chat_id"]
+        for n in range(5):
+            words = " ".join(f"word{n}{k}" for k in range(40))
+            c.post("/generate", json={"message": f"question {n}: {words}", "chat_id": chat_id})
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                  has_touch=True, device_scale_factor=2)
+    with watched(context.new_page()) as phone:
+        phone.goto(f"{server.base_url}/?token={server.tokens['alice']}#{chat_id}")
+        expect(phone.locator("#connection")).to_have_attribute("data-state", "open")
+        expect(phone.locator(".message")).to_have_count(12)
+        phone.fill("#composer-input", "please fail")
+        phone.press("#composer-input", "Enter")
+        expect(phone.locator("#composer-input")).to_have_value("please fail\n")
+        expect(phone.locator(".message")).to_have_count(12)
+        phone.tap("#send")
+
+        failed = phone.locator(".message.assistant").nth(6)
+        expect(failed.locator(".state")).to_have_text("failed")
+        code = stored_messages(server, chat_id)[-1]["error"]["code"]
+        error = failed.locator(".reply-error")
+        expect(error.locator(".error-code")).to_have_text(code)
+        expect(error).to_contain_text("the upstream fell over")
+        expect(error).to_be_in_viewport()
+        screenshot(phone, artifacts, "phone-failed-reply")
+
+        error.get_by_role("button", name="Retry").tap()
+        answer = phone.locator(".message.assistant").nth(7)
+        expect(answer.locator(".state")).to_have_text("complete")
+        expect(answer.locator(".text")).to_have_text("You said: please fail")
+        expect(phone.locator(".message.user").nth(7).locator(".text")).to_have_text("please fail")
+        expect(answer).to_be_in_viewport()
+        screenshot(phone, artifacts, "phone-retried")
+    context.close()
+
+
+def test_keyboard_only(browser_server: Server, page: Any, artifacts: Path) -> None:
+    """Shortcuts to send, stop, start a chat and search; a visible focus; a list of them."""
+    from playwright.sync_api import expect
+
+    open_client(page, browser_server)
+    expect(page.locator("#composer-input")).to_be_focused()  # ready to type
+    page.keyboard.press("Tab")
+    focused = page.evaluate("""() => ({id: document.activeElement.id,
+        outline: getComputedStyle(document.activeElement).outlineStyle})""")
+    assert focused == {"id": "send", "outline": "solid"}  # the focus shows
+    page.keyboard.press("Shift+Tab")
+    expect(page.locator("#composer-input")).to_be_focused()
+    page.keyboard.type("/slow")
+    page.keyboard.press("Enter")
+    reply = page.locator(".message.assistant").first
+    expect(reply.locator(".state")).to_have_text("streaming…")
+    page.keyboard.press("Escape")
+    expect(reply.locator(".state")).to_have_text("stopped")
+
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator(".message.user .text").nth(1)).to_have_text("first line\nsecond line")
+    expect(page.locator(".message.assistant .state").nth(1)).to_have_text("complete")
+
+    page.keyboard.press("Control+k")
+    expect(page.locator("#search-input")).to_be_focused()
+    page.keyboard.press("Shift+Escape")
+    expect(page.locator("#composer-input")).to_be_focused()
+    page.keyboard.press("Alt+n")
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#composer-input")).to_be_focused()
+
+    page.locator("#messages").focus()
+    page.keyboard.press("?")
+    panel = page.locator("#shortcuts .shortcuts-panel")
+    expect(panel).to_be_visible()
+    for shortcut in ("Esc", "Enter", "Alt", "K"):
+        expect(panel).to_contain_text(shortcut)
+    screenshot(page, artifacts, "keyboard-shortcuts")
+    page.keyboard.press("Escape")
+    expect(panel).to_be_hidden()
+    expect(page.locator("#shortcuts summary")).to_be_focused()

@@ -1,15 +1,23 @@
 // The eventchat web client: REST for chats and stats, one WebSocket for everything live.
-// It speaks wire contract version 1 (docs: PROTOCOL). No dependencies, no build step.
+// It speaks wire contract version 1.1 (docs: PROTOCOL). No build step: the libraries it uses
+// (markdown, sanitizing, syntax colouring) are vendored in ./vendor (scripts/update-vendor.sh).
 //
 // Rendering is idempotent: a message is keyed by its seq (user) or response_id (assistant)
-// and reply text is placed by `offset`, so REST pages, `chat_history` frames and a resumed
-// stream can overlap in any order without doubling or losing anything.
+// and reply text is placed by `offset`, counted in code points as the contract counts it, so
+// REST pages, `chat_history` frames and a resumed stream can overlap in any order without
+// doubling or losing anything.
+
+import { copyCode, renderMarkdown, snippetNodes } from "./render.js";
+import { codePointCount, placeDelta, shortTitle } from "./text.js";
 
 const TOKEN_KEY = "eventchat.token";
 const PAGE_SIZE = 50;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const SEARCH_DELAY_MS = 250;
+const HIT_HIGHLIGHT_MS = 4000;
+/** Older pages a search hit may load to reach its message. */
+const JUMP_MAX_PAGES = 40;
 const STATUS_LABELS = {
   pending: "sending…", sent: "sent", rejected: "not sent", streaming: "streaming…",
   complete: "complete", stopped: "stopped", failed: "failed", interrupted: "interrupted",
@@ -25,7 +33,7 @@ const ui = {
   alert: $("alert"), alertText: $("alert-text"), alertClose: $("alert-close"),
   messages: $("messages"), list: $("message-list"), empty: $("messages-empty"),
   loadOlder: $("load-older"), composer: $("composer"), input: $("composer-input"),
-  send: $("send"), stop: $("stop"),
+  send: $("send"), stop: $("stop"), shortcuts: $("shortcuts"),
   tokenDialog: $("token-dialog"), tokenForm: $("token-form"), tokenInput: $("token-input"),
   tokenError: $("token-error"),
 };
@@ -40,6 +48,7 @@ const state = {
   responses: new Map(), // response_id -> reply view
   outbox: new Map(), // client_message_id -> {chatId, message, el}, until acknowledged
   creating: null, // the POST /chat of a draft in flight
+  opening: null, // the openChat in flight, for a search hit to wait for
   ws: null,
   attempts: 0,
   retryTimer: null,
@@ -196,22 +205,24 @@ function onAck(frame) {
 
 function onDelta(frame) {
   const reply = replyView(frame.response_id);
-  if (frame.offset > reply.text.length) {
+  // `offset` counts code points: an emoji is one, though two UTF-16 units in `text`
+  const placed = placeDelta(reply.text, reply.length, frame.offset, frame.delta);
+  if (placed === null) {
     // text is missing before this piece: follow again, which resends the reply from 0
     if (!reply.resyncing) { reply.resyncing = true; subscribe(); }
     return;
   }
   reply.resyncing = false;
-  const end = frame.offset + frame.delta.length;
-  setReplyText(reply, reply.text.slice(0, frame.offset) + frame.delta + reply.text.slice(end));
   setReplyStatus(reply, "streaming");
+  setReplyText(reply, placed.text, placed.total);
 }
 
 function onDone(frame) {
   const reply = replyView(frame.response_id);
-  setReplyText(reply, frame.message);
   setReplyStatus(reply, frame.status);
+  setReplyText(reply, frame.message);
   state.lastSeq = Math.max(state.lastSeq, frame.seq);
+  if (frame.status === "failed" || frame.status === "interrupted") revealError(reply);
   refreshChats();
   if (ui.stats.open) loadStats();
 }
@@ -226,7 +237,7 @@ function onStatus(frame) {
   renderUsage(reply, {
     model: frame.model, tokens: frame.tokens_used, prompt: frame.prompt_tokens,
     completion: frame.completion_tokens, ttft: frame.ttft_ms, tps: frame.tokens_per_second,
-    duration: frame.latency_ms,
+    duration: frame.latency_ms, estimated: frame.estimated,
   });
 }
 
@@ -247,8 +258,8 @@ function onError(frame) {
   }
   if (frame.response_id) {
     const reply = replyView(frame.response_id);
-    reply.error.hidden = false;
-    reply.error.textContent = frame.message;
+    showReplyError(reply, { code: frame.code, message: frame.message });
+    revealError(reply);
   }
   updateStopButton();
 }
@@ -332,34 +343,132 @@ function replyView(responseId) {
   const node = messageShell("assistant");
   node.dataset.responseId = responseId;
   const tools = el("div", "tools");
-  const text = el("div", "text");
+  const text = el("div", "text markdown");
   text.setAttribute("aria-live", "polite");
   const meta = el("div", "meta");
   const usage = el("span", "usage");
   meta.append(el("span", "state"), usage);
-  const error = el("p", "error-text");
+  const error = el("div", "reply-error");
+  error.setAttribute("role", "alert");
   error.hidden = true;
   node.append(tools, text, meta, error);
-  reply = { node, text: "", textNode: text, tools, usage, error, calls: new Map(),
-    status: "streaming", resyncing: false };
+  reply = {
+    node, textNode: text, tools, usage, error, calls: new Map(), status: "streaming",
+    text: "", // the reply's markdown so far...
+    length: 0, // ...and its length in code points, the unit of `offset`
+    shown: null, // the text last rendered, and whether as final
+    shownFinal: false,
+    renderTimer: null,
+    renderCostMs: 0,
+    resyncing: false,
+    estimated: false,
+    failure: null, // {code, message} of a failed reply
+  };
   state.responses.set(responseId, reply);
   setReplyStatus(reply, "streaming");
   place(node);
   return reply;
 }
 
-function setReplyText(reply, text) {
-  if (reply.text === text) return;
-  reply.text = text;
-  pinned(() => { reply.textNode.textContent = text; });
+function setReplyText(reply, text, length = null) {
+  if (reply.text !== text) {
+    reply.text = text;
+    reply.length = length ?? codePointCount(text);
+  }
+  scheduleRender(reply);
+}
+
+/**
+ * Renders the reply's markdown: at once when it is final, else at the next animation frame,
+ * at most one rendering per frame, spaced out further when rendering gets slow (long replies).
+ */
+function scheduleRender(reply) {
+  const final = reply.status !== "streaming";
+  if (reply.shown === reply.text && reply.shownFinal === final) return;
+  if (final) { renderReply(reply); return; }
+  if (reply.renderTimer !== null) return;
+  const pause = reply.renderCostMs > 8 ? reply.renderCostMs * 4 : 0;
+  reply.renderTimer = setTimeout(() => requestAnimationFrame(() => {
+    reply.renderTimer = null;
+    if (reply.status === "streaming") renderReply(reply);
+  }), pause);
+}
+
+function renderReply(reply) {
+  const final = reply.status !== "streaming";
+  if (reply.shown === reply.text && reply.shownFinal === final) return;
+  const started = performance.now();
+  pinned(() => renderMarkdown(reply.textNode, reply.text, { final }));
+  reply.renderCostMs = performance.now() - started;
+  reply.shown = reply.text;
+  reply.shownFinal = final;
 }
 
 function setReplyStatus(reply, status) {
+  const changed = reply.status !== status;
   reply.status = status;
+  reply.node.dataset.status = status;
   setState(reply.node, status);
   // announce the reply once, whole, when it ends
   reply.textNode.setAttribute("aria-busy", String(status === "streaming"));
+  if (changed) {
+    scheduleRender(reply);
+    renderReplyError(reply);
+  }
   updateStopButton();
+}
+
+/** The error of a failed reply: its message and code. */
+function showReplyError(reply, error) {
+  const info = typeof error === "string" ? { message: error } : error || {};
+  reply.failure = { code: info.code || null, message: info.message || "the response failed" };
+  renderReplyError(reply);
+}
+
+/** What went wrong (a failed reply), and a retry (a failed or interrupted one). */
+function renderReplyError(reply) {
+  const retryable = reply.status === "failed" || reply.status === "interrupted";
+  if (!retryable && !reply.failure) {
+    reply.error.hidden = true;
+    reply.error.replaceChildren();
+    return;
+  }
+  const parts = [];
+  if (reply.failure) {
+    const text = el("p", "error-text");
+    text.append(el("strong", null, "The reply failed: "), reply.failure.message);
+    if (reply.failure.code) {
+      text.append(" ", el("code", "error-code", reply.failure.code));
+    }
+    parts.push(text);
+  }
+  const question = retryable && questionOf(reply);
+  if (question) {
+    const retry = el("button", "retry", "Retry");
+    retry.type = "button";
+    retry.title = "Send the question again";
+    retry.addEventListener("click", async () => {
+      retry.disabled = true;
+      if (await sendMessage(question)) retry.remove();
+      else retry.disabled = false;
+    });
+    parts.push(retry);
+  }
+  reply.error.replaceChildren(...parts);
+  reply.error.hidden = parts.length === 0;
+}
+
+/** The text of the user message a reply answers: the nearest one above it. */
+function questionOf(reply) {
+  let node = reply.node.previousElementSibling;
+  while (node && !node.classList.contains("user")) node = node.previousElementSibling;
+  return node ? node.querySelector(".text").textContent : null;
+}
+
+/** Brings a failed reply's error into view (it may have landed below the fold). */
+function revealError(reply) {
+  if (reply.error.hidden) return;
+  requestAnimationFrame(() => reply.error.scrollIntoView({ block: "nearest" }));
 }
 
 function renderTool(reply, call) {
@@ -397,8 +506,16 @@ function toolPart(node, name, label, value) {
 function renderUsage(reply, u) {
   const parts = [];
   if (u.model) parts.push(u.model);
+  // the model reported no usage: these are the server's estimates, and say so
+  reply.estimated = reply.estimated || Boolean(u.estimated);
   // a stopped or failed reply may have no usage from the model: show none rather than zeros
-  if (u.tokens) parts.push(`${u.tokens} tokens (${u.prompt ?? 0} in, ${u.completion ?? 0} out)`);
+  if (u.tokens) {
+    const about = reply.estimated ? "≈" : "";
+    const note = reply.estimated ? ", estimated" : "";
+    parts.push(`${about}${u.tokens} tokens (${u.prompt ?? 0} in, ${u.completion ?? 0} out${note})`);
+  }
+  reply.usage.title = reply.estimated
+    ? "The model reported no token counts: these are estimates." : "";
   if (u.ttft != null) parts.push(`TTFT ${formatMs(u.ttft)}`);
   if (u.tps) parts.push(`${Number(u.tps).toFixed(1)} tok/s`);
   if (u.duration != null) parts.push(`total ${formatMs(u.duration)}`);
@@ -417,10 +534,10 @@ function renderMessage(message) {
   const reply = replyView(message.response_id);
   setMessageSeq(reply.node, message.seq);
   const content = message.content || "";
-  if (message.status !== "streaming" || content.length > reply.text.length) {
+  setReplyStatus(reply, message.status);
+  if (message.status !== "streaming" || codePointCount(content) > reply.length) {
     setReplyText(reply, content);
   }
-  setReplyStatus(reply, message.status);
   for (const call of message.tool_calls || []) renderTool(reply, call);
   const usage = message.usage || {};
   const timing = message.timing || {};
@@ -428,13 +545,10 @@ function renderMessage(message) {
     renderUsage(reply, {
       model: message.model, tokens: usage.total_tokens, prompt: usage.prompt_tokens,
       completion: usage.completion_tokens, ttft: timing.ttft_ms,
-      tps: timing.tokens_per_second, duration: timing.duration_ms,
+      tps: timing.tokens_per_second, duration: timing.duration_ms, estimated: usage.estimated,
     });
   }
-  if (message.error) {
-    reply.error.hidden = false;
-    reply.error.textContent = message.error.message || String(message.error);
-  }
+  if (message.error) showReplyError(reply, message.error);
 }
 
 function rejectMessage(item, clientId, reason) {
@@ -472,8 +586,12 @@ function showAlert(text) {
   ui.alert.hidden = false;
 }
 
+/** Milliseconds, readable from a tool's 0.14 ms to a reply's 12.5 s. */
 function formatMs(ms) {
   if (ms == null) return "–";
+  if (ms === 0) return "0 ms";
+  if (ms < 1) return `${Number(ms.toPrecision(2))} ms`;
+  if (ms < 10) return `${ms.toFixed(1)} ms`;
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 
@@ -498,7 +616,13 @@ function clearChatView() {
   updateStopButton();
 }
 
-async function openChat(chatId, { push = true } = {}) {
+function openChat(chatId, options) {
+  const opening = loadChat(chatId, options);
+  state.opening = opening;
+  return opening;
+}
+
+async function loadChat(chatId, { push = true } = {}) {
   if (state.chatId && state.chatId !== chatId) wsSend({ event: "unsubscribe", chat_id: state.chatId });
   clearChatView();
   state.chatId = chatId;
@@ -536,20 +660,23 @@ function newDraft() {
   ui.input.focus();
 }
 
+/** Loads the page before the oldest message shown; false if that failed. */
 async function loadOlder() {
-  if (!state.chatId || state.oldestSeq == null) return;
+  if (!state.chatId || state.oldestSeq == null) return false;
   const view = state.view;
   ui.loadOlder.disabled = true;
   try {
     const page = await api(`/chat/${state.chatId}?limit=${PAGE_SIZE}&before_seq=${state.oldestSeq}`);
-    if (view !== state.view) return;
+    if (view !== state.view) return false;
     const box = ui.messages;
     const fromBottom = box.scrollHeight - box.scrollTop;
     for (const message of page.messages) renderMessage(message);
     box.scrollTop = box.scrollHeight - fromBottom;
     ui.loadOlder.hidden = !page.has_more;
+    return true;
   } catch (error) {
     showAlert(error.message);
+    return false;
   } finally {
     ui.loadOlder.disabled = false;
   }
@@ -578,16 +705,56 @@ function renderChats(chats, q) {
     const count = `${chat.message_count} message${chat.message_count === 1 ? "" : "s"}`;
     button.append(el("span", "chat-name", chat.title),
       el("span", "chat-meta", `${count} · ${formatWhen(chat.updated_at)}`));
-    const snippet = chat.snippets && chat.snippets[0];
-    if (snippet) button.append(el("span", "chat-snippet", snippet.snippet));
-    button.addEventListener("click", () => openChat(chat.id));
+    const snippets = chat.snippets || [];
+    // while searching, the chat opens at its best hit
+    button.addEventListener("click", () => (snippets.length
+      ? jumpTo(chat.id, snippets[0].seq) : openChat(chat.id)));
     item.append(button);
+    for (const hit of snippets) item.append(snippetLink(chat.id, hit));
     if (chat.id === state.chatId) ui.title.textContent = chat.title;
     return item;
   }));
   ui.chatListEmpty.hidden = chats.length > 0;
   ui.chatListEmpty.textContent = q ? "No chat matches." : "No chats yet.";
   markSelected();
+}
+
+/** A search hit: the matching words marked, a link to the message. */
+function snippetLink(chatId, hit) {
+  const link = el("a", "chat-snippet");
+  link.href = `#${chatId}`;
+  link.dataset.seq = String(hit.seq);
+  link.title = `Go to this ${hit.role === "user" ? "message" : "reply"}`;
+  link.append(...snippetNodes(hit.snippet));
+  link.addEventListener("click", (event) => {
+    event.preventDefault();
+    jumpTo(chatId, hit.seq);
+  });
+  return link;
+}
+
+/** Opens a chat at message `seq`, loading older pages until it is there, and highlights it. */
+async function jumpTo(chatId, seq) {
+  if (state.chatId !== chatId) await openChat(chatId);
+  else {
+    closeSidebar();
+    await state.opening;
+  }
+  const view = state.view;
+  const find = () => ui.list.querySelector(`.message[data-seq="${Number(seq)}"]`);
+  for (let pages = 0; !find() && !ui.loadOlder.hidden && pages < JUMP_MAX_PAGES; pages += 1) {
+    if (!(await loadOlder()) || view !== state.view) return;
+  }
+  const node = find();
+  if (!node) { showAlert("That message is no longer in this chat."); return; }
+  node.scrollIntoView({ block: "center" });
+  node.tabIndex = -1;
+  node.focus({ preventScroll: true });
+  node.classList.remove("hit");
+  void node.offsetWidth; // restart the highlight when the same message is hit again
+  node.classList.add("hit");
+  clearTimeout(node.hitTimer);
+  node.hitTimer = setTimeout(() => node.classList.remove("hit"), HIT_HIGHLIGHT_MS);
 }
 
 function markSelected() {
@@ -608,16 +775,11 @@ function newClientId() {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
-function titleFrom(text) {
-  const line = text.trim().split("\n")[0];
-  return line.length > 60 ? `${line.slice(0, 57)}…` : line;
-}
-
 /** A draft becomes a chat on its first message (titled after it). */
 async function ensureChat(text) {
   if (state.chatId) return state.chatId;
   if (!state.creating) {
-    state.creating = api("/chat", { method: "POST", body: { title: titleFrom(text) } })
+    state.creating = api("/chat", { method: "POST", body: { title: shortTitle(text) } })
       .finally(() => { state.creating = null; });
   }
   const chat = await state.creating;
@@ -675,27 +837,75 @@ async function loadStats() {
     const stats = await api("/stats");
     const t = stats.totals;
     const rows = [
-      ["Chats", t.chats], ["Messages", t.messages],
-      ["Responses", `${t.responses} (${t.failed_responses} failed)`],
-      ["Tokens", `${t.total_tokens} (${t.prompt_tokens} in, ${t.completion_tokens} out)`],
-      ["Tool calls", `${t.tool_calls} (${t.tool_errors} errors)`],
-      ["Latency p50", formatMs(stats.latency_ms.p50)], ["Latency p95", formatMs(stats.latency_ms.p95)],
-      ["TTFT p50", formatMs(stats.ttft_ms.p50)],
-      ["Tokens/s p50", stats.tokens_per_second.p50 == null ? "–" : stats.tokens_per_second.p50.toFixed(1)],
-      ["Live connections", stats.live.connections], ["Generating now", stats.live.generating],
+      ["Chats", [t.chats]], ["Messages", [t.messages]],
+      ["Responses", [t.responses, `${number(t.failed_responses)} failed`]],
+      ["Tokens", [t.total_tokens, `${number(t.prompt_tokens)} in`, `${number(t.completion_tokens)} out`]],
+      ["Tool calls", [t.tool_calls, plural(t.tool_errors, "error")]],
+      ["Latency", [`p50 ${formatMs(stats.latency_ms.p50)}`, `p95 ${formatMs(stats.latency_ms.p95)}`]],
+      ["TTFT", [`p50 ${formatMs(stats.ttft_ms.p50)}`, `p95 ${formatMs(stats.ttft_ms.p95)}`]],
+      ["Tokens/s", [`p50 ${decimal(stats.tokens_per_second.p50)}`,
+        `mean ${decimal(stats.tokens_per_second.mean)}`]],
+      ["Live", [plural(stats.live.connections, "connection"),
+        `${number(stats.live.generating)} generating`]],
     ];
-    ui.statsBody.replaceChildren(...rows.flatMap(([name, value]) =>
-      [el("dt", null, name), el("dd", null, String(value ?? "–"))]));
+    const models = Object.entries(stats.models || {}).map(([name, m]) => [name, [
+      plural(m.responses, "response"), plural(m.total_tokens, "token"),
+      `TTFT p50 ${formatMs(m.ttft_ms && m.ttft_ms.p50)}`]]);
+    const tools = Object.entries(stats.tools || {}).map(([name, x]) => [name, [
+      plural(x.calls, "call"), plural(x.errors, "error"),
+      `mean ${formatMs(x.mean_duration_ms)}`]]);
+    ui.statsBody.replaceChildren(
+      statsGroup(null, rows),
+      ...(models.length ? [statsGroup("Models", models)] : []),
+      ...(tools.length ? [statsGroup("Tools", tools)] : []));
   } catch (error) {
-    ui.statsBody.replaceChildren(el("dd", "error-text", `Stats unavailable: ${error.message}`));
+    ui.statsBody.replaceChildren(el("p", "error-text", `Stats unavailable: ${error.message}`));
   }
+}
+
+/**
+ * A titled list of figures. Each value is made of parts that never break inside, so that a
+ * narrow panel wraps a row between its parts, and under its name only when it must.
+ */
+function statsGroup(title, rows) {
+  const group = el("section", "stats-group");
+  if (title) group.append(el("h3", null, title));
+  const list = el("dl");
+  for (const [name, parts] of rows) {
+    const row = el("div", "stat");
+    const label = el("dt", null, name);
+    label.title = name;
+    const value = el("dd");
+    value.append(...parts.map((part, i) => el("span", null, (i ? " · " : "")
+      + (typeof part === "number" || part == null ? number(part) : part))));
+    row.append(label, value);
+    list.append(row);
+  }
+  group.append(list);
+  return group;
+}
+
+function number(value) {
+  return value == null ? "–" : Number(value).toLocaleString();
+}
+
+function plural(value, word) {
+  return `${number(value)} ${word}${value === 1 ? "" : "s"}`;
+}
+
+function decimal(value) {
+  return value == null ? "–" : Number(value).toFixed(1);
 }
 
 // -- layout ------------------------------------------------------------------------------
 
 function closeSidebar() {
+  const wasOpen = ui.layout.dataset.sidebar === "open";
   ui.layout.dataset.sidebar = "closed";
   ui.toggleSidebar.setAttribute("aria-expanded", "false");
+  // the panel slides away: the focus must not stay in it (the messages, not the message box,
+  // whose focus would open a phone's keyboard)
+  if (wasOpen && ui.sidebar.contains(document.activeElement)) ui.messages.focus({ preventScroll: true });
 }
 
 function toggleSidebar() {
@@ -710,14 +920,102 @@ function chatFromHash() {
   return /^[0-9a-f-]{36}$/i.test(id) ? id : null;
 }
 
+// -- keyboard ----------------------------------------------------------------------------
+
+/** A touch screen's keyboard has no Shift+Enter to speak of: there Enter is a new line. */
+const touchTyping = matchMedia("(pointer: coarse)");
+const onMac = /Mac|iPhone|iPad/.test(navigator.platform || navigator.userAgent);
+
+function enterSends() {
+  return !touchTyping.matches;
+}
+
+function describeComposer() {
+  const mod = onMac ? "⌘" : "Ctrl";
+  ui.input.placeholder = enterSends()
+    ? "Message (Enter to send, Shift+Enter for a new line)"
+    : `Message (Send button or ${mod}+Enter to send)`;
+  ui.input.setAttribute("enterkeyhint", enterSends() ? "send" : "enter");
+  for (const key of document.querySelectorAll("kbd[data-mod]")) key.textContent = mod;
+}
+
+function onComposerKey(event) {
+  if (event.key !== "Enter" || event.isComposing) return;
+  const always = event.ctrlKey || event.metaKey;
+  if (always || (enterSends() && !event.shiftKey && !event.altKey)) {
+    event.preventDefault();
+    ui.composer.requestSubmit();
+  }
+}
+
+function typingIn(target) {
+  return target instanceof HTMLElement
+    && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+}
+
+/** The page's shortcuts, listed in its "Keyboard shortcuts" panel (index.html). */
+function onShortcut(event) {
+  if (event.defaultPrevented || event.isComposing || ui.tokenDialog.open) return;
+  const mod = event.ctrlKey || event.metaKey;
+  const newChat = (mod && event.shiftKey && event.code === "KeyO")
+    || (event.altKey && !mod && !event.shiftKey && event.code === "KeyN");
+  if (newChat) {
+    event.preventDefault();
+    newDraft();
+  } else if ((mod && !event.shiftKey && event.key.toLowerCase() === "k")
+      || (event.key === "/" && !mod && !event.altKey && !typingIn(event.target))) {
+    event.preventDefault();
+    focusSearch();
+  } else if (event.key === "Escape" && event.shiftKey) {
+    event.preventDefault();
+    ui.input.focus();
+  } else if (event.key === "Escape") {
+    onEscape(event);
+  } else if (event.key === "?" && !typingIn(event.target)) {
+    event.preventDefault();
+    ui.shortcuts.open = !ui.shortcuts.open;
+  }
+}
+
+/** Esc closes what is open (shortcuts, the chat panel), else stops the reply. */
+function onEscape(event) {
+  if (ui.shortcuts.open) {
+    ui.shortcuts.open = false;
+    ui.shortcuts.querySelector("summary").focus();
+  } else if (ui.layout.dataset.sidebar === "open") {
+    closeSidebar();
+    ui.toggleSidebar.focus();
+  } else if (!ui.stop.hidden) {
+    stopResponse();
+  } else {
+    return;
+  }
+  event.preventDefault();
+}
+
+function focusSearch() {
+  if (getComputedStyle(ui.toggleSidebar).display !== "none" && ui.layout.dataset.sidebar !== "open") {
+    toggleSidebar();
+  }
+  ui.search.focus();
+  ui.search.select();
+}
+
 function wire() {
   let searchTimer = null;
   ui.composer.addEventListener("submit", submitComposer);
-  ui.input.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-      event.preventDefault();
-      ui.composer.requestSubmit();
-    }
+  ui.input.addEventListener("keydown", onComposerKey);
+  describeComposer();
+  touchTyping.addEventListener("change", describeComposer);
+  document.addEventListener("keydown", onShortcut);
+  // the skip link must not change the address: its #hash names the open chat
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    ui.input.focus();
+  });
+  ui.list.addEventListener("click", (event) => {
+    const copy = event.target.closest("button.copy");
+    if (copy) copyCode(copy);
   });
   ui.stop.addEventListener("click", stopResponse);
   ui.newChat.addEventListener("click", newDraft);
@@ -731,9 +1029,6 @@ function wire() {
   ui.statsRefresh.addEventListener("click", loadStats);
   ui.toggleSidebar.addEventListener("click", toggleSidebar);
   ui.alertClose.addEventListener("click", () => { ui.alert.hidden = true; });
-  document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && ui.layout.dataset.sidebar === "open") closeSidebar();
-  });
   window.addEventListener("popstate", () => {
     const id = chatFromHash();
     if (id && id !== state.chatId) openChat(id, { push: false });
