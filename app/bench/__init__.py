@@ -76,9 +76,9 @@ def check_postgres(url: str) -> None:
     try:
         psycopg.connect(url, connect_timeout=3).close()
     except psycopg.OperationalError as exc:
-        raise BenchError(f"PostgreSQL is not reachable at {_database(url)} "
-                         f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r});"
-                         " use --store sqlite, or --database-url") from exc
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise BenchError(f"PostgreSQL is not reachable at {_database(url)} ({reason}); use "
+                         "--store sqlite, or --database-url") from exc
 
 
 def _database(url: str) -> str:
