@@ -84,8 +84,7 @@ def _exit(error: BaseException) -> tuple[int, str]:
     """The exit status and the one line that say what went wrong."""
     message = _message(error)
     if message is None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        message = (f"unexpected error: {type(error).__name__}{': ' if first else ''}{first} "
+        message = (f"unexpected error: {type(error).__name__}: {_first_line(error)} "
                    "(--debug shows the traceback)")
     code = error.code if isinstance(error, CommandError) else 1
     return code, f"eventchat: {message}\n"
@@ -100,7 +99,14 @@ def _message(error: BaseException) -> str | None:
     if isinstance(error, OSError):
         where = f": {error.filename}" if error.filename else ""
         return f"{error.strerror or error}{where}"
+    if type(error).__module__.startswith(("psycopg", "eventsourcing.persistence")):
+        return f"the store failed: {_first_line(error)}"  # (modules imported only if used)
     return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
