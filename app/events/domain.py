@@ -25,6 +25,26 @@ from .errors import (
 )
 from .text import check_text, clean_json, clean_text
 
+#: The title of a chat created without one, until its first message titles it.
+DEFAULT_TITLE = "New chat"
+#: Longest title taken from a first message (code points).
+AUTO_TITLE_CHARS = 80
+
+
+def auto_title(text: str) -> str:
+    """A title from a message: its first non-blank line, at most ``AUTO_TITLE_CHARS`` code
+    points (cut at a word boundary when one is near, with an ellipsis)."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), DEFAULT_TITLE)
+    line = " ".join(line.split())
+    if len(line) <= AUTO_TITLE_CHARS:
+        return line
+    cut = line[: AUTO_TITLE_CHARS - 1]
+    space = cut.rfind(" ")
+    if space >= AUTO_TITLE_CHARS // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
 #: Terminal statuses of a response, keyed by the event class name that ends it.
 TERMINAL_STATUS = {
     "ResponseCompleted": "complete",
@@ -106,6 +126,10 @@ class ChatSession(Aggregate):
 
         def apply_to(self, chat: ChatSession) -> None:
             seq = self.originator_version
+            if chat.message_count == 0 and chat.title == DEFAULT_TITLE:
+                # a chat created without a title is titled by its first message (the views
+                # derive the same title from the same event)
+                chat.title = auto_title(self.text)
             chat.history.append({"role": "user", "content": self.text, "seq": seq})
             if self.client_message_id is not None:
                 chat.client_message_ids[self.client_message_id] = seq
@@ -266,7 +290,7 @@ class ChatSession(Aggregate):
             cls.Started,
             id=chat_id or uuid4(),
             owner=owner,
-            title=title.strip() or "New chat",
+            title=title.strip() or DEFAULT_TITLE,
             model=model,
             system_prompt=system_prompt,
             max_tokens=max_tokens,
@@ -284,7 +308,9 @@ class ChatSession(Aggregate):
     def receive_message(
         self, text: str, client_message_id: str | None = None, max_chars: int = 32_000
     ) -> int:
-        """Records a user message and returns its seq.
+        """Records a user message and returns its seq. The first message of a chat that
+        has no title of its own (``New chat``) titles it too: its first line, at most
+        ``AUTO_TITLE_CHARS`` characters (see ``MessageReceived``).
 
         Raises ``DuplicateMessageError`` (carrying the original seq) for a
         ``client_message_id`` already accepted, and the rule errors for bad text.

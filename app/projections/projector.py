@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..events.domain import ChatSession
+from ..events.domain import DEFAULT_TITLE, ChatSession, auto_title
 from ..events.text import clean_text
 from . import sketch
 from .database import Tx
@@ -284,6 +284,8 @@ def on_renamed(b: Batch, e: ChatSession.Renamed, chat_id: str, at: str) -> None:
 def on_message(b: Batch, e: ChatSession.MessageReceived, chat_id: str, at: str) -> None:
     chat = b.chat(chat_id)
     seq = e.originator_version
+    if chat.message_count == 0 and chat.title == DEFAULT_TITLE:  # as the aggregate does
+        chat.title = auto_title(e.text)
     b.messages[(chat_id, seq)] = MessageRow(chat_id, seq, "user", e.text, at,
                                             client_message_id=e.client_message_id)
     chat.message_count += 1

@@ -250,3 +250,19 @@ async def test_openapi_is_served(server: Server) -> None:
     for path in ("/chat", "/chats", "/chat/{chat_id}", "/generate", "/chat/{chat_id}/stop",
                  "/chat/{chat_id}/events", "/stats", "/health", "/metrics"):
         assert path in spec["paths"], path
+
+
+async def test_a_chat_without_a_title_is_titled_by_its_first_message(server: Server) -> None:
+    long_line = "word " * 30
+    async with server.client() as c:
+        first = (await c.post("/generate", json={"message": "\n  What is 12*7?\nThanks"})).json()
+        titled = (await c.post("/chat", json={"title": "Mine"})).json()["id"]
+        await c.post("/generate", json={"message": "hello there", "chat_id": titled})
+        untitled = (await c.post("/chat", json={})).json()["id"]
+        await c.post("/generate", json={"message": "😀 " + long_line, "chat_id": untitled})
+        await c.post("/generate", json={"message": "a second message", "chat_id": untitled})
+        titles = {chat["id"]: chat["title"] for chat in (await c.get("/chats")).json()["chats"]}
+    assert titles[first["chat_id"]] == "What is 12*7?"
+    assert titles[titled] == "Mine"
+    title = titles[untitled]
+    assert title.startswith("😀 word word") and title.endswith("…") and len(title) <= 80
