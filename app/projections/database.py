@@ -47,7 +47,7 @@ _COMMON_DDL = [
     "CREATE TABLE IF NOT EXISTS view_messages ("
     " chat_id TEXT NOT NULL, seq INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,"
     " created_at TEXT NOT NULL, client_message_id TEXT, response_id TEXT, status TEXT,"
-    " model TEXT, usage TEXT, timing TEXT, tool_calls TEXT, error TEXT,"
+    " model TEXT, usage TEXT, timing TEXT, tool_calls TEXT, error TEXT, finish_reason TEXT,"
     " PRIMARY KEY (chat_id, seq))",
     "CREATE TABLE IF NOT EXISTS view_counters ("
     " scope TEXT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL,"
@@ -62,6 +62,10 @@ _COMMON_DDL = [
     "INSERT INTO view_tracking (name, position) VALUES ('" + TRACKED + "', 0)"
     " ON CONFLICT (name) DO NOTHING",
 ]
+
+#: Columns added to ``view_messages`` since its first version: views made before get them
+#: empty (``eventchat projections rebuild`` fills them from the log).
+_ADDED_COLUMNS = (("finish_reason", "TEXT"),)
 
 _SQLITE_DDL = [
     *_COMMON_DDL,
@@ -198,6 +202,10 @@ class SQLiteDatabase(Database):
         with self.write() as tx:
             for statement in _SQLITE_DDL:
                 tx.run(statement)
+            columns = {row[1] for row in tx.all("PRAGMA table_info(view_messages)")}
+            for column, kind in _ADDED_COLUMNS:
+                if column not in columns:
+                    tx.run(f"ALTER TABLE view_messages ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         for conn in self._all:
@@ -248,6 +256,8 @@ class PostgresDatabase(Database):
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || 'views'))")
             for statement in _POSTGRES_DDL:
                 conn.execute(statement)
+            for column, kind in _ADDED_COLUMNS:
+                conn.execute(f"ALTER TABLE view_messages ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     def close(self) -> None:
         self._pool.close()

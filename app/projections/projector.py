@@ -65,6 +65,7 @@ class MessageRow:
     timing: Any = None
     tool_calls: list[dict[str, Any]] | None = None
     error: Any = None
+    finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)  # streamed text not yet joined
 
     def text(self) -> str:
@@ -76,7 +77,8 @@ class MessageRow:
     def as_row(self) -> tuple[Any, ...]:
         return (self.chat_id, self.seq, self.role, self.text(), self.created_at,
                 self.client_message_id, self.response_id, self.status, self.model,
-                _dump(self.usage), _dump(self.timing), _dump(self.tool_calls), _dump(self.error))
+                _dump(self.usage), _dump(self.timing), _dump(self.tool_calls), _dump(self.error),
+                self.finish_reason)
 
 
 def _dump(value: Any) -> str | None:
@@ -91,7 +93,7 @@ CHAT_COLUMNS = ("chat_id, owner, title, created_at, updated_at, model, message_c
                 " prompt_tokens, completion_tokens, total_tokens, last_message_preview,"
                 " current_seq")
 MESSAGE_COLUMNS = ("chat_id, seq, role, content, created_at, client_message_id, response_id,"
-                   " status, model, usage, timing, tool_calls, error")
+                   " status, model, usage, timing, tool_calls, error, finish_reason")
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def _replace(table: str, columns: str, pg_types: str, key: str) -> Upsert:
 UPSERT_CHAT = _replace("view_chats", CHAT_COLUMNS,
                        "text text text text text text int int8 int8 int8 text int", "chat_id")
 UPSERT_MESSAGE = _replace("view_messages", MESSAGE_COLUMNS,
-                          "text int text text text text text text text text text text text",
+                          "text int text text text text text text text text text text text text",
                           "chat_id, seq")
 ADD_COUNTER = Upsert("view_counters", ("scope", "name", "value"), ("text", "text", "int8"),
                      "ON CONFLICT (scope, name)"
@@ -353,6 +355,7 @@ def on_response_ended(b: Batch, e: ChatSession.ResponseEnded, chat_id: str, at: 
                       "ResponseStopped": "stopped"}.get(name, "interrupted")
     if isinstance(e, ChatSession.ResponseCompleted):
         message.model = e.model
+        message.finish_reason = e.finish_reason
     if isinstance(e, ChatSession.ResponseFailed):
         message.error = e.error
     if isinstance(e, ChatSession.ResponseInterrupted):

@@ -331,6 +331,7 @@ def message_dict(row: Sequence[Any]) -> dict[str, Any]:
     message.update(
         response_id=row[6], status=row[7], model=row[8], usage=_json(row[9]),
         timing=_json(row[10]), tool_calls=_json(row[11]) or [], error=_json(row[12]),
+        finish_reason=row[13],
     )
     return message
 

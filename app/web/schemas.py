@@ -117,6 +117,8 @@ class Message(BaseModel):
     timing: Timing | None = None
     tool_calls: list[ToolCall] | None = None
     error: Any = None
+    #: How a complete reply ended (``stop``, ``length``, ...); null otherwise.
+    finish_reason: str | None = None
 
 
 class Chat(BaseModel):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import trio
+
+from app.config import Settings
 from app.events.domain import ChatSession
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views
+from app.projections import ProjectionRunner, Views, open_views
 
 from .conftest import plain_turn, save_and_wait, timing, usage
 
@@ -32,6 +35,7 @@ async def test_plain_turn(store: EventStore, views: Views, runner: ProjectionRun
         "seq": 3, "role": "assistant", "content": "Hello",
         "created_at": assistant["created_at"], "response_id": rid, "status": "complete",
         "model": "m1", "usage": usage(), "timing": timing(), "tool_calls": [], "error": None,
+        "finish_reason": "stop",
     }
     assert_iso_utc(assistant["created_at"])
 
@@ -150,3 +154,32 @@ async def test_rename_and_model_fallback(
     await save_and_wait(store, views, chat)
     got = await views.get_chat("alice", chat.id)
     assert got is not None and got["title"] == "new title" and got["model"] == "served-model"
+
+
+async def test_views_made_before_finish_reason_get_the_column(settings: Settings) -> None:
+    """Views created by an earlier version (no ``finish_reason`` column) are opened, given
+    the column, and filled by the next projection."""
+    views = await trio.to_thread.run_sync(open_views, settings)
+    try:
+        def drop_column() -> None:
+            with views.db.write() as tx:
+                tx.run("ALTER TABLE view_messages DROP COLUMN finish_reason")
+
+        await trio.to_thread.run_sync(drop_column)
+    finally:
+        views.close()
+    store = await trio.to_thread.run_sync(EventStore.open, settings)
+    views = await trio.to_thread.run_sync(open_views, settings)
+    try:
+        runner = ProjectionRunner(settings, store, views, poll_interval=0.05)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            chat = ChatSession.start("alice", "old views")
+            plain_turn(chat)
+            await save_and_wait(store, views, chat)
+            messages, _ = await views.messages("alice", chat.id, 10)
+            nursery.cancel_scope.cancel()
+        assert messages[-1]["finish_reason"] == "stop"
+    finally:
+        views.close()
+        store.close()

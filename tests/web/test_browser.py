@@ -619,3 +619,25 @@ def test_keyboard_only(browser_server: Server, page: Any, artifacts: Path) -> No
     page.keyboard.press("Escape")
     expect(panel).to_be_hidden()
     expect(page.locator("#shortcuts summary")).to_be_focused()
+
+
+@pytest.mark.parametrize("server_changes", [{"max_tokens": 5}])
+def test_a_reply_cut_by_the_token_limit_says_so(
+    browser_server: Server, page: Any, artifacts: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    open_client(page, browser_server)
+    send(page, "/tokens 50")
+    reply = page.locator(".message.assistant").last
+    expect(reply).to_have_attribute("data-status", "complete")
+    expect(reply.locator(".text")).to_have_text("lorem ipsum dolor sit amet")
+    expect(reply.locator(".reply-cut")).to_be_visible()
+    screenshot(page, artifacts, "cut-by-max-tokens")
+    page.reload()
+    expect(page.locator(".message.assistant").last.locator(".reply-cut")).to_be_visible()
+    send(page, "/tokens 3")  # a reply that ended on its own has no such note
+    expect(page.locator(".message.assistant")).to_have_count(2)
+    last = page.locator(".message.assistant").last
+    expect(last).to_have_attribute("data-status", "complete")
+    expect(last.locator(".reply-cut")).to_be_hidden()

@@ -217,10 +217,16 @@ function onDelta(frame) {
   setReplyText(reply, placed.text, placed.total);
 }
 
+/** A complete reply that the model's token limit cut short says so. */
+function setFinishReason(reply, reason) {
+  reply.cut.hidden = reason !== "length";
+}
+
 function onDone(frame) {
   const reply = replyView(frame.response_id);
   setReplyStatus(reply, frame.status);
   setReplyText(reply, frame.message);
+  setFinishReason(reply, frame.finish_reason);
   state.lastSeq = Math.max(state.lastSeq, frame.seq);
   if (frame.status === "failed" || frame.status === "interrupted") revealError(reply);
   refreshChats();
@@ -351,9 +357,12 @@ function replyView(responseId) {
   const error = el("div", "reply-error");
   error.setAttribute("role", "alert");
   error.hidden = true;
-  node.append(tools, text, meta, error);
+  const cut = el("p", "reply-cut",
+    "Cut short: the reply reached its token limit (max_tokens).");
+  cut.hidden = true;
+  node.append(tools, text, cut, meta, error);
   reply = {
-    node, textNode: text, tools, usage, error, calls: new Map(), status: "streaming",
+    node, textNode: text, tools, usage, error, cut, calls: new Map(), status: "streaming",
     text: "", // the reply's markdown so far...
     length: 0, // ...and its length in code points, the unit of `offset`
     shown: null, // the text last rendered, and whether as final
@@ -535,6 +544,7 @@ function renderMessage(message) {
   setMessageSeq(reply.node, message.seq);
   const content = message.content || "";
   setReplyStatus(reply, message.status);
+  setFinishReason(reply, message.finish_reason);
   if (message.status !== "streaming" || codePointCount(content) > reply.length) {
     setReplyText(reply, content);
   }
