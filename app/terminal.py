@@ -206,6 +206,8 @@ class Reply:
     #: (offset in ``text`` at which it happened, line)
     tools: list[tuple[int, str]] = field(default_factory=list)
     status: str = "streaming"
+    #: How a complete reply ended (``length``: cut by the token limit).
+    finish_reason: str | None = None
 
 
 class View(Protocol):
@@ -344,6 +346,7 @@ class Conversation:
             return
         reply = self.replies.setdefault(response_id, Reply(response_id))
         if frame.get("done"):
+            reply.finish_reason = frame.get("finish_reason")
             self._add(reply, frame.get("message") or "", 0)
             self._seen(frame.get("seq"))
             self._finish(reply, frame.get("status") or "complete", live=True)
@@ -416,8 +419,10 @@ class Conversation:
                 (0, tool_line(c.get("tool"), c.get("error") is None, c.get("result"),
                               c.get("error"))) for c in message.get("tool_calls") or []])
             reply.text = message.get("content") or ""
+            reply.finish_reason = message.get("finish_reason")
             self._finish(reply, message.get("status") or "complete", live=False)
             return
+        reply.finish_reason = message.get("finish_reason")
         self._add(reply, message.get("content") or "", 0)
         self._finish(reply, message.get("status") or "complete", live=True)
 
@@ -466,6 +471,15 @@ def stats_line(frame: dict[str, Any]) -> str:
 
 
 STATUS_NOTES = {"stopped": "[stopped]", "interrupted": "[interrupted]", "failed": "[failed]"}
+CUT_NOTE = "[cut: the reply reached its token limit]"
+
+
+def status_note(reply: Reply) -> str | None:
+    """What the end of a reply says, if anything: how it ended early, or that the model's
+    token limit cut it."""
+    if reply.status == "complete" and reply.finish_reason == "length":
+        return CUT_NOTE
+    return STATUS_NOTES.get(reply.status)
 
 
 # -- plain output (not a terminal) ------------------------------------------------------------
@@ -509,7 +523,7 @@ class PlainView:
         self._line(line)
 
     def reply_done(self, reply: Reply) -> None:
-        note = STATUS_NOTES.get(reply.status)
+        note = status_note(reply)
         if note:
             self._line(note)
         elif self.line_open:
@@ -700,7 +714,7 @@ class TerminalView:
         self._print(*self._reply_parts(reply, 0, None, markdown=True), *self._status_note(reply))
 
     def _status_note(self, reply: Reply) -> list[Any]:
-        note = STATUS_NOTES.get(reply.status)
+        note = status_note(reply)
         style = "red" if reply.status == "failed" else "yellow"
         return [Text(note, style=style)] if note else []
 

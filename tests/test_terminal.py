@@ -20,6 +20,7 @@ import pytest
 from rich.console import Console
 
 from app.terminal import (
+    CUT_NOTE,
     Conversation,
     LineEditor,
     PlainView,
@@ -404,3 +405,25 @@ def test_the_input_line() -> None:
     assert editor.feed("! é\r".encode()) == ["helloworld! é"] and editor.text == ""
     assert editor.feed(b"a b\x17\x15\r") == []
     assert editor.feed(b"\x04") == [None]
+
+
+def test_a_reply_cut_by_the_token_limit_says_so() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    conversation = Conversation(PlainView(out, err), chat_id="c")
+    conversation.receive({"event": "chat_history", "chat_id": "c", "has_more": False,
+                          "last_seq": 9, "messages": [
+                              {"seq": 2, "role": "user", "content": "count"},
+                              {"seq": 3, "role": "assistant", "response_id": "r0",
+                               "content": "one two", "status": "complete",
+                               "finish_reason": "length"}]})
+    conversation.receive(delta("three", 0, "r1"))
+    conversation.receive({"event": "ai_response", "chat_id": "c", "response_id": "r1",
+                          "message": "three four", "done": True, "status": "complete",
+                          "finish_reason": "length", "seq": 12})
+    conversation.receive(delta("fine", 0, "r2"))
+    conversation.receive({"event": "ai_response", "chat_id": "c", "response_id": "r2",
+                          "message": "fine", "done": True, "status": "complete",
+                          "finish_reason": "stop", "seq": 15})
+    lines = out.getvalue().splitlines()
+    assert lines.count(CUT_NOTE) == 2
+    assert lines[-1] == "fine"
