@@ -317,3 +317,35 @@ async def test_terminated_connections_heal_by_themselves(settings: Settings) -> 
         print(f"the replies ended: {streams.endings}")
         assert health.statuses() & {"degraded", "unavailable"}, health.seen
         await check_nothing_lost(server, streams)
+
+
+@pg_only
+async def test_terminated_connections_heal_on_two_servers_sharing_the_database(
+    settings: Settings,
+) -> None:
+    """Both servers' pool connections (events, views, users) are terminated while replies
+    stream on each: both are ready again within 5 s, every reply ends, nothing acknowledged
+    is lost, and each server's views show what the other wrote."""
+    s = web_settings(settings, store_timeout_s=2.0, concurrent_responses=10)
+    async with running_server(s) as first, running_server(s) as second:
+        streams = [Streams(first, 2, 2000), Streams(second, 2, 2000)]
+        health = [HealthLog(first), HealthLog(second)]
+        async with trio.open_nursery() as nursery:
+            for stream, log in zip(streams, health, strict=True):
+                await stream.run(nursery)
+                nursery.start_soon(log.poll)
+            killed = await trio.to_thread.run_sync(terminate, s, 1.0)
+            assert killed["events"] >= 2 and killed["views"] >= 2, killed
+            since = trio.current_time()
+            took = [await recovered(server, since) for server in (first, second)]
+            print(f"terminated {killed} in 1 s; ready again {took} s later")
+            assert max(took) < 5.0
+            with trio.fail_after(20):
+                while any(len(x.endings) < x.count for x in streams):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        for log in health:
+            assert log.statuses() & {"degraded", "unavailable"}, log.seen
+        for stream in streams:
+            await check_nothing_lost(first, stream)
+            await check_nothing_lost(second, stream)
