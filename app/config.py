@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Provider = Literal["openai", "offline"]
+#: Which model provider serves the chats (``app.llm.base.Provider`` is the interface).
+ProviderName = Literal["openai", "offline"]
 
 
 class SettingsError(ValueError):
@@ -30,7 +31,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
 
-    provider: Provider = "offline"
+    provider: ProviderName = "offline"
     openai_base_url: str | None = None
     openai_api_key: str | None = None
     model: str | None = None
@@ -112,8 +113,6 @@ class Settings:
     cipher_key: str | None = None
     compress: bool = False
 
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Builds settings from ``environ`` (default ``os.environ``); ``overrides`` (flags) win.
@@ -123,8 +122,6 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
             raw = env.get(_env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.type, raw)

@@ -19,7 +19,9 @@ from .errors import (
     ChatRuleError,
     DuplicateMessageError,
     EmptyMessageError,
+    EmptyTitleError,
     MessageTooLongError,
+    NoMessageWaitingError,
     NoResponseInProgressError,
     ResponseInProgressError,
 )
@@ -301,7 +303,7 @@ class ChatSession(Aggregate):
     def rename(self, title: str) -> None:
         title = check_text(title, "title").strip()
         if not title:
-            raise EmptyMessageError("a title cannot be empty")
+            raise EmptyTitleError("a title cannot be empty")
         if title != self.title:
             self.trigger_event(self.Renamed, title=title[:200])
 
@@ -340,7 +342,7 @@ class ChatSession(Aggregate):
         if self.current is not None:
             raise ResponseInProgressError("a response is already being generated")
         if not self.pending:
-            raise NoResponseInProgressError("no user message is waiting for an answer")
+            raise NoMessageWaitingError("no user message is waiting for an answer")
         response_id = response_id or uuid4().hex
         self.trigger_event(
             self.ResponseStarted,

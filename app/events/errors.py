@@ -3,10 +3,12 @@
 EventsError
 ├── ChatRuleError            an invariant of a chat would be broken; nothing was recorded
 │   ├── InvalidTextError      a text holds a character that is never stored (NUL, lone surrogate)
-│   ├── EmptyMessageError
+│   ├── EmptyMessageError     a user message with no text
+│   ├── EmptyTitleError       a chat title with no text
 │   ├── MessageTooLongError
 │   ├── ResponseInProgressError
-│   ├── NoResponseInProgressError
+│   ├── NoResponseInProgressError  no such response (or tool call) is running
+│   ├── NoMessageWaitingError  a response was started with no user message waiting
 │   └── DuplicateMessageError
 ├── ChatNotFoundError         no such chat (or not the caller's)
 └── StoreError                the store could not be read or written
@@ -34,6 +36,10 @@ class EmptyMessageError(ChatRuleError):
     code = "empty_message"
 
 
+class EmptyTitleError(ChatRuleError):
+    code = "empty_title"
+
+
 class MessageTooLongError(ChatRuleError):
     code = "message_too_long"
 
@@ -44,6 +50,10 @@ class ResponseInProgressError(ChatRuleError):
 
 class NoResponseInProgressError(ChatRuleError):
     code = "no_response_in_progress"
+
+
+class NoMessageWaitingError(ChatRuleError):
+    code = "no_message_waiting"
 
 
 class DuplicateMessageError(ChatRuleError):
