@@ -47,15 +47,6 @@ def auto_title(text: str) -> str:
     return cut.rstrip() + "…"
 
 
-#: Terminal statuses of a response, keyed by the event class name that ends it.
-TERMINAL_STATUS = {
-    "ResponseCompleted": "complete",
-    "ResponseFailed": "failed",
-    "ResponseStopped": "stopped",
-    "ResponseInterrupted": "interrupted",
-}
-
-
 @dataclass
 class ToolCallState:
     call_id: str
@@ -219,7 +210,7 @@ class ChatSession(Aggregate):
             )
             chat.outcomes[self.response_id] = Outcome(
                 self.response_id,
-                TERMINAL_STATUS[type(self).__name__],
+                ending_status(self),
                 self.originator_version,
                 text,
             )
@@ -496,9 +487,20 @@ class ChatSession(Aggregate):
             raise NoResponseInProgressError(f"tool call {call_id} has already ended")
 
 
-ChatSession.ENDINGS = (
-    ChatSession.ResponseCompleted,
-    ChatSession.ResponseFailed,
-    ChatSession.ResponseStopped,
-    ChatSession.ResponseInterrupted,
-)
+#: How each ending of a response is called (``status`` on the wire and in the views): the
+#: one place that knows it.
+ENDING_STATUS: dict[type[ChatSession.ResponseEnded], str] = {
+    ChatSession.ResponseCompleted: "complete",
+    ChatSession.ResponseFailed: "failed",
+    ChatSession.ResponseStopped: "stopped",
+    ChatSession.ResponseInterrupted: "interrupted",
+}
+#: The same, keyed by the event class name (for readers of stored topics and names).
+TERMINAL_STATUS = {cls.__name__: status for cls, status in ENDING_STATUS.items()}
+
+ChatSession.ENDINGS = tuple(ENDING_STATUS)
+
+
+def ending_status(event: ChatSession.ResponseEnded) -> str:
+    """The status of the response that ``event`` ends."""
+    return ENDING_STATUS[type(event)]

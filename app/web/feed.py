@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from ..actors.messages import Accepted, LiveState, TokenDelta
-from ..events.domain import TERMINAL_STATUS, ChatSession
+from ..events.domain import ChatSession, ending_status
 from ..projections.projector import LiveRows
 from ..projections.views import message_dict
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .services import Services
 
 Frame = dict[str, Any]
+ToolEvent = ChatSession.ToolInvoked | ChatSession.ToolCompleted | ChatSession.ToolFailed
 HISTORY_PAGE = 100
 #: ``finish_reason`` of a response that did not complete with one from the model.
 FINISH_REASONS = {"complete": "stop", "failed": "error", "stopped": "stopped",
@@ -85,15 +86,14 @@ class ChatFeed:
                 yield frame
             return
         self.rows.apply(item)
-        kind = type(item).__name__
-        if kind == "TokensGenerated":
+        if isinstance(item, ChatSession.TokensGenerated):
             for frame in self._text(item.response_id, item.text, item.offset):
                 yield frame
-        elif kind == "ResponseStarted":
+        elif isinstance(item, ChatSession.ResponseStarted):
             self.replies[item.response_id] = item.reply_to_seq
             self.sent[item.response_id], self.texts[item.response_id] = 0, ""
-        elif kind in ("ToolInvoked", "ToolCompleted", "ToolFailed"):
-            yield self._tool(kind, item)
+        elif isinstance(item, ToolEvent):
+            yield self._tool(item)
         elif isinstance(item, ChatSession.ResponseEnded):
             async with aclosing(self._ended(item)) as frames:
                 async for frame in frames:
@@ -111,13 +111,13 @@ class ChatFeed:
         return [{"event": "ai_response", "chat_id": self.cid, "response_id": response_id,
                  "delta": text, "offset": offset, "done": False}]
 
-    def _tool(self, kind: str, item: Any) -> Frame:
+    def _tool(self, item: ToolEvent) -> Frame:
         frame: Frame = {"event": "tool_activity", "chat_id": self.cid,
                         "response_id": item.response_id, "call_id": item.call_id}
-        if kind == "ToolInvoked":
+        if isinstance(item, ChatSession.ToolInvoked):
             self.tools[item.call_id] = item.tool
             frame.update(tool=item.tool, status="started", arguments=item.arguments)
-        elif kind == "ToolCompleted":
+        elif isinstance(item, ChatSession.ToolCompleted):
             frame.update(tool=self.tools.get(item.call_id, ""), status="completed",
                          result=item.result, duration_ms=item.duration_ms)
         else:
@@ -125,14 +125,13 @@ class ChatFeed:
                          error=item.error, duration_ms=item.duration_ms)
         return frame
 
-    async def _ended(self, event: Any) -> AsyncGenerator[Frame, None]:
-        kind = type(event).__name__
+    async def _ended(self, event: ChatSession.ResponseEnded) -> AsyncGenerator[Frame, None]:
         response_id, seq = event.response_id, event.originator_version
-        status = TERMINAL_STATUS[kind]
+        status = ending_status(event)
         yield self._done(response_id, self.texts.pop(response_id, ""), status, seq,
                          getattr(event, "finish_reason", None))
         self.sent.pop(response_id, None)
-        if kind == "ResponseFailed":
+        if isinstance(event, ChatSession.ResponseFailed):
             error = event.error or {}
             yield {"event": "error", "chat_id": self.cid, "response_id": response_id,
                    "code": error.get("code", "model_error"),

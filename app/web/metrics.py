@@ -30,7 +30,7 @@ from prometheus_client import (
     make_asgi_app,
 )
 
-from ..events.domain import TERMINAL_STATUS
+from ..events.domain import ChatSession, ending_status
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ class Metrics:
 
         Gauge(name, doc, registry=self.registry).set_function(safe)
 
-    def observe_ending(self, kind: str, data: dict[str, Any], model: str) -> None:
-        status = TERMINAL_STATUS.get(kind, "unknown")
+    def observe_ending(self, status: str, data: dict[str, Any], model: str) -> None:
         self.responses.labels(status).inc()
         usage = data.get("usage") or {}
         timing = data.get("timing") or {}
@@ -158,9 +157,8 @@ class ResponseObserver:
 
     def __call__(self, events: list[Any]) -> None:
         for event in events:
-            kind = type(event).__name__
-            if kind == "ResponseStarted":
+            if isinstance(event, ChatSession.ResponseStarted):
                 self._models[event.response_id] = event.model
-            elif kind in TERMINAL_STATUS:
+            elif isinstance(event, ChatSession.ResponseEnded):
                 model = self._models.pop(event.response_id, "")
-                self.metrics.observe_ending(kind, dict(event.__dict__), model)
+                self.metrics.observe_ending(ending_status(event), dict(event.__dict__), model)
