@@ -44,7 +44,7 @@ from .messages import (
     StopGeneration,
     TokenDelta,
 )
-from .turn import Mutation, Turn
+from .turn import Mutation, Turn, TurnPorts
 
 if TYPE_CHECKING:
     from .system import ActorSystem
@@ -81,6 +81,11 @@ class SessionActor:
         #: The lease was lost during the last ``run()``: nothing more was written.
         self.lease_lost = False
         self._scope = trio.CancelScope()
+        #: What this actor's turns may use (``record`` and ``publish_delta`` among them).
+        self.turn_ports = TurnPorts(
+            chat_id, lambda: self.chat, self.record, self.publish_delta, self.provider,
+            self.tools, self.settings,
+        )
 
     @property
     def owns(self) -> bool:
@@ -322,7 +327,7 @@ class SessionActor:
         assert current is not None
         messages = self.chat.context(self.settings.context_messages)
         turn = self.turn = Turn(
-            self, current.response_id, current.model, current.reply_to_seq,
+            self.turn_ports, current.response_id, current.model, current.reply_to_seq,
             settled=self._early != current.response_id,
         )
         self.system.generating_changed(self.chat.owner, +1)

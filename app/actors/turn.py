@@ -25,11 +25,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from uuid import uuid4
+from typing import Any, Protocol
+from uuid import UUID, uuid4
 
 import trio
 
+from ..config import Settings
 from ..events.domain import ChatSession
 from ..events.errors import FencedError
 from ..events.text import clean_text
@@ -46,12 +47,32 @@ from ..llm.base import (
     message_texts,
 )
 from ..llm.errors import LLMError, ToolError
+from ..llm.tools import ToolRegistry
 from .messages import TokenDelta
 
-if TYPE_CHECKING:
-    from .session import SessionActor
-
 Mutation = Callable[[ChatSession], Any]
+
+
+class Record(Protocol):
+    """Applies mutations to the chat and saves their events in one transaction (the
+    actor's ``record``): raises ``FencedError`` when the chat is no longer ours to write."""
+
+    async def __call__(self, *mutations: Mutation) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPorts:
+    """All a ``Turn`` may use: its chat (read only, as recorded now), ``record`` to write
+    it, ``publish`` to hand streamed text to the chat's followers, the model and the tools,
+    and the settings it reads. The actor builds them; a test can fake every one."""
+
+    chat_id: UUID
+    chat: Callable[[], ChatSession]
+    record: Record
+    publish: Callable[[TokenDelta], None]
+    provider: Provider
+    tools: ToolRegistry
+    settings: Settings
 
 
 @dataclass
@@ -114,9 +135,9 @@ class TokenBatch:
 
 
 class Turn:
-    def __init__(self, actor: SessionActor, response_id: str, model: str,
+    def __init__(self, ports: TurnPorts, response_id: str, model: str,
                  reply_to_seq: int, settled: bool = True) -> None:
-        self.actor = actor
+        self.ports = ports
         self.response_id = response_id
         self.model = model
         self.reply_to_seq = reply_to_seq
@@ -128,17 +149,17 @@ class Turn:
         self.abandoned = False
         self.text = ""
         #: Characters of the response's text recorded so far.
-        current = actor.chat.current
+        current = ports.chat().current
         self.recorded = len(current.text) if current and current.response_id == response_id else 0
         self.meter = Meter()
-        self.batch = TokenBatch(actor.settings.token_flush_tokens)
+        self.batch = TokenBatch(ports.settings.token_flush_tokens)
         self.finish_reason = "stop"
         self.stop_scope = trio.CancelScope()
         self.interrupted: str | None = None
 
     @property
     def provider(self) -> Provider:
-        return self.actor.provider
+        return self.ports.provider
 
     def stop(self) -> None:
         self.stop_scope.cancel()
@@ -182,12 +203,12 @@ class Turn:
             await self._end(error)
 
     async def _rounds(self, messages: list[dict[str, Any]]) -> None:
-        settings = self.actor.settings
-        tools = self.actor.tools.specs()
+        settings, chat = self.ports.settings, self.ports.chat()
+        tools = self.ports.tools.specs()
         for round_number in range(settings.max_tool_rounds + 1):
             offered = tools if round_number < settings.max_tool_rounds else ()
-            request = ModelRequest(messages=messages, model=self.actor.chat.model, tools=offered,
-                                   max_tokens=self.actor.chat.max_tokens or settings.max_tokens)
+            request = ModelRequest(messages=messages, model=chat.model, tools=offered,
+                                   max_tokens=chat.max_tokens or settings.max_tokens)
             calls = await self._stream(request)
             if not calls or not offered:  # tools asked for when none were offered are ignored
                 return
@@ -248,13 +269,11 @@ class Turn:
         offset = len(self.text)
         self.text += delta.text
         self.batch.add(delta.text, delta.tokens)
-        self.actor.publish_delta(
-            TokenDelta(self.actor.chat_id, self.response_id, delta.text, offset)
-        )
+        self.ports.publish(TokenDelta(self.ports.chat_id, self.response_id, delta.text, offset))
 
     async def _flush_loop(self) -> None:
         """Flushes a batch when it is ``token_flush_ms`` old or full, never more often."""
-        interval = self.actor.settings.token_flush_ms / 1000
+        interval = self.ports.settings.token_flush_ms / 1000
         last = -interval
         while True:
             await self.batch.waiting.wait()
@@ -293,7 +312,7 @@ class Turn:
         if self.abandoned:
             return False
         try:
-            await self.actor.record(*mutations)
+            await self.ports.record(*mutations)
         except FencedError:
             self.abandon()
             return False
@@ -306,11 +325,8 @@ class Turn:
     async def _run_tool(self, call: ToolCallRequest) -> dict[str, Any]:
         # The recorded id is unique within the response even if a server reuses or omits ids;
         # the model gets its own id back.
-        used = (
-            {c.call_id for c in self.actor.chat.current.tool_calls}
-            if self.actor.chat.current
-            else set()
-        )
+        current = self.ports.chat().current
+        used = {c.call_id for c in current.tool_calls} if current else set()
         call_id = (
             call.call_id
             if call.call_id and call.call_id not in used
@@ -321,11 +337,11 @@ class Turn:
             lambda chat: chat.invoke_tool(self.response_id, call_id, call.name, arguments)
         )
         await trio.lowlevel.checkpoint()  # abandoned: the stop scope ends the turn here
-        context = ToolContext(owner=self.actor.chat.owner, chat_id=str(self.actor.chat_id))
+        context = ToolContext(owner=self.ports.chat().owner, chat_id=str(self.ports.chat_id))
         started = time.perf_counter()
         record: Callable[[ChatSession], Any]
         try:
-            result = await self.actor.tools.call(call.name, call.arguments, context)
+            result = await self.ports.tools.call(call.name, call.arguments, context)
         except ToolError as exc:
             duration = _ms_since(started)
             message = f"{exc.code}: {exc}"
