@@ -28,7 +28,7 @@ from .config import Settings, SettingsError
 from .events.errors import EventsError
 
 if TYPE_CHECKING:
-    from .web.users import UserStore
+    from .storage.users import UserStore
 
 #: The files of a SQLite data dir: one of them shows that a directory is one.
 STORE_FILES = ("events.sqlite", "views.sqlite", "users.sqlite")
@@ -92,9 +92,9 @@ def _exit(error: BaseException) -> tuple[int, str]:
 
 def _message(error: BaseException) -> str | None:
     """The one-line message of an error the commands expect, else None."""
-    from .projections.errors import ProjectionError
+    from .storage.errors import StorageError
 
-    if isinstance(error, CommandError | EventsError | ProjectionError | SettingsError):
+    if isinstance(error, CommandError | EventsError | StorageError | SettingsError):
         return str(error)
     if isinstance(error, OSError):
         where = f": {error.filename}" if error.filename else ""
@@ -242,7 +242,7 @@ def _existing_data_dir(settings: Settings) -> None:
 
 
 def _users(settings: Settings, args: argparse.Namespace) -> None:
-    from .web.users import UserStore
+    from .storage.users import UserStore
 
     if args.action != "add":
         _existing_data_dir(settings)
@@ -290,7 +290,8 @@ def _revoke(users: UserStore, name: str, token_id: str | None) -> None:
 
 
 def _open_app(settings: Settings) -> Any:
-    from .events.application import ChatApplication, persistence_env
+    from .events.application import ChatApplication
+    from .storage.recorder import persistence_env
 
     return ChatApplication(
         env=persistence_env(settings), snapshot_interval=settings.snapshot_interval

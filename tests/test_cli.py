@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from app.config import Settings
-from app.events.application import ChatApplication, persistence_env
+from app.events.application import ChatApplication
 from app.events.domain import ChatSession
-from app.web.users import UserStore, hash_token
+from app.storage.recorder import persistence_env
+from app.storage.users import UserStore, hash_token
 
 
 async def run_eventchat(*args: str, data_dir: Path, check: bool = True) -> Any:

@@ -6,11 +6,11 @@ maps the library's errors to ours once, here.
 
 Reads (``read``, ``get``, ``select``, ``max_position``) answer within ``timeout_s``: a store
 that does not answer by then raises ``StoreUnavailableError``, and the worker thread is
-abandoned (it ends by itself, within the driver's bounds: see ``postgres``); cancellation
-abandons it the same way. Writes (``run``, ``save``) are never abandoned: on cancellation the
-worker thread finishes its call (a save is never half-done, and its caller learns whether it
-committed) and the cancellation propagates; the driver's bounds (connect, pool and lock
-timeouts, keepalives, ``statement_timeout``) keep them from waiting forever.
+abandoned (it ends by itself, within the driver's bounds: see ``app.storage.postgres``);
+cancellation abandons it the same way. Writes (``run``, ``save``) are never abandoned: on
+cancellation the worker thread finishes its call (a save is never half-done, and its caller
+learns whether it committed) and the cancellation propagates; the driver's bounds (connect,
+pool and lock timeouts, keepalives, ``statement_timeout``) keep them from waiting forever.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from eventsourcing.persistence import (
 )
 
 from ..config import Settings
-from .application import ChatApplication, Fence, persistence_env
+from ..storage.postgres import schema_lock
+from ..storage.recorder import Fence, deadline, persistence_env
+from .application import ChatApplication
 from .domain import ChatSession
 from .errors import ChatNotFoundError, ConcurrencyError, StoreUnavailableError
-from .postgres import deadline, schema_lock
 
 T = TypeVar("T")
 
@@ -94,9 +95,7 @@ class EventStore:
                 )
 
         if settings.database_url:
-            with postgres_errors(), schema_lock(settings.database_url,
-                                                settings.database_schema,
-                                                settings.store_timeout_s):
+            with postgres_errors(), schema_lock(settings):
                 app = build()
         else:
             app = build()

@@ -9,7 +9,6 @@ position in one transaction (exactly once). ``rebuild`` and ``status`` serve the
 """
 
 from .admin import rebuild, status
-from .errors import ProjectionError, ViewStoreError
 from .runner import ProjectionRunner
 from .search import register_search_tool
 from .views import Views, open_views

@@ -7,7 +7,8 @@ import time
 from typing import Any, TextIO
 
 from ..config import Settings
-from ..events.application import ChatApplication, persistence_env
+from ..events.application import ChatApplication
+from ..storage.recorder import persistence_env
 from .views import open_views
 
 REBUILD_BATCH = 2000

@@ -24,8 +24,9 @@ import psycopg
 import trio
 
 from ..config import Settings
-from ..events.application import ChatApplication, persistence_env
+from ..events.application import ChatApplication
 from ..events.domain import ChatSession
+from ..storage.recorder import persistence_env
 from .admin import rebuild
 from .views import open_views
 

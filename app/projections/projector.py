@@ -18,8 +18,8 @@ from typing import Any
 
 from ..events.domain import DEFAULT_TITLE, ChatSession, auto_title
 from ..events.text import clean_text
+from ..storage.sql import Tx
 from . import sketch
-from .database import Tx
 
 PREVIEW_CHARS = 120
 SEP = "\x1f"  # separates the parts of scope and counter names; never in user text we key on

@@ -22,7 +22,7 @@ import trio
 from ..config import Settings
 from ..events.errors import StoreError
 from ..events.store import EventStore
-from .errors import ViewStoreError
+from ..storage.errors import ViewStoreError
 from .views import Views
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..llm.base import ToolContext, ToolSpec
-from .database import Tx
+from ..storage.sql import Tx
 
 if TYPE_CHECKING:
     from .views import Views

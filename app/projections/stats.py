@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from ..storage.sql import Tx
 from . import sketch
-from .database import Tx
 from .projector import SEP, model_scope
 
 TOTALS = ("chats", "messages", "responses", "failed_responses", "prompt_tokens",

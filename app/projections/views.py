@@ -24,9 +24,11 @@ from eventsourcing.persistence import Mapper, Notification
 
 from ..config import Settings
 from ..events.text import clean_text, text_problem
+from ..storage.database import Database, open_database
+from ..storage.errors import ViewDataError, ViewStoreError
+from ..storage.sql import Tx
+from ..storage.tables import TRACKED
 from . import projector, stats
-from .database import TRACKED, Database, Tx, open_database
-from .errors import ViewDataError, ViewStoreError
 from .projector import CHAT_COLUMNS, MESSAGE_COLUMNS, Batch
 from .search import search_rows
 
@@ -137,7 +139,7 @@ class Views:
     def read_skipped(self, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
         """Blocking: how many events the views passed over, and the latest ``limit``."""
         with self.db.read() as tx:
-            total = int(tx.one("SELECT COUNT(*) FROM view_skipped")[0])
+            total = int(tx.value("SELECT COUNT(*) FROM view_skipped"))
             rows = tx.all("SELECT position, chat_id, topic, error, skipped_at FROM view_skipped"
                           " ORDER BY position DESC LIMIT ?", (limit,))
         keys = ("position", "chat_id", "topic", "error", "skipped_at")

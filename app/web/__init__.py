@@ -4,6 +4,5 @@ from __future__ import annotations
 
 from .app import create_app
 from .server import serve
-from .users import add_user, ensure_default_user
 
-__all__ = ["add_user", "create_app", "ensure_default_user", "serve"]
+__all__ = ["create_app", "serve"]

@@ -19,12 +19,12 @@ from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
 from ..projections.views import Views
+from ..storage.users import UserStore
 from .auth import install_auth
 from .bodies import Request
 from .errors import register_error_handlers
 from .rest import rest
 from .services import SHUTDOWN_GRACE_S, Services, build_services
-from .users import UserStore
 from .ws import watch_connections, ws
 
 #: Largest request body: a maximal message, JSON-escaped, with room to spare.

@@ -43,7 +43,7 @@ from ..events.errors import (
     StoreError,
 )
 from ..llm.errors import LLMError, ProviderRateLimitedError, ProviderRequestError
-from ..projections.errors import ViewStoreError
+from ..storage.errors import ViewStoreError
 
 log = logging.getLogger(__name__)
 #: ``Retry-After`` (seconds) of a 503 ``store_unavailable``.

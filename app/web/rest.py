@@ -25,8 +25,8 @@ from quart_schema import (
 
 from ..events.errors import StoreError
 from ..events.replay import chat_records
-from ..projections.errors import ViewStoreError
 from ..projections.projector import iso
+from ..storage.errors import ViewStoreError
 from . import schemas as s
 from .auth import current_user, require_metrics_token
 from .errors import NotFoundError

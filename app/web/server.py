@@ -31,11 +31,11 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from ..config import Settings
+from ..storage.users import DEFAULT_USER, ensure_default_user
 from .app import create_app
 from .asgi import KeepAliveMiddleware, use_json_error_responses
 from .errors import CoreTaskFailedError
 from .services import SHUTDOWN_GRACE_S, Services
-from .users import DEFAULT_USER, ensure_default_user
 
 log = logging.getLogger(__name__)
 

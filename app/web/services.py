@@ -32,13 +32,14 @@ from ..events.store import EventStore
 from ..llm import build_provider, default_registry
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
-from ..projections.errors import ViewStoreError
 from ..projections.runner import ProjectionRunner
 from ..projections.search import register_search_tool
 from ..projections.views import Views, open_views
+from ..storage.errors import ViewStoreError
+from ..storage.users import UserStore
 from .limits import MessageLimiter
 from .metrics import Metrics, ResponseObserver
-from .users import Authenticator, UserStore
+from .users import Authenticator
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 from app.config import Settings
 from app.events.store import EventStore
 from app.projections.views import open_views
-from app.web.users import UserStore
+from app.storage.users import UserStore
 
 pytestmark = pytest.mark.postgres
 STARTS = 4

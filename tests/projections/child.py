@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from app.config import Settings
-from app.events.application import ChatApplication, persistence_env
+from app.events.application import ChatApplication
 from app.events.domain import ChatSession
 from app.projections import open_views, projector
+from app.storage.recorder import persistence_env
 
 from .conftest import plain_turn
 from .workload import make_chats, random_turn

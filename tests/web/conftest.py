@@ -16,8 +16,8 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from app.config import Settings
+from app.storage.users import add_user
 from app.web.server import serve
-from app.web.users import add_user
 
 START_S = 20.0
 STOP_S = 15.0

@@ -11,14 +11,8 @@ import pytest
 import trio
 
 from app.config import Settings
-from app.web.users import (
-    TOKEN_CACHE_S,
-    Authenticator,
-    UserStore,
-    add_user,
-    ensure_default_user,
-    hash_token,
-)
+from app.storage.users import UserStore, add_user, ensure_default_user, hash_token
+from app.web.users import TOKEN_CACHE_S, Authenticator
 
 from .conftest import Server, eventually
 
@@ -81,7 +75,8 @@ def test_tokens_are_stored_hashed(settings: Settings) -> None:
     token = add_user(settings, "carol")
     users = UserStore(settings)
     assert users.authenticate(token) == "carol" and users.authenticate("x" * 43) is None
-    rows = users._query("SELECT token_hash, name FROM {table}")
+    with users._tx() as tx:  # the table as stored
+        rows = tx.all("SELECT token_hash, name FROM user_tokens")
     assert (hash_token(token), "carol") in [tuple(r) for r in rows]
     assert all(token not in str(r) for r in rows)
 

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 import trio
 
-from app.events.application import ChatApplication, persistence_env
+from app.events.application import ChatApplication
+from app.storage.recorder import persistence_env
 from tests.fakes.openai_server import FakeToolCall, StreamReply, fake_openai_server
 from tests.projections.test_poison import poisoned_chat
 

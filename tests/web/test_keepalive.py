@@ -13,8 +13,8 @@ import h11
 import trio
 
 from app.config import Settings
+from app.storage.users import add_user
 from app.web.server import serve
-from app.web.users import add_user
 
 from .conftest import START_S, STOP_S, web_settings
 

@@ -19,8 +19,9 @@ import pytest
 import trio
 
 from app.config import Settings
-from app.events.application import ChatApplication, persistence_env
-from app.events.postgres import application_name
+from app.events.application import ChatApplication
+from app.storage.postgres import application_name
+from app.storage.recorder import persistence_env
 
 from .conftest import Server, eventually, receive, running_server, send, web_settings
 

@@ -1,18 +1,21 @@
-"""Errors of the read models.
+"""Errors of the storage layer that no other layer defines.
 
-    ProjectionError
+    StorageError
     └── ViewStoreError           the views database could not be read or written (retry)
         └── ViewDataError        the database refused the values written (never retry)
+
+The event store and the user store raise the events layer's ``StoreUnavailableError`` (and a
+fenced save ``FencedError``), which the web layer already maps.
 """
 
 from __future__ import annotations
 
 
-class ProjectionError(Exception):
-    """Base of every error raised by ``app.projections``."""
+class StorageError(Exception):
+    """Base of the errors defined by ``app.storage``."""
 
 
-class ViewStoreError(ProjectionError):
+class ViewStoreError(StorageError):
     code = "store_unavailable"
 
 
