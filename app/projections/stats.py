@@ -12,7 +12,7 @@ from typing import Any
 
 from ..storage.sql import Tx
 from . import sketch
-from .projector import SEP, model_scope
+from .batch import SEP, model_scope
 
 TOTALS = ("chats", "messages", "responses", "failed_responses", "prompt_tokens",
           "completion_tokens", "total_tokens", "tool_calls", "tool_errors")

@@ -29,7 +29,8 @@ from ..storage.errors import ViewDataError, ViewStoreError
 from ..storage.sql import Tx
 from ..storage.tables import TRACKED
 from . import projector, stats
-from .projector import CHAT_COLUMNS, MESSAGE_COLUMNS, Batch
+from .batch import Batch, chat_scope, user_scope
+from .rows import ChatRow, MessageRow, chat_dict, message_dict
 from .search import search_rows
 
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class Views:
                 return position
             batch = Batch(tx)
             for event in fresh:
-                projector.apply(batch, event)
+                projector.apply(batch.rows, event)
             batch.flush()
             position = notifications[-1].id
             tx.run("UPDATE view_tracking SET position = ? WHERE name = ?", (position, TRACKED))
@@ -209,8 +210,9 @@ class Views:
             where += " AND (updated_at, chat_id) < (?, ?)"
             params += after
         with self.db.read() as tx:
-            rows = tx.all(f"SELECT {CHAT_COLUMNS} FROM view_chats WHERE {where}"
-                          " ORDER BY updated_at DESC, chat_id DESC LIMIT ?", (*params, limit + 1))
+            rows = [ChatRow.from_row(row) for row in tx.all(
+                f"{ChatRow.SELECT} WHERE {where} ORDER BY updated_at DESC, chat_id DESC LIMIT ?",
+                (*params, limit + 1))]
         chats = [chat_dict(row) for row in rows[:limit]]
         more = len(rows) > limit
         return chats, _encode_cursor(rows[limit - 1]) if more else None
@@ -244,7 +246,7 @@ class Views:
     def _messages(
         self, owner: str, chat_id: str, limit: int, before: int | None, after: int | None
     ) -> tuple[list[dict[str, Any]], bool]:
-        select = f"SELECT {MESSAGE_COLUMNS} FROM view_messages WHERE chat_id = ?"
+        select = f"{MessageRow.SELECT} WHERE chat_id = ?"
         with self.db.read() as tx:
             if tx.one("SELECT 1 FROM view_chats WHERE chat_id = ? AND owner = ?",
                       (chat_id, owner)) is None:
@@ -260,7 +262,7 @@ class Views:
         more = len(rows) > limit
         if more:
             rows = rows[:limit] if after is not None else rows[1:]
-        return [message_dict(row) for row in rows], more
+        return [message_dict(MessageRow.from_row(row)) for row in rows], more
 
     async def search(self, owner: str, q: str, limit: int = 20) -> list[dict[str, Any]]:
         """``owner``'s chats matching ``q`` (words, quoted phrases, ``-word``), best first,
@@ -289,9 +291,9 @@ class Views:
             if chat_id is not None:
                 if owner is not None and _chat_row(tx, owner, chat_id) is None:
                     return stats.empty()
-                return stats.read(tx, projector.chat_scope(chat_id))
+                return stats.read(tx, chat_scope(chat_id))
             if owner is not None:
-                return stats.read(tx, projector.user_scope(owner))
+                return stats.read(tx, user_scope(owner))
             return stats.read(tx, "all")
 
     def close(self) -> None:
@@ -309,41 +311,13 @@ def _tracked(tx: Tx) -> int:
     return int(row[0]) if row else 0
 
 
-def _chat_row(tx: Tx, owner: str, chat_id: str) -> Any:
-    return tx.one(f"SELECT {CHAT_COLUMNS} FROM view_chats WHERE chat_id = ? AND owner = ?",
-                  (chat_id, owner))
+def _chat_row(tx: Tx, owner: str, chat_id: str) -> ChatRow | None:
+    row = tx.one(f"{ChatRow.SELECT} WHERE chat_id = ? AND owner = ?", (chat_id, owner))
+    return None if row is None else ChatRow.from_row(row)
 
 
-def chat_dict(row: Sequence[Any]) -> dict[str, Any]:
-    return {
-        "id": row[0], "title": row[2], "created_at": row[3], "updated_at": row[4],
-        "model": row[5], "message_count": row[6],
-        "usage": {"prompt_tokens": row[7], "completion_tokens": row[8], "total_tokens": row[9]},
-        "last_message_preview": row[10],
-    }
-
-
-def message_dict(row: Sequence[Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"seq": row[1], "role": row[2], "content": row[3],
-                               "created_at": row[4]}
-    if row[2] == "user":
-        if row[5] is not None:
-            message["client_message_id"] = row[5]
-        return message
-    message.update(
-        response_id=row[6], status=row[7], model=row[8], usage=_json(row[9]),
-        timing=_json(row[10]), tool_calls=_json(row[11]) or [], error=_json(row[12]),
-        finish_reason=row[13],
-    )
-    return message
-
-
-def _json(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-def _encode_cursor(row: Sequence[Any]) -> str:
-    raw = json.dumps([row[4], row[0]]).encode()
+def _encode_cursor(row: ChatRow) -> str:
+    raw = json.dumps([row.updated_at, row.chat_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

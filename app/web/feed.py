@@ -23,7 +23,7 @@ from uuid import UUID
 from ..actors.messages import Accepted, LiveState, TokenDelta
 from ..events.domain import ChatSession, ending_status
 from ..projections.projector import LiveRows
-from ..projections.views import message_dict
+from ..projections.rows import message_dict
 
 if TYPE_CHECKING:
     from ..actors.hub import Subscription
@@ -164,7 +164,7 @@ class ChatFeed:
         first = self.replies.pop(response_id, seq)
         rows = self.rows.turn(first, response_id, seq)
         if rows is not None:
-            return [message_dict(row.as_row()) for row in rows]
+            return [message_dict(row) for row in rows]
         await self.services.caught_up(chat_id=self.chat_id)
         messages, _ = await self.services.views.messages(
             self.owner, self.chat_id, HISTORY_PAGE, after_seq=first - 1

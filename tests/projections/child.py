@@ -15,7 +15,8 @@ from pathlib import Path
 from app.config import Settings
 from app.events.application import ChatApplication
 from app.events.domain import ChatSession
-from app.projections import open_views, projector
+from app.projections import open_views
+from app.projections.batch import Batch
 from app.storage.recorder import persistence_env
 
 from .conftest import plain_turn
@@ -38,15 +39,15 @@ def main(mode: str, data_dir: str, url: str, schema: str) -> None:
             random_turn(chat, rng, n)
         app.save(*chats)
     views = open_views(settings)
-    flush = projector.Batch.flush
+    flush = Batch.flush
 
-    def slow_flush(batch: projector.Batch) -> None:
+    def slow_flush(batch: Batch) -> None:
         flush(batch)
         if views.read_position() >= 50:  # some batches are committed; hang in this one
             (Path(data_dir) / "in-transaction").touch()
             time.sleep(60)
 
-    projector.Batch.flush = slow_flush  # type: ignore[method-assign, assignment]
+    Batch.flush = slow_flush  # type: ignore[method-assign, assignment]
     position = 0
     while notifications := app.select(position + 1, 25):
         position = views.apply(notifications, app.mapper)
