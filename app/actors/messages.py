@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 import trio
@@ -52,10 +51,14 @@ class Accepted:
     outcome: Outcome | None = None
 
 
-#: Called by the actor just before it records a *new* message (never for a re-sent
-#: ``client_message_id``): raises to refuse it (a limit), else returns an undo for when the
-#: message could not be recorded after all.
-Admission = Callable[[], Callable[[], None]]
+class Admission(Protocol):
+    """A new message's admission (the caller's limits): the actor calls ``admit()`` just
+    before it records a *new* message (never for a re-sent ``client_message_id``), which
+    raises to refuse it, and ``undo()`` when the message could not be recorded after all."""
+
+    def admit(self) -> None: ...
+
+    def undo(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,7 @@ class SendMessage:
     owner: str
     text: str
     client_message_id: str | None
-    admit: Admission | None = None
+    admission: Admission | None = None
     reply: Reply[Accepted] = field(default_factory=Reply)
 
 

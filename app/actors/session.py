@@ -58,7 +58,9 @@ CONFLICT_RETRIES = 5
 
 
 class SessionActor:
-    def __init__(self, system: ActorSystem, chat_id: UUID) -> None:
+    def __init__(
+        self, system: ActorSystem, chat_id: UUID, chat: ChatSession | None = None
+    ) -> None:
         self.system = system
         self.settings = system.settings
         self.store = system.store
@@ -66,9 +68,14 @@ class SessionActor:
         self.tools = system.tools
         self.chat_id = chat_id
         self.mailbox, self._inbox = trio.open_memory_channel[Command](self.settings.mailbox_size)
-        self.chat: ChatSession
+        #: A chat just created here starts from memory (no log read): ``fresh`` until the
+        #: actor knows whether it holds the lease.
+        self._seed = chat
+        self.fresh = self._loaded = chat is not None
+        if chat is not None:
+            self.chat = chat
         self.turn: Turn | None = None
-        self.published_seq = 0
+        self.published_seq = chat.version if chat is not None else 0
         self._lock = trio.Lock()
         self._work = trio.Event()
         self._stale = False
@@ -91,6 +98,23 @@ class SessionActor:
     def owns(self) -> bool:
         return self.lease is not None
 
+    @property
+    def loaded(self) -> bool:
+        """The chat is in memory (loaded from the log, or created here)."""
+        return self._loaded
+
+    @property
+    def up_to_date(self) -> bool:
+        """Its chat in memory is the stored one (it owns the chat, or just created it): a
+        new follower may join without asking it (no ``Attach``)."""
+        return self._loaded and (self.fresh or self.owns)
+
+    def check_owner(self, owner: str) -> None:
+        """Raises ``ChatNotFoundError`` unless the chat is ``owner``'s (the one check of
+        who may see a chat, made on the chat the actor holds)."""
+        if self.chat.owner != owner:
+            raise ChatNotFoundError("chat not found")
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self, recovery_reason: str) -> None:
@@ -99,13 +123,16 @@ class SessionActor:
         Returns at once, ``lease_lost`` set, when the lease is lost."""
         self.turn, self._lock, self._work = None, trio.Lock(), trio.Event()
         self.lease_lost, self._scope = False, trio.CancelScope()
+        self._loaded = self._seed is not None
         with self._scope:
             if self.lease is None:  # a restarted actor still holds its lease
                 self.lease = await self.system.leases.acquire(self.chat_id)
                 if self.lease is not None and self.lease.taken_over:
                     recovery_reason = "owner_lost"
-            self.chat = await self.store.get(self.chat_id)
-            self.published_seq = self.chat.version
+            self.fresh = False
+            seed, self._seed = self._seed, None
+            self.chat = seed if seed is not None else await self.store.get(self.chat_id)
+            self.published_seq, self._loaded = self.chat.version, True
             if self.owns:
                 try:
                     await self._recover(recovery_reason)
@@ -184,7 +211,7 @@ class SessionActor:
 
     async def _handle(self, command: Command) -> None:
         try:
-            self._check_owner(command.owner)
+            self.check_owner(command.owner)
             if isinstance(command, SendMessage):
                 accepted = await self._receive_message(command)
                 if accepted is not None:
@@ -210,20 +237,16 @@ class SessionActor:
             command.reply.fail(ActorCrashedError("the chat's actor failed; try again"))
             raise
 
-    def _check_owner(self, owner: str) -> None:
-        if self.chat.owner != owner:
-            raise ChatNotFoundError("chat not found")
-
     async def _receive_message(self, command: SendMessage) -> Accepted | None:
         """Records a new message and returns its ``Accepted`` once durable; a re-sent
         ``client_message_id`` gets the original one (and its outcome) and records nothing."""
         cmid = command.client_message_id
         if cmid is not None and cmid in self.chat.client_message_ids:
             return self._accepted_before(cmid)
-        undo = None
-        if command.admit is not None:
+        admission = command.admission
+        if admission is not None:
             try:
-                undo = command.admit()
+                admission.admit()
             except Exception as exc:  # noqa: BLE001 - the caller's refusal, reported to it
                 command.reply.fail(exc)
                 return None
@@ -241,12 +264,12 @@ class SessionActor:
         try:
             seq = await self.record(*mutations)
         except DuplicateMessageError:  # recorded meanwhile by another process
-            if undo is not None:
-                undo()
+            if admission is not None:
+                admission.undo()
             return self._accepted_before(cmid or "")
         except BaseException:
-            if undo is not None:
-                undo()
+            if admission is not None:
+                admission.undo()
             raise
         finally:
             if early is not None:

@@ -100,7 +100,9 @@ class ActorSystem:
         self._generating: Counter[str] = Counter()
         self._idle = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._closing = False
+        #: Set when the server begins to shut down: new messages are refused (the one
+        #: shutdown signal: the web layer reads it too).
+        self.closing = trio.Event()
         self._lock_file: IO[str] | None = None
         self.leases: LocalLeases | PostgresLeases = LocalLeases()
         self.bus: Bus | None = None
@@ -162,7 +164,7 @@ class ActorSystem:
     async def shutdown(self, grace_s: float) -> None:
         """Refuses new messages, lets running responses finish for up to ``grace_s``, then
         ends the rest as interrupted (recorded, text kept)."""
-        self._closing = True
+        self.closing.set()
         with trio.move_on_after(grace_s):
             while sum(self._generating.values()) > 0:
                 await self._idle.wait()
@@ -187,25 +189,35 @@ class ActorSystem:
         await self.store.save(chat)
         return chat.id
 
+    async def open_chat(self, owner: str) -> UUID:
+        """Creates a chat whose first message follows at once: its actor starts from the
+        new chat in memory (no log read) and the chat's first follower joins it without a
+        mailbox round trip."""
+        chat = ChatSession.start(owner)
+        await self.store.save(chat)
+        if self._nursery is not None and chat.id not in self._actors:
+            self._start(SessionActor(self, chat.id, chat))
+        return chat.id
+
     async def send_message(
         self,
         chat_id: UUID,
         owner: str,
         text: str,
         client_message_id: str | None = None,
-        admit: Admission | None = None,
+        admission: Admission | None = None,
     ) -> Accepted:
         """Returns once the message is durable. Raises ``ChatNotFoundError`` (missing or not
         ``owner``'s), a ``ChatRuleError``, ``StoreError``, ``MailboxFullError``, or what
-        ``admit`` raised. A re-sent ``client_message_id`` returns the first ``Accepted``
-        (``duplicate=True``) without calling ``admit``."""
-        if self._closing:
+        ``admission.admit()`` raised. A re-sent ``client_message_id`` returns the first
+        ``Accepted`` (``duplicate=True``) without admitting it."""
+        if self.closing.is_set():
             raise ActorStoppedError("the server is shutting down")
-        return await self._ask(chat_id, SendMessage(owner, text, client_message_id, admit))
+        return await self.ask(chat_id, SendMessage(owner, text, client_message_id, admission))
 
     async def stop_generation(self, chat_id: UUID, owner: str) -> bool:
         """Stops the running response of the chat; False if none was running."""
-        return await self._ask(chat_id, StopGeneration(owner))
+        return await self.ask(chat_id, StopGeneration(owner))
 
     @asynccontextmanager
     async def subscribe(self, chat_id: UUID, owner: str) -> AsyncIterator[Subscription]:
@@ -215,9 +227,14 @@ class ActorSystem:
         same step as the registration, so nothing falls between the two).
         """
         while True:
-            await self._ask(chat_id, Attach(owner))
-            actor = self._actors.get(chat_id)
-            if actor is not None:  # else it passivated in between: attach to its successor
+            actor = self._actor_for(chat_id)
+            if actor.up_to_date:  # its chat is the stored one: no need to ask it
+                actor.check_owner(owner)
+                break
+            await self.ask(chat_id, Attach(owner))
+            found = self._actors.get(chat_id)
+            if found is not None:  # else it passivated in between: attach to its successor
+                actor = found
                 break
         subscription = self.hub.open(chat_id, actor.live_state())
         self._joined(chat_id, subscription.state)
@@ -253,6 +270,12 @@ class ActorSystem:
             found.append(self.leases.problem)
         return found
 
+    def owner_of(self, chat_id: UUID) -> str | None:
+        """The chat's owner as its running actor holds it, or None if no actor has it in
+        memory here (the owner of a chat never changes: no I/O needed)."""
+        actor = self._actors.get(chat_id)
+        return actor.chat.owner if actor is not None and actor.loaded else None
+
     def owns(self, chat_id: UUID) -> bool:
         """True if this process runs the chat's responses (and so saves its events)."""
         actor = self._actors.get(chat_id)
@@ -271,7 +294,10 @@ class ActorSystem:
 
     # -- actors -------------------------------------------------------------------------
 
-    async def _ask(self, chat_id: UUID, command: Command) -> Any:
+    async def ask(self, chat_id: UUID, command: Command) -> Any:
+        """Puts ``command`` in the chat's mailbox (starting its actor if needed) and waits
+        for the reply: the one way a command reaches an actor, one mailbox round trip.
+        Raises ``MailboxFullError`` if the mailbox stays full for ``MAILBOX_WAIT_S``."""
         while True:
             actor = self._actor_for(chat_id)
             try:
@@ -288,9 +314,13 @@ class ActorSystem:
         if actor is None:
             if self._nursery is None:
                 raise ActorStoppedError("the actor system is not running")
-            actor = SessionActor(self, chat_id)
-            self._actors[chat_id] = actor
-            self._nursery.start_soon(self._supervise, actor)
+            actor = self._start(SessionActor(self, chat_id))
+        return actor
+
+    def _start(self, actor: SessionActor) -> SessionActor:
+        assert self._nursery is not None
+        self._actors[actor.chat_id] = actor
+        self._nursery.start_soon(self._supervise, actor)
         return actor
 
     async def _supervise(
@@ -351,7 +381,7 @@ class ActorSystem:
 
         async def retry() -> None:
             await trio.sleep(backoff)
-            if chat_id in self._actors or self._nursery is None or self._closing:
+            if chat_id in self._actors or self._nursery is None or self.closing.is_set():
                 return
             fresh = self._actors[chat_id] = SessionActor(self, chat_id)
             await self._supervise(fresh, "actor_restarted", min(backoff * 2, BACKOFF_MAX_S))
@@ -505,7 +535,7 @@ class ActorSystem:
 
         async def forward() -> None:
             try:
-                await self._ask(chat_id, command)
+                await self.ask(chat_id, command)
             except (EventsError, ActorError) as exc:
                 command.reply.fail(exc)
 

@@ -1,17 +1,18 @@
 """Sending a user message, shared by ``POST /generate`` (JSON or SSE) and the WebSocket.
 
-``admit`` checks the text before anything is written; ``open_chat`` names the chat, creating
-one (after counting the message against the user's limits, so that a refused message creates
-nothing); ``send`` records the message through the chat's actor and returns once it is
-durable (``Accepted``). In an existing chat the limits are checked by the actor, for new
-messages only: a re-sent ``client_message_id`` is answered with the original ``Accepted``
-(and, if its turn is done, its outcome) whatever the limits.
+``admit`` checks the text before anything is written; ``open_chat`` names the chat and the
+message's ``Admission`` (the user's limits), creating a chat if none is named (after
+admitting the message, so that a refused message creates nothing); ``send`` records the
+message through the chat's actor and returns once it is durable (``Accepted``). In an
+existing chat the actor admits the message, if it is new only: a re-sent
+``client_message_id`` is answered with the original ``Accepted`` (and, if its turn is done,
+its outcome) whatever the limits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, aclosing
 from typing import Any
 from uuid import UUID
@@ -25,6 +26,7 @@ from ..events.errors import ChatRuleError
 from . import schemas as s
 from .errors import BadRequestError, NotFoundError, UnavailableError, web_error
 from .feed import ChatFeed, Frame, open_feed
+from .limits import Admission
 from .services import Services
 
 
@@ -39,25 +41,18 @@ def admit(svc: Services, text: str) -> None:
         raise BadRequestError(str(exc), exc.code) from None
 
 
-Undo = Callable[[], None]
-
-
-async def open_chat(svc: Services, owner: str, chat_id: UUID | None) -> tuple[UUID, Undo | None]:
-    """``chat_id``, or a new chat for the message about to be sent, already counted (the
-    returned undo gives the count back if the message is not recorded)."""
+async def open_chat(svc: Services, owner: str, chat_id: UUID | None) -> tuple[UUID, Admission]:
+    """``chat_id`` and the admission of the message about to be sent in it; without a
+    ``chat_id``, a new chat for that message, made only once the message is admitted (so
+    that a refused message creates nothing)."""
     if chat_id is not None:
-        return chat_id, None
-    undo = svc.limiter.check(owner)
+        return chat_id, svc.limiter.admission(owner)
+    admission = svc.limiter.admission(owner, new_chat=True)
+    admission.admit()
     try:
-        undo_chat = svc.limiter.check_chat(owner)
+        return await svc.system.open_chat(owner), admission
     except BaseException:
-        undo()
-        raise
-    try:
-        return await svc.system.create_chat(owner), undo
-    except BaseException:
-        undo()
-        undo_chat()
+        admission.undo()
         raise
 
 
@@ -67,16 +62,17 @@ async def send(
     chat_id: UUID,
     text: str,
     client_message_id: str | None,
-    counted: Undo | None = None,
+    admission: Admission,
 ) -> Accepted:
-    """Records the message (durable on return). Unless ``counted`` already, the actor counts
-    it against the user's limits if it is new."""
-    admission = None if counted else (lambda: svc.limiter.check(owner))
+    """Records the message (durable on return). Its actor admits it if it is new; a message
+    that opened its chat, admitted already, is given back if it is not recorded."""
+    opened = admission.admitted
     try:
-        return await svc.system.send_message(chat_id, owner, text, client_message_id, admission)
+        return await svc.system.send_message(chat_id, owner, text, client_message_id,
+                                             admission)
     except BaseException:
-        if counted is not None:
-            counted()
+        if opened:
+            admission.undo()
         raise
 
 

@@ -4,7 +4,8 @@ per hour.
 ``MessageLimiter.check(owner)`` and ``check_chat(owner)`` raise ``RateLimitedError`` (429 /
 ``rate_limited`` frame, with a retry delay) and otherwise count the message or the chat.
 The windows slide, kept in memory per process; the generating count comes from the actor
-system.
+system. A message is admitted through one ``Admission`` (``MessageLimiter.admission``), in a
+new chat or an existing one alike.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class MessageLimiter:
 
         return undo
 
+    def admission(self, owner: str, new_chat: bool = False) -> Admission:
+        """The admission of one message of ``owner`` (``new_chat``: and of its new chat)."""
+        return Admission(self, owner, new_chat)
+
     def check_chat(self, owner: str) -> Callable[[], None]:
         """Counts one new chat of ``owner``, or raises ``RateLimitedError`` beyond
         ``chats_per_hour``. Returns the undo of this count."""
@@ -80,3 +85,41 @@ class MessageLimiter:
                 made.remove(now)
 
         return undo
+
+
+class Admission:
+    """One user message (and, in a new chat, the chat) counted against its user's limits.
+
+    ``admit()`` counts it, or raises ``RateLimitedError`` and counts nothing; ``undo()``
+    gives back what was counted (the message could not be recorded after all). Each acts
+    once: a message admitted before its chat was created is not counted again when its
+    actor admits it. The actor admits a *new* message just before recording it (never a
+    re-sent ``client_message_id``) and undoes it if the record fails.
+    """
+
+    def __init__(self, limiter: MessageLimiter, owner: str, new_chat: bool = False) -> None:
+        self._limiter = limiter
+        self._owner = owner
+        self._new_chat = new_chat
+        self._undo: list[Callable[[], None]] | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self._undo is not None
+
+    def admit(self) -> None:
+        if self._undo is not None:
+            return
+        undo = [self._limiter.check(self._owner)]
+        if self._new_chat:
+            try:
+                undo.append(self._limiter.check_chat(self._owner))
+            except BaseException:
+                undo[0]()
+                raise
+        self._undo = undo
+
+    def undo(self) -> None:
+        undo, self._undo = self._undo or [], []
+        for give_back in undo:
+            give_back()

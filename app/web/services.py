@@ -73,8 +73,6 @@ class Services:
     sockets: set[Any] = field(default_factory=set)
     #: Open (or opening) WebSocket connections per user, for their limit.
     sockets_of: Counter[str] = field(default_factory=Counter)
-    #: Set when the server begins to shut down: connections close, new messages are refused.
-    closing: trio.Event = field(default_factory=trio.Event)
     #: Set once running responses have ended: WebSocket connections close (1001).
     disconnect: trio.Event = field(default_factory=trio.Event)
     owned: list[object] = field(default_factory=list)
@@ -87,6 +85,12 @@ class Services:
     _hurried: bool = False
     _stopped: trio.Event = field(default_factory=trio.Event)
     _drained: bool = False
+
+    @property
+    def closing(self) -> trio.Event:
+        """Set when the server begins to shut down: connections close, new messages are
+        refused (the actor system's signal, the only one)."""
+        return self.system.closing
 
     @property
     def alive(self) -> bool:
@@ -112,10 +116,17 @@ class Services:
         return await self.views.wait_for(self.store.last_saved, limit_s)
 
     async def require_chat(self, owner: str, chat_id: UUID) -> None:
-        """Raises ``ChatNotFoundError`` unless ``chat_id`` exists and is ``owner``'s.
+        """Raises ``ChatNotFoundError`` unless ``chat_id`` exists and is ``owner``'s, without
+        starting its actor (a stranger's chat costs no actor).
 
-        The views answer first; the log decides when they do not know the chat (yet).
+        The chat's actor answers when it runs here (no I/O); else the views; the log decides
+        when they do not know the chat (yet).
         """
+        known = self.system.owner_of(chat_id)
+        if known is not None:
+            if known != owner:
+                raise ChatNotFoundError("chat not found")
+            return
         if await self.views.get_chat(owner, chat_id) is not None:
             return
         await self.store.read(chat_owned_by, self.store.app, chat_id, owner)
