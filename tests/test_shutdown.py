@@ -31,9 +31,9 @@ LONG_REPLY = "/tokens 3000"
 #: ``eventchat`` with a projection runner that fails on the first events after start-up.
 FAILING_RUNNER = """
 import sys
-from app.projections.runner import ProjectionRunner
+from app.projections.updater import ViewUpdater
 
-catch_up = ProjectionRunner.catch_up
+catch_up = ViewUpdater.catch_up
 
 
 async def failing_catch_up(self):
@@ -43,7 +43,7 @@ async def failing_catch_up(self):
     return read
 
 
-ProjectionRunner.catch_up = failing_catch_up
+ViewUpdater.catch_up = failing_catch_up
 from app.cli import main
 main(sys.argv[1:])
 """

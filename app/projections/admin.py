@@ -17,7 +17,7 @@ REBUILD_BATCH = 2000
 def rebuild(settings: Settings, progress: bool = True, batch_size: int = REBUILD_BATCH) -> int:
     """Drops every view and rebuilds it from the whole log; returns the events processed.
 
-    Stop the servers sharing the store first: a live runner would keep projecting into the
+    Stop the servers sharing the store first: a live updater would keep projecting into the
     views while they are rebuilt. With ``progress`` a bar is drawn on stderr.
     """
     app = ChatApplication(env=persistence_env(settings))

@@ -1,6 +1,6 @@
 """Event-to-row functions: how each ``ChatSession`` event changes the views.
 
-Each handler changes ``Rows`` (``batch``): the views' runner applies a run of events to a
+Each handler changes ``Rows`` (``batch``): the views updater applies a run of events to a
 ``Batch`` over one write transaction, and ``LiveRows`` applies one chat's live events to rows
 in memory, with the same handlers, so that a follower gets a finished turn's messages exactly
 as the views will hold them.

@@ -1,6 +1,6 @@
 """The read side: chat lists, message pages, search and stats, all read from the views.
 
-``Views`` is shared by the web layer (reads) and the ``ProjectionRunner`` (writes through
+``Views`` is shared by the web layer (reads) and the ``ViewUpdater`` (writes through
 ``apply``). Its async methods run the blocking database work in worker threads through one
 ``CapacityLimiter``, and only read: a database that does not answer within ``timeout_s``
 raises ``ViewStoreError``, and the worker thread is abandoned (as it is on cancellation; it
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class Views:
-    """Async reads of the views, and the blocking ``apply`` the runner writes with."""
+    """Async reads of the views, and the blocking ``apply`` the updater writes with."""
 
     def __init__(self, db: Database, limiter: trio.CapacityLimiter,
                  timeout_s: float = 5.0) -> None:
@@ -50,7 +50,7 @@ class Views:
         #: Events this process passed over (``apply``): counted for ``/metrics``.
         self.skipped = 0
         self._advanced: trio.Event | None = None
-        #: Set while a reader waits for the views (``wait_for``): the runner stops
+        #: Set while a reader waits for the views (``wait_for``): the updater stops
         #: gathering saves and catches up at once.
         self.wanted = trio.Event()
 
@@ -61,7 +61,7 @@ class Views:
                                                  abandon_on_cancel=True)
         raise ViewStoreError(f"views database unavailable: no answer within {self.timeout_s:g} s")
 
-    # -- writing (blocking, called by the runner in a worker thread) ---------------------
+    # -- writing (blocking, called by the updater in a worker thread) ---------------------
 
     def apply(
         self,
@@ -155,7 +155,7 @@ class Views:
         self._known = 0
 
     def advanced(self, position: int) -> None:
-        """Told by a runner of this process that the views reached ``position``."""
+        """Told by the updater of this process that the views reached ``position``."""
         self._known = max(self._known, position)
         if self._advanced is not None:
             self._advanced.set()
@@ -176,7 +176,7 @@ class Views:
     async def wait_for(self, position: int, timeout: float = 2.0) -> bool:  # noqa: ASYNC109
         """Waits until the views include notification ``position``; False after ``timeout``.
 
-        Woken by this process's runner, and polls the database (every 50 ms) for a runner
+        Woken by this process's updater, and polls the database (every 50 ms) for an updater
         in another process.
         """
         with trio.move_on_after(timeout):

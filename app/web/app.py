@@ -1,8 +1,8 @@
 """The app factory: one QuartTrio app per call, its collaborators wired in one place.
 
 ``create_app(settings, store=..., views=..., provider=..., tools=...)`` builds the app; the
-lifespan (``before_serving``) opens what was not given, starts the projection runner, the
-actor system and the metrics follower in the app's nursery, and ``after_serving`` lets
+lifespan (``before_serving``) opens what was not given, starts the views updater (which also
+feeds the response metrics) and the actor system in the app's nursery, and ``after_serving`` lets
 running responses finish for ``grace_s`` before interrupting them, then stops everything.
 A core task that fails does not take the lifespan down with it (Hypercorn would then go on
 serving without it): ``Services`` keeps the failure, and ``server.serve`` stops and raises.

@@ -3,7 +3,7 @@
 Model metrics carry the OpenTelemetry GenAI names (``gen_ai_client_token_usage``,
 ``gen_ai_client_operation_duration_seconds``, ``gen_ai_server_time_to_first_token_seconds``,
 ``gen_ai_server_time_per_output_token_seconds``). They are observed from the event log as
-the projection runner projects it (``ResponseObserver``), so a response counts whether or
+the views updater projects it (``ResponseObserver``), so a response counts whether or
 not anyone watched it, and with several processes sharing one database each response is
 counted by exactly one of them (sum the series over processes). Gauges (connections, active
 chats, mailbox depth, projection lag) are read at scrape time.
@@ -145,9 +145,9 @@ class Metrics:
 
 
 class ResponseObserver:
-    """Observes each ended response among the events the projection runner projected.
+    """Observes each ended response among the events the views updater projected.
 
-    Called in the runner's worker thread (one batch at a time); Prometheus metrics are
+    Called in the updater's worker thread (one batch at a time); Prometheus metrics are
     thread-safe.
     """
 

@@ -11,7 +11,7 @@ import trio
 from app.config import Settings
 from app.events.domain import ChatSession
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views, open_views
+from app.projections import Views, ViewUpdater, open_views
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def views(settings: Settings) -> Iterator[Views]:
 @pytest.fixture
 async def runner(
     settings: Settings, store: EventStore, views: Views
-) -> AsyncIterator[ProjectionRunner]:
-    runner = ProjectionRunner(settings, store, views, poll_interval=0.05)
+) -> AsyncIterator[ViewUpdater]:
+    runner = ViewUpdater(settings, store, views, poll_interval=0.05)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(10):
             await nursery.start(runner.run)

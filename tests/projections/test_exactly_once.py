@@ -10,14 +10,14 @@ import trio
 from app.config import Settings
 from app.events.domain import ChatSession
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views, open_views, rebuild, status
+from app.projections import Views, ViewUpdater, open_views, rebuild, status
 
 from .conftest import dump, plain_turn, save_and_wait
 from .workload import make_chats, random_turn
 
 
 async def test_redelivered_events_change_nothing(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     chat = ChatSession.start(owner="alice")
     for i in range(5):
@@ -36,7 +36,7 @@ async def test_rebuild_equals_live_views(settings: Settings) -> None:
     store = EventStore.open(settings)
     views = open_views(settings)
     try:
-        runner = ProjectionRunner(settings, store, views, batch_size=7, poll_interval=0.05)
+        runner = ViewUpdater(settings, store, views, batch_size=7, poll_interval=0.05)
         async with trio.open_nursery() as nursery:
             await nursery.start(runner.run)
             chats = make_chats(rng, 6)
@@ -68,7 +68,7 @@ async def test_saves_gather_into_one_batch_unless_a_reader_waits(
 ) -> None:
     """After a save the runner waits ``projection_delay_ms`` for more (one batch for a
     burst), but a reader waiting for the views has them updated at once."""
-    runner = ProjectionRunner(settings.replace(projection_delay_ms=60_000), store, views,
+    runner = ViewUpdater(settings.replace(projection_delay_ms=60_000), store, views,
                               poll_interval=60)
     batches: list[int] = []
     runner.observers.append(lambda events: batches.append(len(events)))

@@ -10,13 +10,13 @@ from app.events.domain import ChatSession
 from app.events.store import EventStore
 from app.llm.base import ToolContext
 from app.llm.tools import ToolRegistry
-from app.projections import ProjectionRunner, Views, register_search_tool
+from app.projections import Views, ViewUpdater, register_search_tool
 
 from .conftest import plain_turn, save_and_wait
 
 
 async def test_message_pages_both_ways(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     chat = ChatSession.start(owner="alice")
     for i in range(10):
@@ -39,7 +39,7 @@ async def test_message_pages_both_ways(
     assert [m["content"] for m in rest[-2:]] == ["m9", "r9"]
 
 
-async def test_chat_list_cursor(store: EventStore, views: Views, runner: ProjectionRunner) -> None:
+async def test_chat_list_cursor(store: EventStore, views: Views, runner: ViewUpdater) -> None:
     chats = [ChatSession.start(owner="alice", title=f"chat {i}") for i in range(7)]
     for chat in chats:  # one save each: distinct activity times, in this order
         plain_turn(chat)
@@ -62,7 +62,7 @@ async def test_chat_list_cursor(store: EventStore, views: Views, runner: Project
 
 
 async def test_search_own_chats_only(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     mine = ChatSession.start(owner="alice", title="Trip planning")
     plain_turn(mine, "Which trains run to Lisbon?", ("The night trains to Lisbon leave at 9",))
@@ -87,7 +87,7 @@ async def test_search_own_chats_only(
 
 
 async def test_search_tool_uses_the_callers_owner(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     mine = ChatSession.start(owner="alice", title="Mine")
     plain_turn(mine, "the zebra question")

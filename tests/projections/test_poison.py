@@ -11,7 +11,7 @@ import trio
 from app.config import Settings
 from app.events.domain import ChatSession
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views, open_views, rebuild, status
+from app.projections import Views, ViewUpdater, open_views, rebuild, status
 
 from .conftest import dump, plain_turn, save_and_wait, timing
 
@@ -44,7 +44,7 @@ def written_before_the_text_rules(owner: str = "alice") -> ChatSession:
 
 
 async def test_an_event_the_views_cannot_take_is_skipped_and_the_rest_goes_on(
-    settings: Settings, store: EventStore, views: Views, runner: ProjectionRunner
+    settings: Settings, store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     good = ChatSession.start("bob", "good")
     plain_turn(good)
@@ -70,7 +70,7 @@ async def test_an_event_the_views_cannot_take_is_skipped_and_the_rest_goes_on(
 
 
 async def test_a_rebuild_skips_the_same_events_and_builds_the_same_views(
-    settings: Settings, store: EventStore, views: Views, runner: ProjectionRunner
+    settings: Settings, store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     good = ChatSession.start("bob", "good")
     plain_turn(good)
@@ -87,7 +87,7 @@ async def test_a_rebuild_skips_the_same_events_and_builds_the_same_views(
 
 
 async def test_text_recorded_before_the_rules_is_projected_with_a_replacement(
-    settings: Settings, store: EventStore, views: Views, runner: ProjectionRunner
+    settings: Settings, store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     old = written_before_the_text_rules()
     await save_and_wait(store, views, old)
@@ -109,7 +109,7 @@ async def test_text_recorded_before_the_rules_is_projected_with_a_replacement(
 async def test_health_of_the_runner_reports_a_lag_and_a_stall(
     settings: Settings, store: EventStore, views: Views
 ) -> None:
-    runner = ProjectionRunner(settings.replace(projection_delay_ms=0), store, views,
+    runner = ViewUpdater(settings.replace(projection_delay_ms=0), store, views,
                               poll_interval=0.05)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)

@@ -11,7 +11,7 @@ import trio
 
 from app.config import Settings
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views, open_views, rebuild
+from app.projections import Views, ViewUpdater, open_views, rebuild
 
 from .conftest import dump
 
@@ -25,7 +25,7 @@ def child_args(mode: str, settings: Settings) -> list[str]:
 
 
 async def test_runner_sees_another_process_by_polling(
-    settings: Settings, store: EventStore, views: Views, runner: ProjectionRunner
+    settings: Settings, store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     with trio.fail_after(30):
         await trio.run_process(child_args("write", settings), cwd=ROOT)
@@ -57,7 +57,7 @@ async def test_runner_killed_mid_transaction_loses_and_doubles_nothing(
         try:
             position = await views.position()
             assert 50 <= position < await store.max_position()  # the killed batch rolled back
-            runner = ProjectionRunner(settings, store, views)
+            runner = ViewUpdater(settings, store, views)
             async with trio.open_nursery() as nursery:
                 await nursery.start(runner.run)
                 nursery.cancel_scope.cancel()

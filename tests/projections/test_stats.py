@@ -7,7 +7,7 @@ import random
 
 from app.events.domain import ChatSession
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views, sketch
+from app.projections import Views, ViewUpdater, sketch
 
 from .conftest import save_and_wait, timing, usage
 
@@ -37,7 +37,7 @@ def test_sketch_quantiles_within_relative_error() -> None:
 
 
 async def test_stats_scopes_and_percentiles(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     rng = random.Random(11)
     owners = {"alice": [ChatSession.start(owner="alice") for _ in range(3)],

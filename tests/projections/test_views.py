@@ -9,7 +9,7 @@ import trio
 from app.config import Settings
 from app.events.domain import ChatSession
 from app.events.store import EventStore
-from app.projections import ProjectionRunner, Views, open_views
+from app.projections import Views, ViewUpdater, open_views
 
 from .conftest import plain_turn, save_and_wait, timing, usage
 
@@ -19,7 +19,7 @@ def assert_iso_utc(value: str) -> None:
     assert offset is not None and offset.total_seconds() == 0
 
 
-async def test_plain_turn(store: EventStore, views: Views, runner: ProjectionRunner) -> None:
+async def test_plain_turn(store: EventStore, views: Views, runner: ViewUpdater) -> None:
     chat = ChatSession.start(owner="alice", title="Greetings", model="m1")
     rid = plain_turn(chat, "hi there", ("Hel", "lo"), client_message_id="c1", model="m1")
     await save_and_wait(store, views, chat)
@@ -51,7 +51,7 @@ async def test_plain_turn(store: EventStore, views: Views, runner: ProjectionRun
 
 
 async def test_user_message_without_client_id(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     chat = ChatSession.start(owner="alice")
     chat.receive_message("no id")
@@ -60,7 +60,7 @@ async def test_user_message_without_client_id(
     assert "client_message_id" not in message
 
 
-async def test_tool_turn(store: EventStore, views: Views, runner: ProjectionRunner) -> None:
+async def test_tool_turn(store: EventStore, views: Views, runner: ViewUpdater) -> None:
     chat = ChatSession.start(owner="alice")
     chat.receive_message("what is 12*7")
     rid = chat.start_response("offline", "offline")
@@ -88,7 +88,7 @@ async def test_tool_turn(store: EventStore, views: Views, runner: ProjectionRunn
 
 
 async def test_stopped_failed_interrupted(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     chat = ChatSession.start(owner="alice")
     chat.receive_message("one")
@@ -125,7 +125,7 @@ async def test_stopped_failed_interrupted(
 
 
 async def test_streaming_message_is_visible(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     chat = ChatSession.start(owner="alice")
     chat.receive_message("tell me")
@@ -146,7 +146,7 @@ async def test_streaming_message_is_visible(
 
 
 async def test_rename_and_model_fallback(
-    store: EventStore, views: Views, runner: ProjectionRunner
+    store: EventStore, views: Views, runner: ViewUpdater
 ) -> None:
     chat = ChatSession.start(owner="alice", title="old")
     plain_turn(chat, model="served-model")
@@ -171,7 +171,7 @@ async def test_views_made_before_finish_reason_get_the_column(settings: Settings
     store = await trio.to_thread.run_sync(EventStore.open, settings)
     views = await trio.to_thread.run_sync(open_views, settings)
     try:
-        runner = ProjectionRunner(settings, store, views, poll_interval=0.05)
+        runner = ViewUpdater(settings, store, views, poll_interval=0.05)
         async with trio.open_nursery() as nursery:
             await nursery.start(runner.run)
             chat = ChatSession.start("alice", "old views")

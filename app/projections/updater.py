@@ -1,4 +1,6 @@
-"""The projection runner: follows the event log and keeps the views up to date.
+"""The views updater: follows the event log and keeps the views up to date.
+
+(Not ``eventsourcing``'s ``ProjectionRunner``, which needs a subscription that SQLite lacks.)
 
 A pull loop: read notifications after the tracked position, project them and record the new
 position in one transaction, repeat until the log is drained; then sleep until a local save
@@ -6,7 +8,7 @@ nudges it (``store.on_saved``) or ``poll_interval`` passes (so writes of other p
 seen). After a nudge it lets saves gather for ``settings.projection_delay_ms`` (one batch
 for a burst of saves, and no projection work in the moment a reply starts streaming), unless
 a reader is waiting for the views (``Views.wait_for``). Start it with ``await
-nursery.start(runner.run)``: it reports started once it has caught up with the log as it was
+nursery.start(updater.run)``: it reports started once it has caught up with the log as it was
 at start-up. Cancelling it stops it promptly; a batch being written in a worker thread
 finishes (or rolls back) first, never half-applied.
 """
@@ -28,7 +30,7 @@ from .views import Views
 log = logging.getLogger(__name__)
 
 
-class ProjectionRunner:
+class ViewUpdater:
     """Keeps ``views`` up to date with ``store``'s log; see the module docstring."""
 
     def __init__(
@@ -87,7 +89,7 @@ class ProjectionRunner:
         Store and views errors are logged and retried with backoff (up to ``max_backoff``
         seconds apart); at start-up they propagate, so a broken store fails the caller of
         ``nursery.start``. An event that cannot be projected is passed over and recorded
-        (``Views.apply``), so it never stops the runner; ``problems()`` says when the views
+        (``Views.apply``), so it never stops the updater; ``problems()`` says when the views
         fall behind.
         """
         self._nudged = trio.Event()
@@ -110,7 +112,7 @@ class ProjectionRunner:
                 except (StoreError, ViewStoreError) as exc:
                     backoff = min(self.max_backoff, max(backoff * 2, 0.1))
                     self.failing = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    log.warning("projection runner: %s; retrying in %.1f s", exc, backoff)
+                    log.warning("views updater: %s; retrying in %.1f s", exc, backoff)
                 else:
                     backoff = self.poll_interval
                     self.failing = None
