@@ -1,13 +1,13 @@
 """The collaborators of the web layer, wired in one place, and their lifetime.
 
-``Services`` holds the store, views, actor system, projection runner, users, limits and
-metrics. ``run()`` starts the projection runner (which also feeds the response metrics) and
+``Services`` holds the store, views, actor system, views updater, users, limits and
+metrics. ``run()`` starts the views updater (which also feeds the response metrics) and
 the actor system in a nursery of its own (itself started in the app's lifespan nursery) and
 reports started once both are; ``close()`` lets running responses finish for the grace period, then
 interrupts them (recorded), cancels the tasks and closes what it opened. Collaborators given
 to ``build_services`` are the caller's to close.
 
-A core task that fails once started (the projection runner, the actor system and its bus,
+A core task that fails once started (the views updater, the actor system and its bus,
 the connection watcher) is not restarted and never leaves the server half-alive: the failure
 is kept in ``failure``, ``failed`` is set, and the server stops at once and exits with an
 error (``server.serve`` raises ``CoreTaskFailedError``) for its supervisor to restart it.
@@ -32,8 +32,8 @@ from ..events.store import EventStore
 from ..llm import build_provider, default_registry
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
-from ..projections.runner import ProjectionRunner
 from ..projections.search import register_search_tool
+from ..projections.updater import ViewUpdater
 from ..projections.views import Views, open_views
 from ..storage.errors import ViewStoreError
 from ..storage.users import UserStore
@@ -50,7 +50,7 @@ SHUTDOWN_GRACE_S = 8.0
 #: After the grace period (or a second signal), how long the interrupted responses have to be
 #: recorded and reach the views; with the listeners' second, the exit stays within 10 s.
 ENDINGS_S = 1.0
-#: Longest pause of the projection runner between two attempts while the store fails: the
+#: Longest pause of the views updater between two attempts while the store fails: the
 #: views (and ``/health``) recover within it once the store is back.
 RUNNER_MAX_BACKOFF_S = 1.0
 
@@ -63,7 +63,7 @@ class Services:
     provider: Provider
     tools: ToolRegistry
     system: ActorSystem
-    runner: ProjectionRunner
+    runner: ViewUpdater
     auth: Authenticator
     metrics: Metrics
     limiter: MessageLimiter
@@ -260,7 +260,7 @@ async def build_services(
         register_search_tool(tools, views)
     system = ActorSystem(settings, store, provider, tools)
     metrics = Metrics((settings.model, provider.default_model, *settings.metrics_models))
-    runner = ProjectionRunner(settings, store, views, max_backoff=RUNNER_MAX_BACKOFF_S)
+    runner = ViewUpdater(settings, store, views, max_backoff=RUNNER_MAX_BACKOFF_S)
     runner.observers.append(ResponseObserver(metrics))
     services = Services(
         settings=settings, store=store, views=views, provider=provider, tools=tools,
