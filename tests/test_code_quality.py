@@ -23,3 +23,9 @@ def test_ruff_finds_nothing() -> None:
 def test_mypy_finds_nothing() -> None:
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_storage_and_the_views_are_strictly_typed() -> None:
+    # --follow-imports=silent: the strict rules for these packages, not for what they import
+    result = run("mypy", "--strict", "--follow-imports=silent", "app/storage", "app/projections")
+    assert result.returncode == 0, result.stdout + result.stderr
