@@ -25,6 +25,12 @@ def test_mypy_finds_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_actors_and_the_domain_are_strictly_typed() -> None:
+    # --follow-imports=silent: the strict rules for these packages, not for what they import
+    result = run("mypy", "--strict", "--follow-imports=silent", "app/actors", "app/events")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_storage_and_the_views_are_strictly_typed() -> None:
     # --follow-imports=silent: the strict rules for these packages, not for what they import
     result = run("mypy", "--strict", "--follow-imports=silent", "app/storage", "app/projections")

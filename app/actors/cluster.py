@@ -41,6 +41,7 @@ from psycopg import sql
 from ..config import Settings
 from ..events.application import LEASES_TABLE, Fence
 from ..events.errors import StoreUnavailableError
+from .wire import BusMessage, CatchUp, WireItem, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ NOTIFY_APP_NAME = "eventchat-notify"
 MAX_DELTA_CHARS = 1000
 
 
-def _encoded(items: list[dict[str, Any]]) -> list[str]:
+def _encoded(items: list[WireItem]) -> list[str]:
     """Items as JSON lines, long deltas cut into pieces that fit in a payload."""
     lines: list[str] = []
     for item in items:
-        if item["k"] == "d" and len(item["t"]) > MAX_DELTA_CHARS:
-            text, offset = item["t"], item["o"]
+        text, offset = item.get("t"), item.get("o")
+        if (item["k"] == "d" and isinstance(text, str) and isinstance(offset, int)
+                and len(text) > MAX_DELTA_CHARS):
             for start in range(0, len(text), MAX_DELTA_CHARS):
                 piece = {**item, "t": text[start : start + MAX_DELTA_CHARS], "o": offset + start}
                 lines.append(json.dumps(piece, separators=(",", ":")))
@@ -244,33 +246,40 @@ def _unlock(conn: psycopg.Connection[Any], chat_id: UUID) -> None:
 
 
 class Bus:
-    """Batched NOTIFY out, LISTEN in; ``deliver(item)`` runs on the trio thread."""
+    """Batched NOTIFY out, LISTEN in; ``deliver(message)`` runs on the trio thread. Messages
+    are ``wire`` dataclasses; their compact wire form is the codec's (``wire.encode``)."""
 
-    def __init__(self, settings: Settings, deliver: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, settings: Settings, deliver: Callable[[BusMessage], None]) -> None:
         assert settings.database_url
         self._url = settings.database_url
         self.channel = f"eventchat_{settings.database_schema}"[:63]
         self.sender = uuid.uuid4().hex[:12]
         self._deliver = deliver
-        self._outbox: list[dict[str, Any]] = []
+        self._outbox: list[WireItem] = []
         self._waiting = trio.Event()
         self._stopping = False
         #: What is wrong now, by connection (``listen``, ``notify``); empty when all is well.
         self.problems: dict[str, str] = {}
 
-    def send(self, **item: Any) -> None:
-        """Queues an item for the next NOTIFY (within ``FLUSH_INTERVAL_S``). A delta that
-        continues the last queued one is merged into it: one item per burst, not per token."""
+    def tell(self, message: BusMessage) -> None:
+        """Queues ``message`` for the other processes (see ``send``)."""
+        self.send(**encode(message))
+
+    def send(self, **item: str | int) -> None:
+        """Queues an item, in its wire form, for the next NOTIFY (within
+        ``FLUSH_INTERVAL_S``). A delta that continues the last queued one is merged into it:
+        one item per burst, not per token."""
         last = self._outbox[-1] if self._outbox else None
-        if (
-            item["k"] == "d"
-            and last is not None
-            and last["k"] == "d"
-            and last["r"] == item["r"]
-            and last["o"] + len(last["t"]) == item["o"]
-        ):
-            last["t"] += item["t"]
-            return
+        if item["k"] == "d" and last is not None and last["k"] == "d":
+            text, offset, last_text, last_offset = item["t"], item["o"], last["t"], last["o"]
+            if (
+                last["r"] == item["r"]
+                and isinstance(text, str) and isinstance(last_text, str)
+                and isinstance(offset, int) and isinstance(last_offset, int)
+                and last_offset + len(last_text) == offset
+            ):
+                last["t"] = last_text + text
+                return
         self._outbox.append(item)
         self._waiting.set()
 
@@ -295,7 +304,7 @@ class Bus:
             if self.problems.pop("listen", None) is not None:
                 log.warning("bus: listening again; catching up from the log")
             if started:
-                self._deliver({"k": "r"})  # what was sent meanwhile is gone: read the log
+                self._deliver(CatchUp())  # what was sent meanwhile is gone: read the log
             else:
                 started = True
                 task_status.started()
@@ -329,7 +338,7 @@ class Bus:
         _, _, body = payload.partition("|")
         for line in body.split("\n"):
             try:
-                self._deliver(json.loads(line))
+                self._deliver(decode(json.loads(line)))
             except Exception:  # noqa: BLE001 - one bad item must not stop the bus
                 log.exception("could not handle a bus item")
 
@@ -362,7 +371,7 @@ class Bus:
                 await trio.sleep(FLUSH_INTERVAL_S)
                 items, self._outbox, self._waiting = self._outbox, [], trio.Event()
                 if lost:
-                    items.insert(0, {"k": "r"})
+                    items.insert(0, encode(CatchUp()))
                 try:
                     await trio.to_thread.run_sync(
                         send, self._payloads(_encoded(items)), limiter=limiter

@@ -45,6 +45,7 @@ from .messages import (
     TokenDelta,
 )
 from .turn import Mutation, Turn, TurnPorts
+from .wire import Delta, Ended, Saved, StopAsked
 
 if TYPE_CHECKING:
     from .system import ActorSystem
@@ -306,7 +307,7 @@ class SessionActor:
             await self._reload()
         if self.chat.current is None:
             return False
-        self.system.tell_others(k="x", c=str(self.chat_id))
+        self.system.tell_others(StopAsked(self.chat_id))
         return True
 
     def stop_here(self) -> bool:
@@ -360,7 +361,7 @@ class SessionActor:
             self.turn = None
             self.system.generating_changed(self.chat.owner, -1)
             if not turn.abandoned:
-                self.system.tell_others(k="z", c=str(self.chat_id), r=current.response_id)
+                self.system.tell_others(Ended(self.chat_id, current.response_id))
 
     def _model(self) -> str:
         return self.chat.model or self.provider.default_model
@@ -412,7 +413,7 @@ class SessionActor:
                 for recording in recordings:
                     self.published_seq = recording.domain_event.originator_version
                     self.system.publish_event(self.chat_id, recording.domain_event)
-                self.system.tell_others(k="e", c=str(self.chat_id), a=first, b=self.published_seq)
+                self.system.tell_others(Saved(self.chat_id, first, self.published_seq))
                 self._work.set()
             return results[0]
 
@@ -427,9 +428,7 @@ class SessionActor:
     def publish_delta(self, delta: TokenDelta) -> None:
         """Sends streamed text to this process's subscribers and to the other processes."""
         self.system.hub.publish(self.chat_id, delta)
-        self.system.tell_others(
-            k="d", c=str(self.chat_id), r=delta.response_id, t=delta.text, o=delta.offset
-        )
+        self.system.tell_others(Delta(self.chat_id, delta.response_id, delta.offset, delta.text))
 
     def live_state(self) -> LiveState:
         """What a subscriber joining now has missed: the last seq and the text so far."""

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, overload
 from uuid import UUID
 
 import trio
@@ -51,6 +51,7 @@ from .messages import (
     TokenDelta,
 )
 from .session import SessionActor
+from .wire import BusMessage, CatchUp, Delta, Ended, Saved, StopAsked
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class ActorSystem:
         if settings.store_kind == "postgres":
             self.leases = PostgresLeases(settings, self._leases_lost)
             self.bus = Bus(settings, self._from_others)
-        self._from_bus, self._bus_items = trio.open_memory_channel[dict[str, Any]](BUS_BACKLOG)
+        self._from_bus, self._bus_items = trio.open_memory_channel[BusMessage](BUS_BACKLOG)
         #: Text streamed by responses running in other processes.
         self._remote: dict[UUID, RemoteText] = {}
         #: The seqs handed to the followers of each chat followed here.
@@ -294,7 +295,14 @@ class ActorSystem:
 
     # -- actors -------------------------------------------------------------------------
 
-    async def ask(self, chat_id: UUID, command: Command) -> Any:
+    @overload
+    async def ask(self, chat_id: UUID, command: SendMessage) -> Accepted: ...
+    @overload
+    async def ask(self, chat_id: UUID, command: StopGeneration) -> bool: ...
+    @overload
+    async def ask(self, chat_id: UUID, command: Command) -> Accepted | bool | None: ...
+
+    async def ask(self, chat_id: UUID, command: Command) -> Accepted | bool | None:
         """Puts ``command`` in the chat's mailbox (starting its actor if needed) and waits
         for the reply: the one way a command reaches an actor, one mailbox round trip.
         Raises ``MailboxFullError`` if the mailbox stays full for ``MAILBOX_WAIT_S``."""
@@ -398,9 +406,9 @@ class ActorSystem:
 
     # -- other processes ----------------------------------------------------------------
 
-    def tell_others(self, **item: Any) -> None:
+    def tell_others(self, message: BusMessage) -> None:
         if self.bus is not None:
-            self.bus.send(**item)
+            self.bus.tell(message)
 
     def _leases_lost(self, chat_ids: list[UUID]) -> None:
         for chat_id in chat_ids:
@@ -408,11 +416,11 @@ class ActorSystem:
             if actor is not None:
                 actor.lose_lease()
 
-    def _from_others(self, item: dict[str, Any]) -> None:
-        if item["k"] == "r":
+    def _from_others(self, message: BusMessage) -> None:
+        if isinstance(message, CatchUp):
             self._catch_up_due = True
         try:
-            self._from_bus.send_nowait(item)
+            self._from_bus.send_nowait(message)
         except trio.WouldBlock:
             self._catch_up_due = True
             log.warning("bus backlog full: a live item from another process was dropped")
@@ -420,27 +428,28 @@ class ActorSystem:
     async def _feed_from_others(self) -> None:
         """Applies other processes' items in arrival order: stops, wake-ups, live frames;
         catches up from the log first when some were lost."""
-        async for item in self._bus_items:
+        async for message in self._bus_items:
             if self._catch_up_due:
                 self._catch_up_due = False
                 await self._catch_up()
-            kind = item["k"]
-            if kind == "r":
+            if isinstance(message, CatchUp):
                 continue
-            chat_id = UUID(item["c"])
+            chat_id = message.chat_id
             actor = self._actors.get(chat_id)
-            if kind == "x" and actor is not None and actor.owns:
+            owned = actor is not None and actor.owns
+            if isinstance(message, StopAsked) and actor is not None and owned:
                 actor.stop_here()
-            elif kind == "e":
-                if actor is not None and actor.owns:
+            elif isinstance(message, Saved):
+                if actor is not None and owned:
                     actor.refresh_soon()
                 given = self._given.get(chat_id)
                 if given is not None:  # from the first seq not handed on: none is skipped
-                    await self._publish_stored(chat_id, min(item["a"], given.upto + 1), item["b"])
-            elif kind == "d" and not (actor is not None and actor.owns):
+                    first = min(message.first, given.upto + 1)
+                    await self._publish_stored(chat_id, first, message.last)
+            elif isinstance(message, Delta) and not owned:
                 # (text from an owner that lost the chat to this process is not handed on)
-                self._remote_delta(chat_id, item["r"], item["o"], item["t"])
-            elif kind == "z":
+                self._remote_delta(chat_id, message.response_id, message.offset, message.text)
+            elif isinstance(message, Ended):
                 self._remote.pop(chat_id, None)
 
     async def _catch_up(self) -> None:
