@@ -10,12 +10,49 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 from ..storage.sql import Row
 
-#: A JSON object as the views hold it (usage, timing, an error, a tool call).
+#: A JSON object as the log gives it (usage, timing, an error, a tool call's arguments).
 JSONObject = dict[str, Any]
+
+
+class TokenCounts(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatDict(TypedDict):
+    """A chat, as the contract has it."""
+
+    id: str
+    title: str
+    created_at: str
+    updated_at: str
+    model: str | None
+    message_count: int
+    usage: TokenCounts
+    last_message_preview: str | None
+
+
+class MessageDict(TypedDict):
+    """A message, as the contract has it: a user message has no response fields."""
+
+    seq: int
+    role: str
+    content: str
+    created_at: str
+    client_message_id: NotRequired[str]
+    response_id: NotRequired[str | None]
+    status: NotRequired[str | None]
+    model: NotRequired[str | None]
+    usage: NotRequired[JSONObject | None]
+    timing: NotRequired[JSONObject | None]
+    tool_calls: NotRequired[list[JSONObject]]
+    error: NotRequired[JSONObject | None]
+    finish_reason: NotRequired[str | None]
 
 
 def _columns(cls: type[object], *, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -106,8 +143,7 @@ MessageRow.COLUMNS = _columns(MessageRow, skip=("parts",))
 MessageRow.SELECT = f"SELECT {', '.join(MessageRow.COLUMNS)} FROM view_messages"
 
 
-def chat_dict(row: ChatRow) -> JSONObject:
-    """A chat as the contract has it."""
+def chat_dict(row: ChatRow) -> ChatDict:
     return {
         "id": row.chat_id, "title": row.title, "created_at": row.created_at,
         "updated_at": row.updated_at, "model": row.model, "message_count": row.message_count,
@@ -118,20 +154,19 @@ def chat_dict(row: ChatRow) -> JSONObject:
     }
 
 
-def message_dict(row: MessageRow) -> JSONObject:
-    """A message as the contract has it (a user message has no response fields)."""
-    message: JSONObject = {"seq": row.seq, "role": row.role, "content": row.content,
-                           "created_at": row.created_at}
+def message_dict(row: MessageRow) -> MessageDict:
     if row.role == "user":
+        message: MessageDict = {"seq": row.seq, "role": row.role, "content": row.content,
+                                "created_at": row.created_at}
         if row.client_message_id is not None:
             message["client_message_id"] = row.client_message_id
         return message
-    message.update(
-        response_id=row.response_id, status=row.status, model=row.model, usage=row.usage,
-        timing=row.timing, tool_calls=row.tool_calls or [], error=row.error,
-        finish_reason=row.finish_reason,
-    )
-    return message
+    return {
+        "seq": row.seq, "role": row.role, "content": row.content, "created_at": row.created_at,
+        "response_id": row.response_id, "status": row.status, "model": row.model,
+        "usage": row.usage, "timing": row.timing, "tool_calls": row.tool_calls or [],
+        "error": row.error, "finish_reason": row.finish_reason,
+    }
 
 
 def _dump(value: object) -> str | None:

@@ -8,9 +8,10 @@ word match too. Results never leave ``owner``'s chats: every query filters on it
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, TypedDict
 
 from ..llm.base import ToolContext, ToolSpec
+from ..llm.tools import ToolRegistry
 from ..storage.sql import Tx
 
 if TYPE_CHECKING:
@@ -31,9 +32,15 @@ _POSTGRES_QUERY = (
 )
 
 
-def search_rows(
-    tx: Tx, owner: str, q: str, limit: int
-) -> list[tuple[str, list[dict[str, Any]]]]:
+class Snippet(TypedDict):
+    """A matching message: its seq, its role, and its words around the match."""
+
+    seq: int
+    role: str
+    snippet: str
+
+
+def search_rows(tx: Tx, owner: str, q: str, limit: int) -> list[tuple[str, list[Snippet]]]:
     """(chat id, snippets) of ``owner``'s best matches for ``q``, at most ``limit`` chats."""
     words = _WORD.findall(q)
     if not words:
@@ -43,7 +50,7 @@ def search_rows(
     else:
         match = " ".join('"' + w.replace('"', "") + '"' for w in words)
         rows = tx.all(_SQLITE_QUERY, (match, owner, limit * 10))
-    chats: dict[str, list[dict[str, Any]]] = {}
+    chats: dict[str, list[Snippet]] = {}
     for chat_id, seq, role, snippet in rows:
         snippets = chats.setdefault(chat_id, [])
         if len(snippets) < SNIPPETS_PER_CHAT:
@@ -64,10 +71,6 @@ def _title_matches(tx: Tx, owner: str, words: list[str], limit: int) -> list[str
     return [row[0] for row in rows]
 
 
-class Registry(Protocol):
-    def register(self, spec: ToolSpec, fn: Any) -> Any: ...
-
-
 SEARCH_SPEC = ToolSpec(
     name="search_chats",
     description="Search the user's own earlier chats and messages; returns matching chats "
@@ -84,11 +87,11 @@ SEARCH_SPEC = ToolSpec(
 )
 
 
-def register_search_tool(registry: Registry, views: Views) -> None:
+def register_search_tool(registry: ToolRegistry, views: Views) -> None:
     """Registers ``search_chats``, which searches only the calling user's (``context.owner``)
     chats."""
 
-    async def search_chats(arguments: dict[str, Any], context: ToolContext) -> Any:
+    async def search_chats(arguments: dict[str, object], context: ToolContext) -> object:
         query = str(arguments.get("query", ""))
         limit = arguments.get("limit", 5)
         limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else 5

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
@@ -25,7 +24,7 @@ from ..config import Settings
 from ..events.errors import StoreError
 from ..events.store import EventStore
 from ..storage.errors import ViewStoreError
-from .views import Views
+from .views import Events, Views
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class ViewUpdater:
         #: The error of the last failed catch-up, until one succeeds.
         self.failing: str | None = None
         #: Called in the worker thread with the events each batch projected, once committed.
-        self.observers: list[Callable[[list[Any]], None]] = []
+        self.observers: list[Callable[[Events], None]] = []
         self._nudged = trio.Event()
 
     @property
@@ -119,7 +118,7 @@ class ViewUpdater:
         finally:
             self.store.on_saved.remove(self._nudge)
 
-    def _observe(self, events: list[Any]) -> None:
+    def _observe(self, events: Events) -> None:
         for observer in self.observers:
             observer(events)
 

@@ -16,10 +16,11 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypedDict, TypeVar
 from uuid import UUID
 
 import trio
+from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, Notification
 
 from ..config import Settings
@@ -30,11 +31,29 @@ from ..storage.sql import Tx
 from ..storage.tables import TRACKED
 from . import projector, stats
 from .batch import Batch, chat_scope, user_scope
-from .rows import ChatRow, MessageRow, chat_dict, message_dict
-from .search import search_rows
+from .rows import ChatDict, ChatRow, MessageDict, MessageRow, chat_dict, message_dict
+from .search import Snippet, search_rows
 
 T = TypeVar("T")
+P = ParamSpec("P")
 log = logging.getLogger(__name__)
+#: Domain events, as the updater projects them.
+Events = list[DomainEventProtocol[UUID]]
+
+
+class SearchHit(TypedDict):
+    chat: ChatDict
+    snippets: list[Snippet]
+
+
+class SkippedEvent(TypedDict):
+    """An event the views passed over, and why."""
+
+    position: int
+    chat_id: str
+    topic: str
+    error: str
+    skipped_at: str
 
 
 class Views:
@@ -54,11 +73,11 @@ class Views:
         #: gathering saves and catches up at once.
         self.wanted = trio.Event()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Runs a blocking read, bounded by ``timeout_s`` (its thread abandoned after it)."""
         with trio.move_on_after(self.timeout_s):
-            return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter,
-                                                 abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(partial(fn, *args, **kwargs),
+                                                 limiter=self.limiter, abandon_on_cancel=True)
         raise ViewStoreError(f"views database unavailable: no answer within {self.timeout_s:g} s")
 
     # -- writing (blocking, called by the updater in a worker thread) ---------------------
@@ -66,8 +85,8 @@ class Views:
     def apply(
         self,
         notifications: Sequence[Notification],
-        mapper: Mapper[Any],
-        on_applied: Callable[[list[Any]], None] | None = None,
+        mapper: Mapper[UUID],
+        on_applied: Callable[[Events], None] | None = None,
     ) -> int:
         """Projects ``notifications`` and records their position, in one transaction.
 
@@ -102,8 +121,8 @@ class Views:
     def _apply(
         self,
         notifications: Sequence[Notification],
-        mapper: Mapper[Any],
-        on_applied: Callable[[list[Any]], None] | None,
+        mapper: Mapper[UUID],
+        on_applied: Callable[[Events], None] | None,
     ) -> int:
         with self.db.write() as tx:
             position = _tracked(tx)
@@ -137,16 +156,17 @@ class Views:
         self.skipped += 1
         return notification.id
 
-    def read_skipped(self, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+    def read_skipped(self, limit: int = 100) -> tuple[int, list[SkippedEvent]]:
         """Blocking: how many events the views passed over, and the latest ``limit``."""
         with self.db.read() as tx:
             total = int(tx.value("SELECT COUNT(*) FROM view_skipped"))
             rows = tx.all("SELECT position, chat_id, topic, error, skipped_at FROM view_skipped"
                           " ORDER BY position DESC LIMIT ?", (limit,))
-        keys = ("position", "chat_id", "topic", "error", "skipped_at")
-        return total, [dict(zip(keys, row, strict=True)) for row in rows]
+        return total, [SkippedEvent(position=position, chat_id=chat_id, topic=topic, error=error,
+                                    skipped_at=skipped_at)
+                       for position, chat_id, topic, error, skipped_at in rows]
 
-    async def skipped_events(self, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+    async def skipped_events(self, limit: int = 100) -> tuple[int, list[SkippedEvent]]:
         return await self._run(self.read_skipped, limit)
 
     def reset(self) -> None:
@@ -194,7 +214,7 @@ class Views:
 
     async def list_chats(
         self, owner: str, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[ChatDict], str | None]:
         """``owner``'s chats, most recent activity first, and the cursor of the next page.
 
         A malformed cursor reads as the first page.
@@ -203,7 +223,7 @@ class Views:
 
     def _list_chats(
         self, owner: str, limit: int, cursor: str | None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[ChatDict], str | None]:
         after = _decode_cursor(cursor)
         where, params = "owner = ?", [owner]
         if after is not None:
@@ -217,11 +237,11 @@ class Views:
         more = len(rows) > limit
         return chats, _encode_cursor(rows[limit - 1]) if more else None
 
-    async def get_chat(self, owner: str, chat_id: UUID | str) -> dict[str, Any] | None:
+    async def get_chat(self, owner: str, chat_id: UUID | str) -> ChatDict | None:
         """The chat, or None when it does not exist or is not ``owner``'s."""
         return await self._run(self._get_chat, owner, str(chat_id))
 
-    def _get_chat(self, owner: str, chat_id: str) -> dict[str, Any] | None:
+    def _get_chat(self, owner: str, chat_id: str) -> ChatDict | None:
         with self.db.read() as tx:
             row = _chat_row(tx, owner, chat_id)
         return None if row is None else chat_dict(row)
@@ -233,7 +253,7 @@ class Views:
         limit: int = 100,
         before_seq: int | None = None,
         after_seq: int | None = None,
-    ) -> tuple[list[dict[str, Any]], bool]:
+    ) -> tuple[list[MessageDict], bool]:
         """A page of the chat's messages, oldest first, and whether more exist beyond it.
 
         With ``after_seq`` the page starts just after it (``has_more``: newer ones remain);
@@ -245,7 +265,7 @@ class Views:
 
     def _messages(
         self, owner: str, chat_id: str, limit: int, before: int | None, after: int | None
-    ) -> tuple[list[dict[str, Any]], bool]:
+    ) -> tuple[list[MessageDict], bool]:
         select = f"{MessageRow.SELECT} WHERE chat_id = ?"
         with self.db.read() as tx:
             if tx.one("SELECT 1 FROM view_chats WHERE chat_id = ? AND owner = ?",
@@ -264,15 +284,15 @@ class Views:
             rows = rows[:limit] if after is not None else rows[1:]
         return [message_dict(MessageRow.from_row(row)) for row in rows], more
 
-    async def search(self, owner: str, q: str, limit: int = 20) -> list[dict[str, Any]]:
+    async def search(self, owner: str, q: str, limit: int = 20) -> list[SearchHit]:
         """``owner``'s chats matching ``q`` (words, quoted phrases, ``-word``), best first,
         each with up to three matching message snippets. Never another user's chats."""
         return await self._run(self._search, owner, q, max(1, min(limit, 100)))
 
-    def _search(self, owner: str, q: str, limit: int) -> list[dict[str, Any]]:
+    def _search(self, owner: str, q: str, limit: int) -> list[SearchHit]:
         with self.db.read() as tx:
             hits = search_rows(tx, owner, q, limit)
-            results = []
+            results: list[SearchHit] = []
             for chat_id, snippets in hits:
                 row = _chat_row(tx, owner, chat_id)
                 if row is not None:

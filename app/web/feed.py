@@ -15,7 +15,7 @@ A ``ChatFeed`` turns what a subscription yields (stored ``ChatSession`` events a
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -23,7 +23,7 @@ from uuid import UUID
 from ..actors.messages import Accepted, LiveState, TokenDelta
 from ..events.domain import ChatSession, ending_status
 from ..projections.projector import LiveRows
-from ..projections.rows import message_dict
+from ..projections.rows import MessageDict, message_dict
 
 if TYPE_CHECKING:
     from ..actors.hub import Subscription
@@ -158,7 +158,7 @@ class ChatFeed:
                 "message": text, "done": True, "status": status,
                 "finish_reason": finish_reason or FINISH_REASONS[status], "seq": seq}
 
-    async def _turn_messages(self, response_id: str, seq: int) -> list[Frame]:
+    async def _turn_messages(self, response_id: str, seq: int) -> list[MessageDict]:
         """The user message and the answer of the turn that ended at ``seq``: from the live
         events when this feed saw the whole turn, else from the views once caught up."""
         first = self.replies.pop(response_id, seq)
@@ -172,8 +172,9 @@ class ChatFeed:
         return [m for m in messages
                 if m["seq"] == first or m.get("response_id") == response_id]
 
-    def _status(self, response_id: str, turn: list[Frame], event: Any) -> Frame:
-        answer = next((m for m in turn if m.get("response_id") == response_id), {})
+    def _status(self, response_id: str, turn: list[MessageDict], event: Any) -> Frame:
+        answer: Mapping[str, Any] = next(
+            (m for m in turn if m.get("response_id") == response_id), {})
         usage = answer.get("usage") or getattr(event, "usage", None) or {}
         timing = answer.get("timing") or getattr(event, "timing", None) or {}
         counts = self.services.system.counts()
@@ -188,7 +189,7 @@ class ChatFeed:
             "active_chats": counts["active_chats"], "queue_depth": counts["queue_depth"],
         }
 
-    def _history_frame(self, messages: list[Frame], more: bool, last_seq: int) -> Frame:
+    def _history_frame(self, messages: list[MessageDict], more: bool, last_seq: int) -> Frame:
         return {"event": "chat_history", "chat_id": self.cid, "messages": messages,
                 "has_more": more, "last_seq": last_seq}
 

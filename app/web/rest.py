@@ -74,12 +74,12 @@ async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
         raise
     await svc.caught_up()
     chat = await svc.views.get_chat(owner, chat_id)
-    if chat is None:  # the views lag beyond the bound: answer from what was written
-        now = iso(datetime.now(UTC))
-        chat = {"id": str(chat_id), "title": data.title or "New chat", "created_at": now,
-                "updated_at": now, "model": data.model, "message_count": 0,
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
-    return chat, 201
+    if chat is not None:
+        return dict(chat), 201
+    now = iso(datetime.now(UTC))  # the views lag beyond the bound: answer from what was written
+    return {"id": str(chat_id), "title": data.title or "New chat", "created_at": now,
+            "updated_at": now, "model": data.model, "message_count": 0,
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, 201
 
 
 @rest.get("/chats")
