@@ -380,11 +380,11 @@ def _listening_servers(settings: Settings) -> int:
     from psycopg import sql
 
     from .actors.cluster import LISTEN_APP_NAME, Bus
+    from .storage.postgres import connect
 
     channel = Bus(settings, lambda item: None).channel
     try:
-        with psycopg.connect(settings.database_url or "", connect_timeout=5,
-                             autocommit=True) as conn:
+        with connect(settings, "cli") as conn:
             listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_string(conn)
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "

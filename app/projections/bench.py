@@ -20,12 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import trio
+from psycopg import sql
 
 from ..config import Settings
 from ..events.application import ChatApplication
 from ..events.domain import ChatSession
+from ..storage.postgres import connect
 from ..storage.recorder import persistence_env
 from .admin import rebuild
 from .views import open_views
@@ -132,6 +133,12 @@ def run_bench(settings: Settings, events: int = 200_000, messages: int = 10_000,
     }
 
 
+def _schema(settings: Settings, statement: str) -> None:
+    """Runs ``statement`` on the bench's schema (its name in the braces)."""
+    with connect(settings.replace(store_timeout_s=60.0), "bench") as conn:
+        conn.execute(sql.SQL(statement).format(sql.Identifier(settings.database_schema)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -144,15 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         schema = None
         if args.database_url:
             schema = f"bench_{uuid.uuid4().hex[:12]}"
-            with psycopg.connect(args.database_url, autocommit=True) as conn:
-                conn.execute(f'CREATE SCHEMA "{schema}"')
             settings = settings.replace(database_url=args.database_url, database_schema=schema)
+            _schema(settings, "CREATE SCHEMA {}")
         try:
             result = run_bench(settings, args.events, args.messages, args.reads)
         finally:
             if schema is not None:
-                with psycopg.connect(args.database_url, autocommit=True) as conn:
-                    conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+                _schema(settings, "DROP SCHEMA {} CASCADE")
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
