@@ -1,412 +1,286 @@
 """Several server processes on one PostgreSQL: chat ownership and live fan-out.
 
-``Leases`` decides which process runs a chat's actor: a session-level advisory lock per chat,
-held on one dedicated connection per process (``application_name`` ``eventchat-leases``). A
-process that dies loses its connection and so its locks, and the chats it owned can be taken
-over. An advisory lock vanishes silently with its connection, so a lock is not proof enough
-to write: each take also bumps the chat's *epoch* in the leases' table, and every save of the
-chat carries that epoch as a ``Fence`` checked in the inserting transaction (``FencedRecorder``):
-a process whose lock is gone can write no more once another has taken the chat. The lease
-connection is checked every ``lease_check_interval_s``; when it fails, every chat leased on it
-is reported lost (``on_lost``) at once and the connection is made again with backoff. On
-SQLite there is one process per data directory, which owns every chat (``LocalLeases``).
+The leases (``leases``) decide which process runs a chat's actor: a session-level advisory
+lock per chat, held on one dedicated connection per process (``application_name``
+``eventchat-leases``). A process that dies loses its connection and so its locks, and the
+chats it owned can be taken over. An advisory lock vanishes silently with its connection, so
+a lock is not proof enough to write: each take also bumps the chat's *epoch* in the leases'
+table, and every save of the chat carries that epoch as a ``Fence`` checked in the inserting
+transaction (``FencedRecorder``): a process whose lock is gone can write no more once
+another has taken the chat. The lease connection is checked every
+``lease_check_interval_s``; when it fails, every chat leased on it is reported lost
+(``on_lost``) at once and the connection is made again with backoff. On SQLite there is one
+process per data directory, which owns every chat (``LocalLeases``).
 
-``Bus`` carries what one process must tell the others, batched into ``NOTIFY`` payloads on a
-channel named after the schema: streamed deltas (``d``), the seq range of events a process
-saved (``e``), ends of responses (``z``), stop requests (``x``) and "catch up from the log"
-(``r``). A dedicated connection (``eventchat-listen``) ``LISTEN``s in a worker thread and
-hands each item to the trio side; another (``eventchat-notify``) sends. Delivery follows
-PostgreSQL's: at most once, in order per sender; the event log stays the source of truth.
-Both connections are made again with backoff after any error; items lost meanwhile are made
-up from the log: after a new ``LISTEN`` the bus delivers ``r`` to this process, and after
-items could not be sent it sends ``r`` to the others.
+The bus (``bus``, its messages in ``wire``) carries what one process must tell the others,
+batched into ``NOTIFY`` payloads on a channel named after the schema: streamed deltas
+(``d``), the seq range of events a process saved (``e``), ends of responses (``z``), stop
+requests (``x``) and "catch up from the log" (``r``). A dedicated connection
+(``eventchat-listen``) ``LISTEN``s in a worker thread and hands each item to the trio side;
+another (``eventchat-notify``) sends. Delivery follows PostgreSQL's: at most once, in order
+per sender; the event log stays the source of truth. Both connections are made again with
+backoff after any error; items lost meanwhile are made up from the log: after a new
+``LISTEN`` the bus delivers ``r`` to this process, and after items could not be sent it
+sends ``r`` to the others.
+
+``Cluster`` is all of it, as one object the actor system holds: the leases, the bus, the
+text of responses running in other processes as this process has handed it on, the seqs its
+followers were given, and the takeover of chats that a dead process left unfinished.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
-import psycopg
 import trio
-from psycopg import sql
 
 from ..config import Settings
-from ..events.application import LEASES_TABLE, Fence
-from ..events.errors import StoreUnavailableError
-from .wire import BusMessage, CatchUp, WireItem, decode, encode
+from ..events.domain import ChatSession
+from ..events.errors import StoreError
+from ..events.store import EventStore
+from .bus import MAX_PAYLOAD as MAX_PAYLOAD
+from .bus import Bus as Bus
+from .bus import _encoded as _encoded
+from .connections import LEASES_APP_NAME as LEASES_APP_NAME
+from .connections import LISTEN_APP_NAME as LISTEN_APP_NAME
+from .connections import NOTIFY_APP_NAME as NOTIFY_APP_NAME
+from .hub import Hub
+from .leases import Lease as Lease
+from .leases import LocalLeases, PostgresLeases
+from .leases import lock_key as lock_key
+from .messages import LiveState, TokenDelta
+from .wire import BusMessage, CatchUp, Delta, Ended, Saved, StopAsked
+
+if TYPE_CHECKING:
+    from .session import SessionActor
 
 log = logging.getLogger(__name__)
 
-#: NOTIFY payloads must stay under 8000 bytes.
-MAX_PAYLOAD = 7500
-FLUSH_INTERVAL_S = 0.005
-#: Waits between two attempts to make a lost connection again.
-BACKOFF_START_S = 0.1
-#: Longest pause between two tries: a database back from a restart is used within 2 s.
-BACKOFF_MAX_S = 2.0
-#: A silent network loss fails a connection's calls within about 10 s instead of never.
-KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
-}
-#: The ``application_name`` of each dedicated connection (``pg_stat_activity``).
-LEASES_APP_NAME = "eventchat-leases"
-LISTEN_APP_NAME = "eventchat-listen"
-NOTIFY_APP_NAME = "eventchat-notify"
+#: Items from other processes waiting to be applied before new ones are dropped.
+BUS_BACKLOG = 10_000
 
 
-#: Longer deltas are sent in pieces of this many characters (a payload holds several).
-MAX_DELTA_CHARS = 1000
-
-
-def _encoded(items: list[WireItem]) -> list[str]:
-    """Items as JSON lines, long deltas cut into pieces that fit in a payload."""
-    lines: list[str] = []
-    for item in items:
-        text, offset = item.get("t"), item.get("o")
-        if (item["k"] == "d" and isinstance(text, str) and isinstance(offset, int)
-                and len(text) > MAX_DELTA_CHARS):
-            for start in range(0, len(text), MAX_DELTA_CHARS):
-                piece = {**item, "t": text[start : start + MAX_DELTA_CHARS], "o": offset + start}
-                lines.append(json.dumps(piece, separators=(",", ":")))
-        else:
-            lines.append(json.dumps(item, separators=(",", ":")))
-    return lines
-
-
-def lock_key(chat_id: UUID) -> int:
-    """A chat's advisory-lock key: its first 8 bytes as a signed 64-bit integer."""
-    return int.from_bytes(chat_id.bytes[:8], "big", signed=True)
-
-
-def connect(url: str, application_name: str) -> psycopg.Connection[Any]:
-    """A dedicated autocommit connection, named for ``pg_stat_activity`` (blocking)."""
-    return psycopg.connect(
-        url, autocommit=True, connect_timeout=5, application_name=application_name, **KEEPALIVES
-    )
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """This process runs ``chat_id``. ``fence`` is what its saves must carry (None: no other
-    process can write, SQLite); ``taken_over``: the chat was last leased by another server
-    (not this one before a restart)."""
-
-    chat_id: UUID
-    fence: Fence | None = None
-    taken_over: bool = False
-
-
-class LocalLeases:
-    """One process owns every chat (SQLite: the data directory is locked): no fencing."""
-
-    problem: str | None = None
-
-    async def acquire(self, chat_id: UUID) -> Lease | None:
-        return Lease(chat_id)
-
-    async def release(self, chat_id: UUID) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class PostgresLeases:
-    """Advisory locks and epochs on one connection; calls are serialised and run in a worker
-    thread. Any error on the connection loses every lease held on it: ``on_lost(chat_ids)``
-    runs on the trio thread before any other lease call, and the connection is made again by
-    the next call (``watch()`` makes one every ``lease_check_interval_s``, with backoff)."""
+class Cluster:
+    """This process among the others sharing its database (on SQLite, alone: local leases,
+    no bus). ``actors`` is the system's live map of running actors; ``resume`` starts the
+    actors of unfinished chats (the takeover calls it every ``recovery_interval_s``)."""
 
     def __init__(
-        self, settings: Settings, on_lost: Callable[[list[UUID]], None] = lambda chats: None
+        self,
+        settings: Settings,
+        store: EventStore,
+        hub: Hub,
+        actors: Mapping[UUID, SessionActor],
+        resume: Callable[[], Awaitable[None]],
     ) -> None:
-        assert settings.database_url
-        self._url = settings.database_url
-        self._interval = settings.lease_check_interval_s
-        self._on_lost = on_lost
-        #: This server, as its restarts see it: host name and configured port.
-        self.server = f"{socket.gethostname()}:{settings.port}"
-        #: Who holds a lease, as the leases' table shows it: the server, pid and run tag.
-        self.holder = f"{self.server}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        table = sql.SQL("{}.{}").format(
-            sql.Identifier(settings.database_schema or "public"), sql.Identifier(LEASES_TABLE)
-        )
-        # The sub-select sees the row as it was before the statement: the last holder.
-        self._take_epoch = sql.SQL(
-            "INSERT INTO {t} AS l (chat_id, holder, epoch) VALUES (%(c)s, %(h)s, 1) "
-            "ON CONFLICT (chat_id) DO UPDATE SET holder = EXCLUDED.holder, epoch = l.epoch + 1 "
-            "RETURNING l.epoch, (SELECT holder FROM {t} WHERE chat_id = %(c)s) AS previous"
-        ).format(t=table)
-        self._conn: psycopg.Connection[Any] | None = None
-        self._lock = trio.Lock()
-        self._held: dict[UUID, Lease] = {}
-        #: Why leases cannot be taken now (the connection is lost), or None.
-        self.problem: str | None = None
-
-    async def acquire(self, chat_id: UUID) -> Lease | None:
-        """Takes the chat's lease if no process holds it, bumping its epoch; None if another
-        process holds it or the database cannot be reached now."""
-        try:
-            with trio.CancelScope(shield=True):  # a lock taken is never left unrecorded
-                taken = await self._call(self._take, chat_id)
-        except StoreUnavailableError:
-            return None
-        if taken is None:
-            return None
-        epoch, previous = taken
-        # a chat last leased by this server (host and port) is taken after its own restart
-        others = previous is not None and previous.rsplit(":", 2)[0] != self.server
-        lease = Lease(chat_id, Fence(chat_id, epoch), others)
-        self._held[chat_id] = lease
-        return lease
-
-    def _take(self, conn: psycopg.Connection[Any], chat_id: UUID) -> tuple[int, str] | None:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key(chat_id),)).fetchone()
-        if not (row and row[0]):
-            return None
-        # waits for a save of the previous holder that is past its fence check to commit
-        taken = conn.execute(self._take_epoch, {"c": chat_id, "h": self.holder}).fetchone()
-        assert taken is not None
-        return int(taken[0]), taken[1]
-
-    async def release(self, chat_id: UUID) -> None:
-        if self._held.pop(chat_id, None) is not None:
-            with trio.CancelScope(shield=True):
-                await self._call(_unlock, chat_id)
-
-    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Checks the connection every ``lease_check_interval_s`` until cancelled; after a
-        failure, tries again with backoff (each try makes the connection again)."""
-        task_status.started()
-        backoff = BACKOFF_START_S
-        while True:
-            try:
-                await self._call(_ping)
-            except StoreUnavailableError:
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            backoff = BACKOFF_START_S
-            await trio.sleep(self._interval)
-
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async with self._lock:
-            try:
-                result = await trio.to_thread.run_sync(self._in_thread, fn, *args)
-            except psycopg.Error as exc:
-                self._lose(_reason(exc))
-                raise StoreUnavailableError("could not reach PostgreSQL for chat leases") from exc
-            self.problem = None
-            return result
-
-    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._conn is None:
-            self._conn = connect(self._url, LEASES_APP_NAME)
-        try:
-            return fn(self._conn, *args)
-        except psycopg.Error:
-            # whatever went wrong, the locks go with the connection: none is kept by halves
-            conn, self._conn = self._conn, None
-            conn.close()
-            raise
-
-    def _lose(self, reason: str) -> None:
-        self.problem = f"chat leases: connection lost ({reason}); reconnecting"
-        lost, self._held = list(self._held), {}
-        if lost:
-            log.warning("lease connection lost (%s): %d chats stop being written here",
-                        reason, len(lost))
-            self._on_lost(lost)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-
-
-def _ping(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SELECT 1")
-
-
-def _unlock(conn: psycopg.Connection[Any], chat_id: UUID) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(chat_id),))
-
-
-class Bus:
-    """Batched NOTIFY out, LISTEN in; ``deliver(message)`` runs on the trio thread. Messages
-    are ``wire`` dataclasses; their compact wire form is the codec's (``wire.encode``)."""
-
-    def __init__(self, settings: Settings, deliver: Callable[[BusMessage], None]) -> None:
-        assert settings.database_url
-        self._url = settings.database_url
-        self.channel = f"eventchat_{settings.database_schema}"[:63]
-        self.sender = uuid.uuid4().hex[:12]
-        self._deliver = deliver
-        self._outbox: list[WireItem] = []
-        self._waiting = trio.Event()
-        self._stopping = False
-        #: What is wrong now, by connection (``listen``, ``notify``); empty when all is well.
-        self.problems: dict[str, str] = {}
-
-    def tell(self, message: BusMessage) -> None:
-        """Queues ``message`` for the other processes (see ``send``)."""
-        self.send(**encode(message))
-
-    def send(self, **item: str | int) -> None:
-        """Queues an item, in its wire form, for the next NOTIFY (within
-        ``FLUSH_INTERVAL_S``). A delta that continues the last queued one is merged into it:
-        one item per burst, not per token."""
-        last = self._outbox[-1] if self._outbox else None
-        if item["k"] == "d" and last is not None and last["k"] == "d":
-            text, offset, last_text, last_offset = item["t"], item["o"], last["t"], last["o"]
-            if (
-                last["r"] == item["r"]
-                and isinstance(text, str) and isinstance(last_text, str)
-                and isinstance(offset, int) and isinstance(last_offset, int)
-                and last_offset + len(last_text) == offset
-            ):
-                last["t"] = last_text + text
-                return
-        self._outbox.append(item)
-        self._waiting.set()
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self._actors = actors
+        self._resume = resume
+        self.leases: LocalLeases | PostgresLeases = LocalLeases()
+        self.bus: Bus | None = None
+        if settings.store_kind == "postgres":
+            self.leases = PostgresLeases(settings, self._leases_lost)
+            self.bus = Bus(settings, self._from_others)
+        self._from_bus, self._bus_items = trio.open_memory_channel[BusMessage](BUS_BACKLOG)
+        #: Text streamed by responses running in other processes.
+        self._remote: dict[UUID, RemoteText] = {}
+        #: The seqs handed to the followers of each chat followed here.
+        self._given: dict[UUID, SeqSet] = {}
+        #: Items from other processes were lost: catch up from the log before the next one.
+        self._catch_up_due = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listens and sends until cancelled; reports started once first listening. A lost
-        connection is made again with backoff, never ending the bus."""
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._listen_loop)
-                task_status.started()
-                await self._send_loop()
-        finally:
-            self._stopping = True
+        """Runs the bus and watches the lease connection until cancelled; reports started
+        once the bus listens. On SQLite there is nothing to run."""
+        async with trio.open_nursery() as nursery:
+            if self.bus is not None:
+                await nursery.start(self.bus.run)
+                nursery.start_soon(self._feed_from_others)
+            if isinstance(self.leases, PostgresLeases):
+                await nursery.start(self.leases.watch)
+            task_status.started()
 
-    async def _listen_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
-        token = trio.lowlevel.current_trio_token()
-        backoff, started = BACKOFF_START_S, False
-
-        def listening() -> None:  # on the trio thread, before any notification is handed on
-            nonlocal backoff, started
-            backoff = BACKOFF_START_S
-            if self.problems.pop("listen", None) is not None:
-                log.warning("bus: listening again; catching up from the log")
-            if started:
-                self._deliver(CatchUp())  # what was sent meanwhile is gone: read the log
-            else:
-                started = True
-                task_status.started()
-
+    async def take_over(self) -> None:
+        """Several processes: takes over the unfinished chats of a process that died, every
+        ``recovery_interval_s``, until cancelled (returns at once alone)."""
+        if self.bus is None:
+            return
         while True:
+            await trio.sleep(self.settings.recovery_interval_s)
             try:
-                await trio.to_thread.run_sync(
-                    self._listen, token, listening, abandon_on_cancel=True
-                )
-            except psycopg.Error as exc:
-                self.problems["listen"] = (
-                    f"live channel: LISTEN connection lost ({_reason(exc)}); reconnecting"
-                )
-                log.warning("bus: %s", self.problems["listen"])
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+                await self._resume()
+            except StoreError as exc:
+                log.warning("could not look for unfinished chats: %s", exc)
 
-    def _listen(self, token: trio.lowlevel.TrioToken, listening: Callable[[], None]) -> None:
-        """In a worker thread: LISTENs and hands items on until stopping; raises
-        ``psycopg.Error`` when the connection fails."""
-        with connect(self._url, LISTEN_APP_NAME) as conn:
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-            trio.from_thread.run_sync(listening, trio_token=token)
-            own = f"{self.sender}|"
-            while not self._stopping:
-                for note in conn.notifies(timeout=0.25):
-                    if not note.payload.startswith(own):  # PostgreSQL echoes our own
-                        trio.from_thread.run_sync(self._receive, note.payload, trio_token=token)
+    def close(self) -> None:
+        """Closes the lease connection (once no actor uses it any more)."""
+        self.leases.close()
 
-    def _receive(self, payload: str) -> None:
-        _, _, body = payload.partition("|")
-        for line in body.split("\n"):
+    def problems(self) -> list[str]:
+        """What is degraded now (a lost connection to PostgreSQL being made again)."""
+        found = list(self.bus.problems.values()) if self.bus is not None else []
+        if self.leases.problem is not None:
+            found.append(self.leases.problem)
+        return found
+
+    async def release(self, chat_id: UUID) -> None:
+        """Gives the chat's lease back (within 2 s, even on cancellation; errors logged)."""
+        with trio.move_on_after(2, shield=True):
             try:
-                self._deliver(decode(json.loads(line)))
-            except Exception:  # noqa: BLE001 - one bad item must not stop the bus
-                log.exception("could not handle a bus item")
+                await self.leases.release(chat_id)
+            except StoreError as exc:
+                log.warning("could not release the lease of %s: %s", chat_id, exc)
 
-    async def _send_loop(self) -> None:
-        """Sends what is queued; after a failure, waits (backoff), drops what could not be
-        sent and tells the others to catch up from the log (``r``) with the next batch."""
-        limiter = trio.CapacityLimiter(1)
-        conn: psycopg.Connection[Any] | None = None
-        backoff, lost = BACKOFF_START_S, False
+    def publish_event(self, chat_id: UUID, event: ChatSession.Event) -> None:
+        """Hands a stored event to the chat's followers here, unless they had it already."""
+        given = self._given.get(chat_id)
+        if given is None or given.add(event.originator_version):
+            self.hub.publish(chat_id, event)
 
-        def send(payloads: list[str]) -> None:
-            nonlocal conn
-            again = conn is not None  # a connection may have died while idle: one more try
-            while True:
-                current = conn = conn or connect(self._url, NOTIFY_APP_NAME)
-                try:
-                    for payload in payloads:  # a payload sent twice is harmless
-                        current.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
-                    return
-                except psycopg.Error:
-                    conn = None
-                    current.close()
-                    if not again:
-                        raise
-                    again = False
+    def left(self, chat_id: UUID) -> None:
+        """The last follower of the chat here has gone."""
+        self._given.pop(chat_id, None)
+
+    def _owns(self, chat_id: UUID) -> bool:
+        actor = self._actors.get(chat_id)
+        return actor is not None and actor.owns
+
+    def tell(self, message: BusMessage) -> None:
+        """Tells the other processes (none on SQLite)."""
+        if self.bus is not None:
+            self.bus.tell(message)
+
+    def _leases_lost(self, chat_ids: list[UUID]) -> None:
+        for chat_id in chat_ids:
+            actor = self._actors.get(chat_id)
+            if actor is not None:
+                actor.lose_lease()
+
+    def _from_others(self, message: BusMessage) -> None:
+        if isinstance(message, CatchUp):
+            self._catch_up_due = True
+        try:
+            self._from_bus.send_nowait(message)
+        except trio.WouldBlock:
+            self._catch_up_due = True
+            log.warning("bus backlog full: a live item from another process was dropped")
+
+    async def _feed_from_others(self) -> None:
+        """Applies other processes' items in arrival order: stops, wake-ups, live frames;
+        catches up from the log first when some were lost."""
+        async for message in self._bus_items:
+            if self._catch_up_due:
+                self._catch_up_due = False
+                await self._catch_up()
+            if isinstance(message, CatchUp):
+                continue
+            chat_id = message.chat_id
+            actor = self._actors.get(chat_id)
+            owned = actor is not None and actor.owns
+            if isinstance(message, StopAsked) and actor is not None and owned:
+                actor.stop_here()
+            elif isinstance(message, Saved):
+                if actor is not None and owned:
+                    actor.refresh_soon()
+                given = self._given.get(chat_id)
+                if given is not None:  # from the first seq not handed on: none is skipped
+                    first = min(message.first, given.upto + 1)
+                    await self._publish_stored(chat_id, first, message.last)
+            elif isinstance(message, Delta) and not owned:
+                # (text from an owner that lost the chat to this process is not handed on)
+                self._remote_delta(chat_id, message.response_id, message.offset, message.text)
+            elif isinstance(message, Ended):
+                self._remote.pop(chat_id, None)
+
+    async def _catch_up(self) -> None:
+        """Items from other processes were lost: every actor reloads its chat (a message
+        recorded elsewhere may be waiting for its owner), and the followers of each chat get
+        the events they missed, read from the log."""
+        log.info("catching up from the log: %d chats followed here", len(self._given))
+        for actor in list(self._actors.values()):
+            actor.refresh_soon()
+        for chat_id, given in list(self._given.items()):
+            await self._publish_stored(chat_id, given.upto + 1)
+
+    async def _publish_stored(self, chat_id: UUID, first: int, last: int | None = None) -> None:
+        def fetch() -> list[ChatSession.Event]:
+            events = self.store.app.events.get(chat_id, gt=first - 1, lte=last)
+            return [event for event in events if isinstance(event, ChatSession.Event)]
 
         try:
-            while True:
-                await self._waiting.wait()
-                await trio.sleep(FLUSH_INTERVAL_S)
-                items, self._outbox, self._waiting = self._outbox, [], trio.Event()
-                if lost:
-                    items.insert(0, encode(CatchUp()))
-                try:
-                    await trio.to_thread.run_sync(
-                        send, self._payloads(_encoded(items)), limiter=limiter
-                    )
-                except psycopg.Error as exc:
-                    self.problems["notify"] = (
-                        f"live channel: NOTIFY connection lost ({_reason(exc)}); reconnecting"
-                    )
-                    log.warning("bus: %d live items not sent: %s", len(items), exc)
-                    lost = True
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
-                    self._waiting.set()  # try again, if only to send the catch-up
-                    continue
-                if lost:
-                    lost, backoff = False, BACKOFF_START_S
-                    self.problems.pop("notify", None)
-                    log.warning("bus: sending again; the others catch up from the log")
-        finally:
-            if conn is not None:
-                conn.close()
+            events = await self.store.run(fetch)
+        except StoreError as exc:
+            log.warning("could not read events %s..%s of chat %s: %s", first, last, chat_id, exc)
+            self._catch_up_due = True  # try again with the next item
+            return
+        for event in events:
+            self.publish_event(chat_id, event)
+            self._remote_event(chat_id, event)
 
-    def _payloads(self, items: list[str]) -> list[str]:
-        payloads: list[str] = []
-        batch: list[str] = []
-        size = 0
-        for item in items:
-            if batch and size + len(item) + 1 > MAX_PAYLOAD:
-                payloads.append(f"{self.sender}|" + "\n".join(batch))
-                batch, size = [], 0
-            batch.append(item)
-            size += len(item) + 1
-        if batch:
-            payloads.append(f"{self.sender}|" + "\n".join(batch))
-        return payloads
+    def _remote_delta(self, chat_id: UUID, response_id: str, offset: int, text: str) -> None:
+        """Streamed text from another process: handed to the followers here if it continues
+        what they have; after a gap, held until stored text closes it (``_remote_event``)."""
+        remote = self._remote.get(chat_id)
+        if remote is None or remote.response_id != response_id:
+            remote = self._remote[chat_id] = RemoteText(response_id, offset)
+        followed = self.hub.count(chat_id) > 0
+        if offset > remote.end:
+            if followed:
+                remote.hold(offset, text)
+                return
+            remote = self._remote[chat_id] = RemoteText(response_id, offset)
+        start = remote.end
+        new = remote.extend(offset, text)
+        if new and followed:
+            self.hub.publish(chat_id, TokenDelta(chat_id, response_id, new, start))
+
+    def _remote_event(self, chat_id: UUID, event: ChatSession.Event) -> None:
+        """Keeps ``_remote`` in step with the stored events of another process's response."""
+        if isinstance(event, ChatSession.ResponseStarted):
+            self._remote[chat_id] = RemoteText(event.response_id)
+        elif isinstance(event, ChatSession.ResponseEnded):
+            self._remote.pop(chat_id, None)
+        elif isinstance(event, ChatSession.TokensGenerated):
+            remote = self._remote.get(chat_id)
+            if remote is None or remote.response_id != event.response_id:
+                remote = self._remote[chat_id] = RemoteText(event.response_id, event.offset)
+            elif event.offset > remote.end:
+                remote.start, remote.text = event.offset, ""
+            remote.extend(event.offset, event.text)
+            released = remote.release()
+            if released is not None and self.hub.count(chat_id):
+                offset, text = released
+                self.hub.publish(chat_id, TokenDelta(chat_id, event.response_id, text, offset))
+
+    def joined(self, chat_id: UUID, state: LiveState) -> None:
+        """A follower joined with ``state``. The first one of a chat run elsewhere sets what
+        later deltas must continue: the text it was given."""
+        if chat_id in self._given:
+            return
+        self._given[chat_id] = SeqSet(state.last_seq)
+        response = state.response
+        if response is None or self._owns(chat_id):
+            return
+        old = self._remote.get(chat_id)
+        remote = self._remote[chat_id] = RemoteText(response.response_id, 0, response.text)
+        if old is not None and old.response_id == response.response_id and old.end > remote.end:
+            remote.ahead = (old.start, old.text)
+
+    def remote_text(self, chat_id: UUID, response_id: str, persisted: str) -> str:
+        """The text so far of a response running in another process: what it persisted,
+        completed by the deltas this process saw, when the two join up."""
+        known = self._remote.get(chat_id)
+        if known is None or known.response_id != response_id or known.start > len(persisted):
+            return persisted
+        if known.end < len(persisted):
+            return persisted
+        return persisted[: known.start] + known.text
 
 
 @dataclass

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 from uuid import UUID
 
 import trio
 
-from ..events.domain import Outcome
+from ..events.domain import ChatSession, Outcome
 
 T = TypeVar("T")
 
@@ -114,4 +114,4 @@ class LiveState:
 
 
 #: An item a subscriber receives: a stored chat event or a live token delta.
-LiveItem = Any
+LiveItem = ChatSession.Event | TokenDelta

@@ -17,11 +17,14 @@ starts it again, which takes the lease back if it is free or follows the new own
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from uuid import UUID, uuid4
 
 import trio
 
+from ..config import Settings
 from ..events.domain import ChatSession
 from ..events.errors import (
     ChatNotFoundError,
@@ -32,8 +35,12 @@ from ..events.errors import (
     FencedError,
     StoreError,
 )
-from .cluster import Lease
+from ..events.store import EventStore
+from ..llm.base import Provider
+from ..llm.tools import ToolRegistry
+from .cluster import Cluster, Lease
 from .errors import ActorCrashedError, ActorStoppedError
+from .hub import Hub
 from .messages import (
     Accepted,
     Attach,
@@ -47,9 +54,6 @@ from .messages import (
 from .turn import Mutation, Turn, TurnPorts
 from .wire import Delta, Ended, Saved, StopAsked
 
-if TYPE_CHECKING:
-    from .system import ActorSystem
-
 log = logging.getLogger(__name__)
 
 #: Seconds between two attempts of a follower to take over a chat's lease.
@@ -58,15 +62,33 @@ LEASE_RETRY_S = 2.0
 CONFLICT_RETRIES = 5
 
 
+@dataclass(frozen=True, slots=True)
+class ActorContext:
+    """What the actors of one system share, and all that an actor may use of it."""
+
+    settings: Settings
+    store: EventStore
+    provider: Provider
+    tools: ToolRegistry
+    #: This process's followers of each chat.
+    hub: Hub
+    #: The other processes: leases, the bus, the text of responses running there.
+    cluster: Cluster
+    #: Hands a command this actor could not carry out to its successor.
+    redeliver: Callable[[UUID, Command], None]
+    #: Counts the responses generating for a user (``+1`` / ``-1``).
+    generating_changed: Callable[[str, int], None]
+
+
 class SessionActor:
     def __init__(
-        self, system: ActorSystem, chat_id: UUID, chat: ChatSession | None = None
+        self, context: ActorContext, chat_id: UUID, chat: ChatSession | None = None
     ) -> None:
-        self.system = system
-        self.settings = system.settings
-        self.store = system.store
-        self.provider = system.provider
-        self.tools = system.tools
+        self.context = context
+        self.settings = context.settings
+        self.store = context.store
+        self.provider = context.provider
+        self.tools = context.tools
         self.chat_id = chat_id
         self.mailbox, self._inbox = trio.open_memory_channel[Command](self.settings.mailbox_size)
         #: A chat just created here starts from memory (no log read): ``fresh`` until the
@@ -127,7 +149,7 @@ class SessionActor:
         self._loaded = self._seed is not None
         with self._scope:
             if self.lease is None:  # a restarted actor still holds its lease
-                self.lease = await self.system.leases.acquire(self.chat_id)
+                self.lease = await self.context.cluster.leases.acquire(self.chat_id)
                 if self.lease is not None and self.lease.taken_over:
                     recovery_reason = "owner_lost"
             self.fresh = False
@@ -162,7 +184,7 @@ class SessionActor:
         self._work.set()
 
     async def _try_to_own(self) -> None:
-        lease = await self.system.leases.acquire(self.chat_id)
+        lease = await self.context.cluster.leases.acquire(self.chat_id)
         if lease is not None:
             self.lease = lease
             async with self._lock:
@@ -225,12 +247,12 @@ class SessionActor:
                         await self._reload()
                 command.reply.set(None)
         except FencedError:
-            self.system.redeliver(self.chat_id, command)  # nothing was written: run it again
+            self.context.redeliver(self.chat_id, command)  # nothing was written: run it again
         except EventsError as exc:
             command.reply.fail(exc)
         except trio.Cancelled:
             if self.lease_lost:  # nothing was written: the restarted actor runs it
-                self.system.redeliver(self.chat_id, command)
+                self.context.redeliver(self.chat_id, command)
             else:
                 command.reply.fail(ActorStoppedError("the chat's actor stopped; try again"))
             raise
@@ -307,7 +329,7 @@ class SessionActor:
             await self._reload()
         if self.chat.current is None:
             return False
-        self.system.tell_others(StopAsked(self.chat_id))
+        self.context.cluster.tell(StopAsked(self.chat_id))
         return True
 
     def stop_here(self) -> bool:
@@ -354,14 +376,14 @@ class SessionActor:
             self.turn_ports, current.response_id, current.model, current.reply_to_seq,
             settled=self._early != current.response_id,
         )
-        self.system.generating_changed(self.chat.owner, +1)
+        self.context.generating_changed(self.chat.owner, +1)
         try:
             await turn.run(messages)
         finally:
             self.turn = None
-            self.system.generating_changed(self.chat.owner, -1)
+            self.context.generating_changed(self.chat.owner, -1)
             if not turn.abandoned:
-                self.system.tell_others(Ended(self.chat_id, current.response_id))
+                self.context.cluster.tell(Ended(self.chat_id, current.response_id))
 
     def _model(self) -> str:
         return self.chat.model or self.provider.default_model
@@ -411,9 +433,11 @@ class SessionActor:
             if recordings:
                 first = recordings[0].domain_event.originator_version
                 for recording in recordings:
-                    self.published_seq = recording.domain_event.originator_version
-                    self.system.publish_event(self.chat_id, recording.domain_event)
-                self.system.tell_others(Saved(self.chat_id, first, self.published_seq))
+                    event = recording.domain_event
+                    assert isinstance(event, ChatSession.Event)
+                    self.published_seq = event.originator_version
+                    self.context.cluster.publish_event(self.chat_id, event)
+                self.context.cluster.tell(Saved(self.chat_id, first, self.published_seq))
                 self._work.set()
             return results[0]
 
@@ -427,8 +451,8 @@ class SessionActor:
 
     def publish_delta(self, delta: TokenDelta) -> None:
         """Sends streamed text to this process's subscribers and to the other processes."""
-        self.system.hub.publish(self.chat_id, delta)
-        self.system.tell_others(Delta(self.chat_id, delta.response_id, delta.offset, delta.text))
+        self.context.hub.publish(self.chat_id, delta)
+        self.context.cluster.tell(Delta(self.chat_id, delta.response_id, delta.offset, delta.text))
 
     def live_state(self) -> LiveState:
         """What a subscriber joining now has missed: the last seq and the text so far."""
@@ -438,7 +462,7 @@ class SessionActor:
         if self.turn is not None:
             text = self.turn.text
         else:  # the response runs in another process: its persisted text, then live deltas
-            text = self.system.remote_text(self.chat_id, current.response_id, current.text)
+            text = self.context.cluster.remote_text(self.chat_id, current.response_id, current.text)
         return LiveState(
             self.published_seq, LiveResponse(current.response_id, current.reply_to_seq, text)
         )

@@ -9,11 +9,12 @@ system resumes every chat left with an open response or an unanswered message.
 On SQLite the data directory is claimed with an exclusive file lock: one process owns its
 chats, so a response left open at start-up was necessarily left by a dead process.
 
-On PostgreSQL the system also runs the bus and watches the lease connection. When leases are
-lost, their actors stop writing at once and start again (as followers until they get the
-lease back, here or elsewhere); when items from other processes were lost, every actor
-reloads and the followers of each chat get the events they missed from the log.
-``problems()`` says what is degraded meanwhile.
+On PostgreSQL the system's ``Cluster`` also runs the bus and watches the lease connection.
+When leases are lost, their actors stop writing at once and start again (as followers until
+they get the lease back, here or elsewhere); when items from other processes were lost, every
+actor reloads and the followers of each chat get the events they missed from the log.
+``problems()`` says what is degraded meanwhile. An actor is given an ``ActorContext`` (the
+store, the model, the tools, the hub, the cluster and two callbacks), never the system.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any, overload
+from typing import IO, overload
 from uuid import UUID
 
 import trio
@@ -37,7 +38,7 @@ from ..events.errors import ChatNotFoundError, EventsError, StoreError, StoreUna
 from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
-from .cluster import Bus, LocalLeases, PostgresLeases, RemoteText, SeqSet
+from .cluster import Cluster
 from .errors import ActorError, ActorStoppedError, MailboxFullError
 from .hub import Hub, Subscription
 from .messages import (
@@ -45,13 +46,10 @@ from .messages import (
     Admission,
     Attach,
     Command,
-    LiveState,
     SendMessage,
     StopGeneration,
-    TokenDelta,
 )
-from .session import SessionActor
-from .wire import BusMessage, CatchUp, Delta, Ended, Saved, StopAsked
+from .session import ActorContext, SessionActor
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +57,6 @@ log = logging.getLogger(__name__)
 MAILBOX_WAIT_S = 5.0
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 5.0
-#: Items from other processes waiting to be applied before new ones are dropped.
-BUS_BACKLOG = 10_000
 
 
 class DataDirLockedError(StoreError):
@@ -105,18 +101,13 @@ class ActorSystem:
         #: shutdown signal: the web layer reads it too).
         self.closing = trio.Event()
         self._lock_file: IO[str] | None = None
-        self.leases: LocalLeases | PostgresLeases = LocalLeases()
-        self.bus: Bus | None = None
-        if settings.store_kind == "postgres":
-            self.leases = PostgresLeases(settings, self._leases_lost)
-            self.bus = Bus(settings, self._from_others)
-        self._from_bus, self._bus_items = trio.open_memory_channel[BusMessage](BUS_BACKLOG)
-        #: Text streamed by responses running in other processes.
-        self._remote: dict[UUID, RemoteText] = {}
-        #: The seqs handed to the followers of each chat followed here.
-        self._given: dict[UUID, SeqSet] = {}
-        #: Items from other processes were lost: catch up from the log before the next one.
-        self._catch_up_due = False
+        #: The other processes sharing the database: leases, bus, remote text, takeover.
+        self.cluster = Cluster(settings, store, self.hub, self._actors, self._resume_unfinished)
+        #: What every actor of this system is given.
+        self.context = ActorContext(
+            settings, store, provider, tools, self.hub, self.cluster, self.redeliver,
+            self.generating_changed,
+        )
         self._unfinished = UnfinishedChats(store.app)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -128,19 +119,14 @@ class ActorSystem:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.bus is not None:
-                    await nursery.start(self.bus.run)
-                    nursery.start_soon(self._feed_from_others)
-                if isinstance(self.leases, PostgresLeases):
-                    await nursery.start(self.leases.watch)
+                await nursery.start(self.cluster.run)
                 await self._resume_unfinished()
-                if self.bus is not None:
-                    nursery.start_soon(self._resume_periodically)
+                nursery.start_soon(self.cluster.take_over)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self.leases.close()
+            self.cluster.close()
             if self._lock_file is not None:
                 self._lock_file.close()
 
@@ -149,15 +135,6 @@ class ActorSystem:
         for chat_id in await self.store.run(self._unfinished.scan):
             if self._nursery is not None:
                 self._actor_for(chat_id)
-
-    async def _resume_periodically(self) -> None:
-        """Several processes: takes over the unfinished chats of a process that died."""
-        while True:
-            await trio.sleep(self.settings.recovery_interval_s)
-            try:
-                await self._resume_unfinished()
-            except StoreError as exc:
-                log.warning("could not look for unfinished chats: %s", exc)
 
     def _claim_data_dir(self) -> None:
         self._lock_file = claim_data_dir(self.settings.data_dir)
@@ -197,7 +174,7 @@ class ActorSystem:
         chat = ChatSession.start(owner)
         await self.store.save(chat)
         if self._nursery is not None and chat.id not in self._actors:
-            self._start(SessionActor(self, chat.id, chat))
+            self._start(SessionActor(self.context, chat.id, chat))
         return chat.id
 
     async def send_message(
@@ -238,19 +215,13 @@ class ActorSystem:
                 actor = found
                 break
         subscription = self.hub.open(chat_id, actor.live_state())
-        self._joined(chat_id, subscription.state)
+        self.cluster.joined(chat_id, subscription.state)
         try:
             yield subscription
         finally:
             self.hub.close(subscription)
             if not self.hub.count(chat_id):
-                self._given.pop(chat_id, None)
-
-    def publish_event(self, chat_id: UUID, event: Any) -> None:
-        """Hands a stored event to the chat's followers here, unless they had it already."""
-        given = self._given.get(chat_id)
-        if given is None or given.add(event.originator_version):
-            self.hub.publish(chat_id, event)
+                self.cluster.left(chat_id)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -266,10 +237,7 @@ class ActorSystem:
     def problems(self) -> list[str]:
         """What is degraded now (a lost connection to PostgreSQL being made again), for
         operators; empty when all is well."""
-        found = list(self.bus.problems.values()) if self.bus is not None else []
-        if self.leases.problem is not None:
-            found.append(self.leases.problem)
-        return found
+        return self.cluster.problems()
 
     def owner_of(self, chat_id: UUID) -> str | None:
         """The chat's owner as its running actor holds it, or None if no actor has it in
@@ -322,7 +290,7 @@ class ActorSystem:
         if actor is None:
             if self._nursery is None:
                 raise ActorStoppedError("the actor system is not running")
-            actor = self._start(SessionActor(self, chat_id))
+            actor = self._start(SessionActor(self.context, chat_id))
         return actor
 
     def _start(self, actor: SessionActor) -> SessionActor:
@@ -346,7 +314,7 @@ class ActorSystem:
                     if not actor.lease_lost:
                         return
                     reason = "owner_lost"
-                    await self._release(actor.chat_id)  # if its lock outlived the fence
+                    await self.cluster.release(actor.chat_id)  # if its lock outlived the fence
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                 except ChatNotFoundError as exc:
@@ -372,7 +340,7 @@ class ActorSystem:
             for command in actor.drain():
                 self.redeliver(actor.chat_id, command)
             if actor.owns:
-                await self._release(actor.chat_id)
+                await self.cluster.release(actor.chat_id)
 
     def _restart_later(
         self, actor: SessionActor, outage: StoreUnavailableError, backoff: float
@@ -391,149 +359,11 @@ class ActorSystem:
             await trio.sleep(backoff)
             if chat_id in self._actors or self._nursery is None or self.closing.is_set():
                 return
-            fresh = self._actors[chat_id] = SessionActor(self, chat_id)
+            fresh = self._actors[chat_id] = SessionActor(self.context, chat_id)
             await self._supervise(fresh, "actor_restarted", min(backoff * 2, BACKOFF_MAX_S))
 
         if self._nursery is not None:
             self._nursery.start_soon(retry)
-
-    async def _release(self, chat_id: UUID) -> None:
-        with trio.move_on_after(2, shield=True):
-            try:
-                await self.leases.release(chat_id)
-            except StoreError as exc:
-                log.warning("could not release the lease of %s: %s", chat_id, exc)
-
-    # -- other processes ----------------------------------------------------------------
-
-    def tell_others(self, message: BusMessage) -> None:
-        if self.bus is not None:
-            self.bus.tell(message)
-
-    def _leases_lost(self, chat_ids: list[UUID]) -> None:
-        for chat_id in chat_ids:
-            actor = self._actors.get(chat_id)
-            if actor is not None:
-                actor.lose_lease()
-
-    def _from_others(self, message: BusMessage) -> None:
-        if isinstance(message, CatchUp):
-            self._catch_up_due = True
-        try:
-            self._from_bus.send_nowait(message)
-        except trio.WouldBlock:
-            self._catch_up_due = True
-            log.warning("bus backlog full: a live item from another process was dropped")
-
-    async def _feed_from_others(self) -> None:
-        """Applies other processes' items in arrival order: stops, wake-ups, live frames;
-        catches up from the log first when some were lost."""
-        async for message in self._bus_items:
-            if self._catch_up_due:
-                self._catch_up_due = False
-                await self._catch_up()
-            if isinstance(message, CatchUp):
-                continue
-            chat_id = message.chat_id
-            actor = self._actors.get(chat_id)
-            owned = actor is not None and actor.owns
-            if isinstance(message, StopAsked) and actor is not None and owned:
-                actor.stop_here()
-            elif isinstance(message, Saved):
-                if actor is not None and owned:
-                    actor.refresh_soon()
-                given = self._given.get(chat_id)
-                if given is not None:  # from the first seq not handed on: none is skipped
-                    first = min(message.first, given.upto + 1)
-                    await self._publish_stored(chat_id, first, message.last)
-            elif isinstance(message, Delta) and not owned:
-                # (text from an owner that lost the chat to this process is not handed on)
-                self._remote_delta(chat_id, message.response_id, message.offset, message.text)
-            elif isinstance(message, Ended):
-                self._remote.pop(chat_id, None)
-
-    async def _catch_up(self) -> None:
-        """Items from other processes were lost: every actor reloads its chat (a message
-        recorded elsewhere may be waiting for its owner), and the followers of each chat get
-        the events they missed, read from the log."""
-        log.info("catching up from the log: %d chats followed here", len(self._given))
-        for actor in list(self._actors.values()):
-            actor.refresh_soon()
-        for chat_id, given in list(self._given.items()):
-            await self._publish_stored(chat_id, given.upto + 1)
-
-    async def _publish_stored(self, chat_id: UUID, first: int, last: int | None = None) -> None:
-        def fetch() -> list[Any]:
-            return list(self.store.app.events.get(chat_id, gt=first - 1, lte=last))
-
-        try:
-            events = await self.store.run(fetch)
-        except StoreError as exc:
-            log.warning("could not read events %s..%s of chat %s: %s", first, last, chat_id, exc)
-            self._catch_up_due = True  # try again with the next item
-            return
-        for event in events:
-            self.publish_event(chat_id, event)
-            self._remote_event(chat_id, event)
-
-    def _remote_delta(self, chat_id: UUID, response_id: str, offset: int, text: str) -> None:
-        """Streamed text from another process: handed to the followers here if it continues
-        what they have; after a gap, held until stored text closes it (``_remote_event``)."""
-        remote = self._remote.get(chat_id)
-        if remote is None or remote.response_id != response_id:
-            remote = self._remote[chat_id] = RemoteText(response_id, offset)
-        followed = self.hub.count(chat_id) > 0
-        if offset > remote.end:
-            if followed:
-                remote.hold(offset, text)
-                return
-            remote = self._remote[chat_id] = RemoteText(response_id, offset)
-        start = remote.end
-        new = remote.extend(offset, text)
-        if new and followed:
-            self.hub.publish(chat_id, TokenDelta(chat_id, response_id, new, start))
-
-    def _remote_event(self, chat_id: UUID, event: Any) -> None:
-        """Keeps ``_remote`` in step with the stored events of another process's response."""
-        if isinstance(event, ChatSession.ResponseStarted):
-            self._remote[chat_id] = RemoteText(event.response_id)
-        elif isinstance(event, ChatSession.ResponseEnded):
-            self._remote.pop(chat_id, None)
-        elif isinstance(event, ChatSession.TokensGenerated):
-            remote = self._remote.get(chat_id)
-            if remote is None or remote.response_id != event.response_id:
-                remote = self._remote[chat_id] = RemoteText(event.response_id, event.offset)
-            elif event.offset > remote.end:
-                remote.start, remote.text = event.offset, ""
-            remote.extend(event.offset, event.text)
-            released = remote.release()
-            if released is not None and self.hub.count(chat_id):
-                offset, text = released
-                self.hub.publish(chat_id, TokenDelta(chat_id, event.response_id, text, offset))
-
-    def _joined(self, chat_id: UUID, state: LiveState) -> None:
-        """A follower joined with ``state``. The first one of a chat run elsewhere sets what
-        later deltas must continue: the text it was given."""
-        if chat_id in self._given:
-            return
-        self._given[chat_id] = SeqSet(state.last_seq)
-        response = state.response
-        if response is None or self.owns(chat_id):
-            return
-        old = self._remote.get(chat_id)
-        remote = self._remote[chat_id] = RemoteText(response.response_id, 0, response.text)
-        if old is not None and old.response_id == response.response_id and old.end > remote.end:
-            remote.ahead = (old.start, old.text)
-
-    def remote_text(self, chat_id: UUID, response_id: str, persisted: str) -> str:
-        """The text so far of a response running in another process: what it persisted,
-        completed by the deltas this process saw, when the two join up."""
-        known = self._remote.get(chat_id)
-        if known is None or known.response_id != response_id or known.start > len(persisted):
-            return persisted
-        if known.end < len(persisted):
-            return persisted
-        return persisted[: known.start] + known.text
 
     def redeliver(self, chat_id: UUID, command: Command) -> None:
         """Hands a command left in a passivated actor's mailbox (or one an actor could not
