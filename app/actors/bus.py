@@ -7,7 +7,6 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 import trio
@@ -19,6 +18,7 @@ from .connections import (
     BACKOFF_START_S,
     LISTEN_APP_NAME,
     NOTIFY_APP_NAME,
+    Connection,
     connect,
     reason,
 )
@@ -150,7 +150,7 @@ class Bus:
         """Sends what is queued; after a failure, waits (backoff), drops what could not be
         sent and tells the others to catch up from the log (``r``) with the next batch."""
         limiter = trio.CapacityLimiter(1)
-        conn: psycopg.Connection[Any] | None = None
+        conn: Connection | None = None
         backoff, lost = BACKOFF_START_S, False
 
         def send(payloads: list[str]) -> None:

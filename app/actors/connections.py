@@ -4,10 +4,11 @@ after any error."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import TupleRow
+
+Connection = psycopg.Connection[TupleRow]
 
 #: Waits between two attempts to make a lost connection again.
 BACKOFF_START_S = 0.1
@@ -24,7 +25,7 @@ LISTEN_APP_NAME = "eventchat-listen"
 NOTIFY_APP_NAME = "eventchat-notify"
 
 
-def connect(url: str, application_name: str) -> psycopg.Connection[Any]:
+def connect(url: str, application_name: str) -> Connection:
     """A dedicated autocommit connection, named for ``pg_stat_activity`` (blocking)."""
     conninfo = make_conninfo(
         url, connect_timeout=5, application_name=application_name, **KEEPALIVES

@@ -14,7 +14,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar, TypeVarTuple
 from uuid import UUID
 
 import psycopg
@@ -24,9 +24,18 @@ from psycopg import sql
 from ..config import Settings
 from ..events.application import LEASES_TABLE, Fence
 from ..events.errors import StoreUnavailableError
-from .connections import BACKOFF_MAX_S, BACKOFF_START_S, LEASES_APP_NAME, connect, reason
+from .connections import (
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    LEASES_APP_NAME,
+    Connection,
+    connect,
+    reason,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 def lock_key(chat_id: UUID) -> int:
@@ -86,7 +95,7 @@ class PostgresLeases:
             "ON CONFLICT (chat_id) DO UPDATE SET holder = EXCLUDED.holder, epoch = l.epoch + 1 "
             "RETURNING l.epoch, (SELECT holder FROM {t} WHERE chat_id = %(c)s) AS previous"
         ).format(t=table)
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn: Connection | None = None
         self._lock = trio.Lock()
         self._held: dict[UUID, Lease] = {}
         #: Why leases cannot be taken now (the connection is lost), or None.
@@ -109,7 +118,7 @@ class PostgresLeases:
         self._held[chat_id] = lease
         return lease
 
-    def _take(self, conn: psycopg.Connection[Any], chat_id: UUID) -> tuple[int, str] | None:
+    def _take(self, conn: Connection, chat_id: UUID) -> tuple[int, str] | None:
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key(chat_id),)).fetchone()
         if not (row and row[0]):
             return None
@@ -138,7 +147,7 @@ class PostgresLeases:
             backoff = BACKOFF_START_S
             await trio.sleep(self._interval)
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, fn: Callable[[Connection, *Ts], T], *args: *Ts) -> T:
         async with self._lock:
             try:
                 result = await trio.to_thread.run_sync(self._in_thread, fn, *args)
@@ -148,7 +157,7 @@ class PostgresLeases:
             self.problem = None
             return result
 
-    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _in_thread(self, fn: Callable[[Connection, *Ts], T], *args: *Ts) -> T:
         if self._conn is None:
             self._conn = connect(self._url, LEASES_APP_NAME)
         try:
@@ -172,9 +181,9 @@ class PostgresLeases:
             self._conn.close()
 
 
-def _ping(conn: psycopg.Connection[Any]) -> None:
+def _ping(conn: Connection) -> None:
     conn.execute("SELECT 1")
 
 
-def _unlock(conn: psycopg.Connection[Any], chat_id: UUID) -> None:
+def _unlock(conn: Connection, chat_id: UUID) -> None:
     conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(chat_id),))

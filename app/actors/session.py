@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 from uuid import UUID, uuid4
 
 import trio
@@ -55,6 +55,7 @@ from .turn import Mutation, Turn, TurnPorts
 from .wire import Delta, Ended, Saved, StopAsked
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Seconds between two attempts of a follower to take over a chat's lease.
 LEASE_RETRY_S = 2.0
@@ -274,9 +275,7 @@ class SessionActor:
                 command.reply.fail(exc)
                 return None
         max_chars = self.settings.max_message_chars
-        mutations: list[Mutation] = [
-            lambda chat: chat.receive_message(command.text, cmid, max_chars)
-        ]
+        mutations: list[Mutation] = []
         early: str | None = None
         if self.owns and self.turn is None and self.chat.current is None and not self.chat.pending:
             # Nothing to wait for: its response starts in the same transaction, and the
@@ -285,7 +284,9 @@ class SessionActor:
             mutations.append(lambda chat: chat.start_response(model, self.provider.name, early))
             self._early = early
         try:
-            seq = await self.record(*mutations)
+            seq = await self.record(
+                lambda chat: chat.receive_message(command.text, cmid, max_chars), *mutations
+            )
         except DuplicateMessageError:  # recorded meanwhile by another process
             if admission is not None:
                 admission.undo()
@@ -395,10 +396,11 @@ class SessionActor:
 
     # -- recording ----------------------------------------------------------------------
 
-    async def record(self, *mutations: Mutation) -> Any:
-        """Applies ``mutations`` to the chat and saves their events in one transaction.
+    async def record(self, first: Callable[[ChatSession], T], *more: Mutation) -> T:
+        """Applies the mutations (``first``, then ``more``) to the chat and saves their
+        events in one transaction.
 
-        Returns the first mutation's result. A rule error leaves everything unchanged. If
+        Returns ``first``'s result. A rule error leaves everything unchanged. If
         another process wrote the chat first (a follower recorded a message), the chat is
         reloaded and the mutations decide again on the stored state, a few times: they check
         what they need (a turn's text must continue the stored text exactly, see
@@ -415,7 +417,9 @@ class SessionActor:
             with trio.CancelScope(shield=True):
                 for attempt in range(CONFLICT_RETRIES):
                     try:
-                        results = [mutate(self.chat) for mutate in mutations]
+                        result = first(self.chat)
+                        for mutate in more:
+                            mutate(self.chat)
                         if self._early is not None:  # its model call starts now
                             self._work.set()
                         recordings = await self.store.save(self.chat, fence=fence)
@@ -431,15 +435,15 @@ class SessionActor:
                             await self._reload()
                         raise
             if recordings:
-                first = recordings[0].domain_event.originator_version
+                lowest = recordings[0].domain_event.originator_version
                 for recording in recordings:
                     event = recording.domain_event
                     assert isinstance(event, ChatSession.Event)
                     self.published_seq = event.originator_version
                     self.context.cluster.publish_event(self.chat_id, event)
-                self.context.cluster.tell(Saved(self.chat_id, first, self.published_seq))
+                self.context.cluster.tell(Saved(self.chat_id, lowest, self.published_seq))
                 self._work.set()
-            return results[0]
+            return result
 
     async def _reload(self) -> None:
         """Replaces the chat in memory by the stored one; a failure here is a crash."""

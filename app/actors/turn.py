@@ -31,7 +31,7 @@ from uuid import UUID, uuid4
 import trio
 
 from ..config import Settings
-from ..events.domain import ChatSession
+from ..events.domain import ChatSession, ResponseTiming, ResponseUsage
 from ..events.errors import FencedError
 from ..events.text import clean_text
 from ..llm.base import (
@@ -50,14 +50,15 @@ from ..llm.errors import LLMError, ToolError
 from ..llm.tools import ToolRegistry
 from .messages import TokenDelta
 
-Mutation = Callable[[ChatSession], Any]
+#: A change to a chat (its result, if any, is the caller's).
+Mutation = Callable[[ChatSession], object]
 
 
 class Record(Protocol):
     """Applies mutations to the chat and saves their events in one transaction (the
     actor's ``record``): raises ``FencedError`` when the chat is no longer ours to write."""
 
-    async def __call__(self, *mutations: Mutation) -> object: ...
+    async def __call__(self, first: Mutation, /, *more: Mutation) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ class Meter:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
-    server_timings: dict[str, Any] = field(default_factory=dict)
+    server_timings: dict[str, object] = field(default_factory=dict)
 
     def add_usage(self, usage: Usage) -> None:
         self.prompt_tokens += usage.prompt_tokens
@@ -92,12 +93,19 @@ class Meter:
         self.estimated = self.estimated or usage.estimated
         self.server_timings.update(usage.server_timings)
 
-    def usage(self) -> dict[str, Any]:
-        return Usage(
-            self.prompt_tokens, self.completion_tokens, self.estimated, self.server_timings
-        ).as_dict()
+    def usage(self) -> ResponseUsage:
+        usage: ResponseUsage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        if self.estimated:
+            usage["estimated"] = True
+        if self.server_timings:
+            usage["server_timings"] = self.server_timings
+        return usage
 
-    def timing(self) -> dict[str, Any]:
+    def timing(self) -> ResponseTiming:
         end = time.perf_counter()
         duration = end - self.started
         ttft = None if self.first_token is None else self.first_token - self.started
@@ -339,7 +347,7 @@ class Turn:
         await trio.lowlevel.checkpoint()  # abandoned: the stop scope ends the turn here
         context = ToolContext(owner=self.ports.chat().owner, chat_id=str(self.ports.chat_id))
         started = time.perf_counter()
-        record: Callable[[ChatSession], Any]
+        record: Mutation
         try:
             result = await self.ports.tools.call(call.name, call.arguments, context)
         except ToolError as exc:

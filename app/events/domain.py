@@ -8,9 +8,10 @@ The module is synchronous and does no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar, NotRequired, TypedDict
 from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
@@ -47,12 +48,46 @@ def auto_title(text: str) -> str:
     return cut.rstrip() + "…"
 
 
+class ResponseUsage(TypedDict):
+    """Tokens a response used, summed over its model rounds (stored as this dict)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    #: Present (True) when the server reported no usage and these are estimates.
+    estimated: NotRequired[bool]
+    #: The server's own timings, when it sends them (llama.cpp ``timings``, Ollama's).
+    server_timings: NotRequired[dict[str, object]]
+
+
+class ResponseTiming(TypedDict):
+    """How long a response took (stored as this dict)."""
+
+    #: Time to the first token; None when the model sent no text.
+    ttft_ms: float | None
+    duration_ms: float
+    tokens_per_second: float
+
+
+#: What the ending methods accept as ``usage`` and ``timing``: a ``ResponseUsage`` and a
+#: ``ResponseTiming`` from the actor (any JSON object is stored as given).
+Measured = Mapping[str, object]
+
+
+class HistoryEntry(TypedDict):
+    """One turn of the conversation as the model sees it."""
+
+    role: str
+    content: str
+    seq: int
+
+
 @dataclass
 class ToolCallState:
     call_id: str
     tool: str
-    arguments: Any
-    result: Any = None
+    arguments: object
+    result: object = None
     error: str | None = None
     duration_ms: float | None = None
     done: bool = False
@@ -104,7 +139,7 @@ class ChatSession(Aggregate):
         class_version = 2
 
         @staticmethod
-        def upcast_v1_v2(state: dict[str, Any]) -> None:
+        def upcast_v1_v2(state: dict[str, object]) -> None:
             state["max_tokens"] = None
 
     class Renamed(Event):
@@ -161,7 +196,7 @@ class ChatSession(Aggregate):
         response_id: str
         call_id: str
         tool: str
-        arguments: Any
+        arguments: object
 
         def apply_to(self, chat: ChatSession) -> None:
             assert chat.current is not None
@@ -170,7 +205,7 @@ class ChatSession(Aggregate):
     class ToolCompleted(Event):
         response_id: str
         call_id: str
-        result: Any
+        result: object
         duration_ms: float
 
         def apply_to(self, chat: ChatSession) -> None:
@@ -220,17 +255,17 @@ class ChatSession(Aggregate):
     class ResponseCompleted(ResponseEnded):
         model: str
         finish_reason: str
-        usage: dict[str, Any]
-        timing: dict[str, Any]
+        usage: ResponseUsage
+        timing: ResponseTiming
 
     class ResponseFailed(ResponseEnded):
         error: dict[str, str]
-        usage: dict[str, Any]
-        timing: dict[str, Any]
+        usage: ResponseUsage
+        timing: ResponseTiming
 
     class ResponseStopped(ResponseEnded):
-        usage: dict[str, Any]
-        timing: dict[str, Any]
+        usage: ResponseUsage
+        timing: ResponseTiming
 
     class ResponseInterrupted(ResponseEnded):
         reason: str
@@ -250,7 +285,7 @@ class ChatSession(Aggregate):
         self.model = model
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
-        self.history: list[dict[str, Any]] = []
+        self.history: list[HistoryEntry] = []
         self.client_message_ids: dict[str, int] = {}
         self.pending: list[int] = []
         #: user message seq (as str: JSON object keys) -> id of the response answering it
@@ -355,7 +390,9 @@ class ChatSession(Aggregate):
                 tokens=tokens,
             )
 
-    def invoke_tool(self, response_id: str, call_id: str, tool: str, arguments: Any) -> None:
+    def invoke_tool(
+        self, response_id: str, call_id: str, tool: str, arguments: object
+    ) -> None:
         self._require_current(response_id)
         self.trigger_event(
             self.ToolInvoked,
@@ -366,7 +403,7 @@ class ChatSession(Aggregate):
         )
 
     def complete_tool(
-        self, response_id: str, call_id: str, result: Any, duration_ms: float
+        self, response_id: str, call_id: str, result: object, duration_ms: float
     ) -> None:
         self._require_open_call(response_id, call_id)
         self.trigger_event(
@@ -392,8 +429,8 @@ class ChatSession(Aggregate):
         response_id: str,
         model: str,
         finish_reason: str,
-        usage: dict[str, Any],
-        timing: dict[str, Any],
+        usage: Measured,
+        timing: Measured,
     ) -> None:
         self._require_current(response_id)
         self.trigger_event(
@@ -406,7 +443,7 @@ class ChatSession(Aggregate):
         )
 
     def fail_response(
-        self, response_id: str, error: dict[str, str], usage: dict[str, Any], timing: dict[str, Any]
+        self, response_id: str, error: dict[str, str], usage: Measured, timing: Measured
     ) -> None:
         self._require_current(response_id)
         self.trigger_event(
@@ -418,7 +455,7 @@ class ChatSession(Aggregate):
         )
 
     def stop_response(
-        self, response_id: str, usage: dict[str, Any], timing: dict[str, Any]
+        self, response_id: str, usage: Measured, timing: Measured
     ) -> None:
         self._require_current(response_id)
         self.trigger_event(

@@ -9,17 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TypeAlias, TypedDict, cast
 from uuid import UUID
 
 from .application import ChatApplication
 from .domain import ChatSession
 from .errors import ChatNotFoundError
 
+#: A value as JSON writes it.
+JSONValue: TypeAlias = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
+
+
+class EventRecord(TypedDict):
+    """One stored event, as ``GET /chat/{id}/events`` shows it."""
+
+    seq: int
+    type: str
+    timestamp: JSONValue
+    data: dict[str, JSONValue]
+
+
 _ENVELOPE = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
 
-def event_record(event: Any) -> dict[str, Any]:
+def event_record(event: ChatSession.Event) -> EventRecord:
     """One stored event as a JSON-able record (timestamps ISO-8601 UTC)."""
     data = {k: _plain(v) for k, v in event.__dict__.items() if k not in _ENVELOPE}
     return {
@@ -36,11 +49,11 @@ def chat_records(
     after_seq: int = 0,
     until_seq: int | None = None,
     limit: int | None = None,
-) -> list[dict[str, Any]]:
+) -> list[EventRecord]:
     """The chat's events after ``after_seq`` up to ``until_seq`` (at most ``limit``), oldest
     first. Raises ``ChatNotFoundError`` if the chat has no events at all."""
     events = app.events.get(chat_id, gt=after_seq or None, lte=until_seq, limit=limit)
-    records = [event_record(event) for event in events]
+    records = [event_record(cast(ChatSession.Event, event)) for event in events]
     if not records and after_seq == 0:
         raise ChatNotFoundError(f"no chat {chat_id}")
     return records
@@ -48,7 +61,7 @@ def chat_records(
 
 def chat_at(app: ChatApplication, chat_id: UUID, seq: int | None = None) -> ChatSession:
     """The chat exactly as it was after event ``seq`` (the latest state if None)."""
-    chat: Any = app.repository.get(chat_id, version=seq)
+    chat: object = app.repository.get(chat_id, version=seq)
     assert isinstance(chat, ChatSession)
     return chat
 
@@ -66,7 +79,7 @@ def all_chat_ids(app: ChatApplication, page: int = 1000) -> Iterator[UUID]:
         start = batch[-1].id + 1
 
 
-def describe(record: dict[str, Any]) -> str:
+def describe(record: EventRecord) -> str:
     """A one-line human reading of a record, for ``eventchat replay``."""
     data = record["data"]
     kind = record["type"]
@@ -94,7 +107,7 @@ def describe(record: dict[str, Any]) -> str:
     return f"{record['seq']:>6}  {record['timestamp']}  {kind:<20} {detail}"
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> JSONValue:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

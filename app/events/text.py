@@ -18,12 +18,14 @@ one, so offsets stay exact, and the cleaned text is what is recorded and shown.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidTextError
 
 REPLACEMENT = "\ufffd"
 _FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
+
+T = TypeVar("T")
 
 
 def text_problem(value: str) -> str | None:
@@ -54,13 +56,13 @@ def clean_text(value: str) -> str:
     return _FORBIDDEN.sub(REPLACEMENT, value)
 
 
-def clean_json(value: Any) -> Any:
+def clean_json(value: T) -> T:
     """A JSON value with ``clean_text`` applied to every string in it, keys included.
 
     Iterative, so that a deeply nested value cannot exhaust the stack.
     """
     if isinstance(value, str):
-        return clean_text(value)
+        return clean_text(value)  # type: ignore[return-value]  # a str, cleaned
     if not isinstance(value, dict | list):
         return value
     root: list[Any] = [None]
@@ -80,4 +82,4 @@ def clean_json(value: Any) -> Any:
         else:
             copy = item
         parent[key] = copy
-    return root[0]
+    return root[0]  # type: ignore[no-any-return]  # a copy of value, of its type

@@ -20,7 +20,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from ..actors.messages import Accepted, LiveState, TokenDelta
+from ..actors.messages import Accepted, LiveItem, LiveState, TokenDelta
 from ..events.domain import ChatSession, ending_status
 from ..projections.projector import LiveRows
 from ..projections.rows import MessageDict, message_dict
@@ -76,7 +76,7 @@ class ChatFeed:
 
     # -- live -------------------------------------------------------------------------------
 
-    async def frames(self, item: Any) -> AsyncGenerator[Frame, None]:
+    async def frames(self, item: LiveItem) -> AsyncGenerator[Frame, None]:
         """The frames for one live item (none for bookkeeping events).
 
         A response's end yields its ``done`` frame at once, before waiting for the views.
@@ -172,7 +172,8 @@ class ChatFeed:
         return [m for m in messages
                 if m["seq"] == first or m.get("response_id") == response_id]
 
-    def _status(self, response_id: str, turn: list[MessageDict], event: Any) -> Frame:
+    def _status(self, response_id: str, turn: list[MessageDict],
+                event: ChatSession.ResponseEnded | None) -> Frame:
         answer: Mapping[str, Any] = next(
             (m for m in turn if m.get("response_id") == response_id), {})
         usage = answer.get("usage") or getattr(event, "usage", None) or {}

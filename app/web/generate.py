@@ -20,6 +20,7 @@ from uuid import UUID
 import trio
 from quart import Response
 
+from ..actors.hub import Subscription
 from ..actors.messages import Accepted
 from ..events.domain import ChatSession
 from ..events.errors import ChatRuleError
@@ -82,7 +83,7 @@ def ack_frame(accepted: Accepted) -> Frame:
 
 
 async def answer_frames(
-    feed: ChatFeed, sub: Any, accepted: Accepted
+    feed: ChatFeed, sub: Subscription, accepted: Accepted
 ) -> AsyncGenerator[Frame, None]:
     """The frames of the turn answering ``accepted``, ending with its ``chat_history``.
 

@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import trio
@@ -27,6 +27,7 @@ import trio
 from ..actors.system import ActorSystem
 from ..config import Settings
 from ..events import wal
+from ..events.application import ChatApplication
 from ..events.errors import ChatNotFoundError, StoreError
 from ..events.store import EventStore
 from ..llm import build_provider, default_registry
@@ -40,6 +41,9 @@ from ..storage.users import UserStore
 from .limits import MessageLimiter
 from .metrics import Metrics, ResponseObserver
 from .users import Authenticator
+
+if TYPE_CHECKING:
+    from .ws import Connection
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class Services:
     grace_s: float = SHUTDOWN_GRACE_S
     connections: int = 0
     #: The open WebSocket connections (watched together: see ``ws.watch_connections``).
-    sockets: set[Any] = field(default_factory=set)
+    sockets: set[Connection] = field(default_factory=set)
     #: Open (or opening) WebSocket connections per user, for their limit.
     sockets_of: Counter[str] = field(default_factory=Counter)
     #: Set once running responses have ended: WebSocket connections close (1001).
@@ -217,7 +221,7 @@ class Services:
                     await _close(resource)
 
 
-def chat_owned_by(app: Any, chat_id: UUID, owner: str) -> None:
+def chat_owned_by(app: ChatApplication, chat_id: UUID, owner: str) -> None:
     """Blocking: raises ``ChatNotFoundError`` unless the chat's first event names ``owner``."""
     first = list(app.events.get(chat_id, lte=1))
     if not first or getattr(first[0], "owner", None) != owner:

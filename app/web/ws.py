@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -36,6 +36,7 @@ from .schemas import MAX_ID, MAX_SEQ, Text
 from .services import Services
 
 log = logging.getLogger(__name__)
+Parsed = TypeVar("Parsed", bound=BaseModel)
 ws = Blueprint("ws", __name__)
 
 OUTBOUND_FRAMES = 1024
@@ -243,8 +244,8 @@ class Connection:
         if event == "user_message":
             self._queue_message(_parse(UserMessage, data))
         elif event == "subscribe":
-            command = _parse(Subscribe, data)
-            await self._follow(command.chat_id, command.after_seq, history=True)
+            subscribe = _parse(Subscribe, data)
+            await self._follow(subscribe.chat_id, subscribe.after_seq, history=True)
         elif event == "unsubscribe":
             chat_id = _parse(ChatCommand, data).chat_id
             scope = self.following.pop(chat_id, None)
@@ -374,7 +375,7 @@ class Connection:
                 self.following.pop(chat_id, None)
 
 
-def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+def _parse(model: type[Parsed], data: dict[str, object]) -> Parsed:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
