@@ -532,8 +532,6 @@ ENDING_STATUS: dict[type[ChatSession.ResponseEnded], str] = {
     ChatSession.ResponseStopped: "stopped",
     ChatSession.ResponseInterrupted: "interrupted",
 }
-#: The same, keyed by the event class name (for readers of stored topics and names).
-TERMINAL_STATUS = {cls.__name__: status for cls, status in ENDING_STATUS.items()}
 
 ChatSession.ENDINGS = tuple(ENDING_STATUS)
 

@@ -61,7 +61,7 @@ class WebError(Exception):
             self.code = code
         self.retry_after = retry_after
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.message}}
 
     def headers(self) -> dict[str, str]:
@@ -69,9 +69,9 @@ class WebError(Exception):
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
-    def frame(self, **extra: Any) -> dict[str, Any]:
+    def frame(self, **extra: object) -> dict[str, object]:
         """The WebSocket ``error`` frame for this error."""
-        frame: dict[str, Any] = {"event": "error", "code": self.code, "message": self.message}
+        frame: dict[str, object] = {"event": "error", "code": self.code, "message": self.message}
         frame.update({k: v for k, v in extra.items() if v is not None})
         return frame
 

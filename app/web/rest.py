@@ -7,8 +7,9 @@ a following GET sees it. Errors are raised and turned into JSON bodies by ``erro
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import trio
@@ -47,10 +48,15 @@ def services() -> Services:
     return current_app.extensions["eventchat"]  # type: ignore[no-any-return]
 
 
-def documented(model: Any, status: int = 200, *errors: int) -> Any:
+Route = TypeVar("Route", bound=Callable[..., Awaitable[object]])
+
+
+def documented(
+    model: type[BaseModel], status: int = 200, *errors: int
+) -> Callable[[Route], Route]:
     """Documents the answer and the error answers of a route."""
 
-    def decorate(fn: Any) -> Any:
+    def decorate(fn: Route) -> Route:
         fn = document_response(model, status)(fn)
         for code in (400, 401, 503, *errors):
             fn = document_response(s.ErrorBody, code)(fn)
@@ -167,7 +173,7 @@ async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
 @rest.get("/health")
 @document_response(s.Health, 200)
 @document_response(s.Health, 503)
-async def health() -> tuple[dict[str, Any], int]:
+async def health() -> tuple[dict[str, object], int]:
     """Readiness, within ``HEALTH_TIMEOUT_S`` (or the store timeout, if shorter) whatever the
     database does: 200 ``ok`` when the store answers and the views keep up; 503
     ``unavailable`` when the store or the views do not answer; 503 ``degraded`` when the views
@@ -176,8 +182,8 @@ async def health() -> tuple[dict[str, Any], int]:
     ``degraded`` when some events could not be projected. ``problems`` says why."""
     svc = services()
     settings = svc.settings
-    body: dict[str, Any] = {"status": "ok", "protocol": PROTOCOL_VERSION,
-                            "store": settings.store_kind}
+    body: dict[str, object] = {"status": "ok", "protocol": PROTOCOL_VERSION,
+                               "store": settings.store_kind}
     answers = await _store_answers(svc, min(HEALTH_TIMEOUT_S, settings.store_timeout_s))
     if answers is None:
         body["status"] = "unavailable"
@@ -235,7 +241,7 @@ class Liveness(BaseModel):
 @rest.get("/health/live")
 @document_response(Liveness, 200)
 @document_response(Liveness, 503)
-async def live() -> tuple[dict[str, Any], int]:
+async def live() -> tuple[dict[str, str], int]:
     """Liveness, for a process supervisor: 200 ``alive`` while the core tasks run (the actor
     system, the projection runner, the web server answering this), with no database call;
     503 ``stopping`` once one failed (the process is exiting) or the server has stopped."""
