@@ -202,7 +202,10 @@ class ActorSystem:
         """Follows a chat: stored events and live token deltas, from now on.
 
         ``subscription.state`` says what was already published when it started (taken in the
-        same step as the registration, so nothing falls between the two).
+        same step as the registration, so nothing falls between the two). Raises
+        ``ChatNotFoundError`` (missing, or not ``owner``'s). An actor whose chat in memory is
+        the stored one (it owns the chat, or has just created it) is not asked: no mailbox
+        round trip.
         """
         while True:
             actor = self._actor_for(chat_id)
