@@ -71,10 +71,10 @@ def _plan(opts: Options) -> str:
 def check_postgres(url: str) -> None:
     import psycopg
 
-    from .processes import BenchError
+    from .processes import BenchError, admin_connection
 
     try:
-        psycopg.connect(url, connect_timeout=3).close()
+        admin_connection(url, timeout_s=3.0).close()
     except psycopg.OperationalError as exc:
         reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise BenchError(f"PostgreSQL is not reachable at {_database(url)} ({reason}); use "

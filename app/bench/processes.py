@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-import psycopg
-
+from ..config import Settings
+from ..storage.postgres import Connection, connect
 from .upstream import raise_open_files_limit
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -143,19 +143,25 @@ def start_server(env: dict[str, str], workdir: Path, timeout: float = 60.0,
         time.sleep(0.1)
 
 
+def admin_connection(url: str, timeout_s: float = 60.0) -> Connection:
+    """The bench's own connection to the database at ``url`` (autocommit, bounded by
+    ``timeout_s``, named ``eventchat-bench``), to create, inspect and drop its schemas."""
+    return connect(Settings(database_url=url, store_timeout_s=timeout_s), "bench")
+
+
 def create_schema(url: str, schema: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
+    with admin_connection(url) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
 
 
 def drop_schema(url: str, schema: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
+    with admin_connection(url) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def write_transactions(url: str, schema: str) -> int:
     """Distinct transactions that inserted rows into the schema's event table (``xmin``)."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with admin_connection(url) as conn:
         row = conn.execute(
             f'SELECT count(DISTINCT xmin::text) FROM "{schema}"."{EVENTS_TABLE}"').fetchone()
         return int(row[0]) if row else 0
@@ -163,7 +169,7 @@ def write_transactions(url: str, schema: str) -> int:
 
 def xact_commits(url: str) -> int:
     """Committed transactions of the whole database so far (``pg_stat_database``)."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with admin_connection(url) as conn:
         conn.execute("SELECT pg_stat_clear_snapshot()")
         row = conn.execute("SELECT xact_commit FROM pg_stat_database "
                            "WHERE datname = current_database()").fetchone()

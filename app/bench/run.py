@@ -264,9 +264,7 @@ def _write_rate_phase(options: Options, server: Server, schema: str | None
 
 
 def _chat_write_transactions(url: str, schema: str, chat_id: str, from_seq: int) -> int:
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
+    with p.admin_connection(url) as conn:
         row = conn.execute(
             f'SELECT count(DISTINCT xmin::text) FROM "{schema}"."{p.EVENTS_TABLE}" '
             "WHERE originator_id = %s AND originator_version >= %s",
