@@ -67,7 +67,7 @@ class EventStore:
     """Async access to the chat event log.
 
     ``on_saved`` callbacks run on the trio thread after every successful save with the
-    highest notification id written (the projection runner uses it as a nudge).
+    highest notification id written (the views updater uses it as a nudge).
     """
 
     def __init__(

@@ -113,8 +113,8 @@ class UnavailableError(WebError):
 
 
 class CoreTaskFailedError(Exception):
-    """A task the server cannot run without (the actor system and its bus, the projection
-    runner, the connection watcher) failed: the server has stopped, and its process exits
+    """A task the server cannot run without (the actor system and its bus, the views
+    updater, the connection watcher) failed: the server has stopped, and its process exits
     with status 1 for its supervisor to start it again."""
 
 
