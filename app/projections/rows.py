@@ -8,10 +8,13 @@ and error as JSON text). ``chat_dict`` and ``message_dict`` give them the contra
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NotRequired, TypedDict
 
+from ..events.text import text_problem
 from ..storage.sql import Row
 
 #: A JSON object as the log gives it (usage, timing, an error, a tool call's arguments).
@@ -175,3 +178,24 @@ def _dump(value: object) -> str | None:
 
 def _load(value: str | None) -> Any:
     return None if value is None else json.loads(value)
+
+
+def chat_cursor(row: ChatRow) -> str:
+    """The cursor of the chat-list page that follows ``row`` (its activity time and id)."""
+    raw = json.dumps([row.updated_at, row.chat_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def cursor_position(cursor: str | None) -> list[str] | None:
+    """The (activity time, chat id) a cursor stands for; None for none or a malformed one."""
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, str) and text_problem(v) is None for v in value)):
+        return value
+    return None

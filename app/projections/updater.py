@@ -24,7 +24,8 @@ from ..config import Settings
 from ..events.errors import StoreError
 from ..events.store import EventStore
 from ..storage.errors import ViewStoreError
-from .views import Events, Views
+from .tracking import Events
+from .views import Views
 
 log = logging.getLogger(__name__)
 

@@ -9,51 +9,40 @@ ends by itself within the driver's bounds). Database failures raise ``ViewStoreE
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, ParamSpec, TypedDict, TypeVar
 from uuid import UUID
 
 import trio
-from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, Notification
 
 from ..config import Settings
-from ..events.text import clean_text, text_problem
 from ..storage.database import Database, open_database
-from ..storage.errors import ViewDataError, ViewStoreError
+from ..storage.errors import ViewStoreError
 from ..storage.sql import Tx
-from ..storage.tables import TRACKED
-from . import projector, stats
-from .batch import Batch, chat_scope, user_scope
-from .rows import ChatDict, ChatRow, MessageDict, MessageRow, chat_dict, message_dict
+from . import stats, tracking
+from .batch import chat_scope, user_scope
+from .rows import (
+    ChatDict,
+    ChatRow,
+    MessageDict,
+    MessageRow,
+    chat_cursor,
+    chat_dict,
+    cursor_position,
+    message_dict,
+)
 from .search import Snippet, search_rows
+from .tracking import OnApplied, SkippedEvent
 
 T = TypeVar("T")
 P = ParamSpec("P")
-log = logging.getLogger(__name__)
-#: Domain events, as the updater projects them.
-Events = list[DomainEventProtocol[UUID]]
 
 
 class SearchHit(TypedDict):
     chat: ChatDict
     snippets: list[Snippet]
-
-
-class SkippedEvent(TypedDict):
-    """An event the views passed over, and why."""
-
-    position: int
-    chat_id: str
-    topic: str
-    error: str
-    skipped_at: str
 
 
 class Views:
@@ -86,7 +75,7 @@ class Views:
         self,
         notifications: Sequence[Notification],
         mapper: Mapper[UUID],
-        on_applied: Callable[[Events], None] | None = None,
+        on_applied: OnApplied | None = None,
     ) -> int:
         """Projects ``notifications`` and records their position, in one transaction.
 
@@ -101,70 +90,14 @@ class Views:
         error) and passed over, in the same transaction as the position. A database that
         cannot be reached raises ``ViewStoreError``, and nothing is skipped.
         """
-        try:
-            return self._apply(notifications, mapper, on_applied)
-        except Exception as exc:
-            if not _unprojectable(exc):
-                raise
-            if len(notifications) == 1:
-                return self._skip(notifications[0], exc)
-        position = 0
-        for notification in notifications:
-            try:
-                position = self._apply([notification], mapper, on_applied)
-            except Exception as exc:
-                if not _unprojectable(exc):
-                    raise
-                position = self._skip(notification, exc)
+        position, skipped = tracking.apply(self.db, notifications, mapper, on_applied)
+        self.skipped += skipped
         return position
-
-    def _apply(
-        self,
-        notifications: Sequence[Notification],
-        mapper: Mapper[UUID],
-        on_applied: Callable[[Events], None] | None,
-    ) -> int:
-        with self.db.write() as tx:
-            position = _tracked(tx)
-            fresh = [mapper.to_domain_event(n) for n in notifications if n.id > position]
-            if not fresh:
-                return position
-            batch = Batch(tx)
-            for event in fresh:
-                projector.apply(batch.rows, event)
-            batch.flush()
-            position = notifications[-1].id
-            tx.run("UPDATE view_tracking SET position = ? WHERE name = ?", (position, TRACKED))
-        if on_applied is not None:
-            on_applied(fresh)
-        return position
-
-    def _skip(self, notification: Notification, exc: Exception) -> int:
-        error = f"{type(exc).__name__}: {exc}"[:2000]
-        log.error("views: event %d (%s of chat %s) cannot be projected and is skipped: %s",
-                  notification.id, notification.topic, notification.originator_id, error)
-        with self.db.write() as tx:
-            position = _tracked(tx)
-            if notification.id <= position:
-                return position
-            tx.run("INSERT INTO view_skipped (position, chat_id, topic, error, skipped_at)"
-                   " VALUES (?, ?, ?, ?, ?) ON CONFLICT (position) DO NOTHING",
-                   (notification.id, str(notification.originator_id),
-                    clean_text(notification.topic), clean_text(error), _now()))
-            tx.run("UPDATE view_tracking SET position = ? WHERE name = ?",
-                   (notification.id, TRACKED))
-        self.skipped += 1
-        return notification.id
 
     def read_skipped(self, limit: int = 100) -> tuple[int, list[SkippedEvent]]:
         """Blocking: how many events the views passed over, and the latest ``limit``."""
         with self.db.read() as tx:
-            total = int(tx.value("SELECT COUNT(*) FROM view_skipped"))
-            rows = tx.all("SELECT position, chat_id, topic, error, skipped_at FROM view_skipped"
-                          " ORDER BY position DESC LIMIT ?", (limit,))
-        return total, [SkippedEvent(position=position, chat_id=chat_id, topic=topic, error=error,
-                                    skipped_at=skipped_at)
-                       for position, chat_id, topic, error, skipped_at in rows]
+            return tracking.read_skipped(tx, limit)
 
     async def skipped_events(self, limit: int = 100) -> tuple[int, list[SkippedEvent]]:
         return await self._run(self.read_skipped, limit)
@@ -185,7 +118,7 @@ class Views:
 
     def read_position(self) -> int:
         with self.db.read() as tx:
-            return _tracked(tx)
+            return tracking.tracked(tx)
 
     async def position(self) -> int:
         """The notification id up to which the views are built."""
@@ -224,7 +157,7 @@ class Views:
     def _list_chats(
         self, owner: str, limit: int, cursor: str | None
     ) -> tuple[list[ChatDict], str | None]:
-        after = _decode_cursor(cursor)
+        after = cursor_position(cursor)
         where, params = "owner = ?", [owner]
         if after is not None:
             where += " AND (updated_at, chat_id) < (?, ?)"
@@ -235,7 +168,7 @@ class Views:
                 (*params, limit + 1))]
         chats = [chat_dict(row) for row in rows[:limit]]
         more = len(rows) > limit
-        return chats, _encode_cursor(rows[limit - 1]) if more else None
+        return chats, chat_cursor(rows[limit - 1]) if more else None
 
     async def get_chat(self, owner: str, chat_id: UUID | str) -> ChatDict | None:
         """The chat, or None when it does not exist or is not ``owner``'s."""
@@ -326,41 +259,6 @@ def open_views(settings: Settings) -> Views:
                  settings.store_timeout_s)
 
 
-def _tracked(tx: Tx) -> int:
-    row = tx.one("SELECT position FROM view_tracking WHERE name = ?", (TRACKED,))
-    return int(row[0]) if row else 0
-
-
 def _chat_row(tx: Tx, owner: str, chat_id: str) -> ChatRow | None:
     row = tx.one(f"{ChatRow.SELECT} WHERE chat_id = ? AND owner = ?", (chat_id, owner))
     return None if row is None else ChatRow.from_row(row)
-
-
-def _encode_cursor(row: ChatRow) -> str:
-    raw = json.dumps([row.updated_at, row.chat_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str | None) -> list[str] | None:
-    if not cursor:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError):
-        return None
-    if (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, str) and text_problem(v) is None for v in value)):
-        return value
-    return None
-
-
-def _unprojectable(exc: Exception) -> bool:
-    """True for a fault of the events themselves, which retrying would not cure: the
-    database refused a value, or decoding or a handler failed. A database that cannot be
-    reached (any other ``ViewStoreError``) is worth retrying."""
-    return isinstance(exc, ViewDataError) or not isinstance(exc, ViewStoreError)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
