@@ -31,6 +31,7 @@ from prometheus_client import (
 )
 
 from ..events.domain import ChatSession, ending_status
+from ..projections.tracking import Events
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class ResponseObserver:
         self.metrics = metrics
         self._models: dict[str, str] = {}
 
-    def __call__(self, events: list[Any]) -> None:
+    def __call__(self, events: Events) -> None:
         for event in events:
             if isinstance(event, ChatSession.ResponseStarted):
                 self._models[event.response_id] = event.model
