@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, ParamSpec, TypedDict, TypeVar
+from typing import ParamSpec, TypedDict, TypeVar
 from uuid import UUID
 
 import trio
@@ -34,6 +34,7 @@ from .rows import (
     message_dict,
 )
 from .search import Snippet, search_rows
+from .stats import Stats
 from .tracking import OnApplied, SkippedEvent
 
 T = TypeVar("T")
@@ -234,12 +235,12 @@ class Views:
 
     async def stats(
         self, owner: str | None = None, chat_id: UUID | str | None = None
-    ) -> dict[str, Any]:
+    ) -> Stats:
         """Stats (the contract's shape, without ``live``): overall, ``owner``'s, or one of
         ``owner``'s chats. A chat that is not ``owner``'s reads as empty stats."""
         return await self._run(self._stats, owner, None if chat_id is None else str(chat_id))
 
-    def _stats(self, owner: str | None, chat_id: str | None) -> dict[str, Any]:
+    def _stats(self, owner: str | None, chat_id: str | None) -> Stats:
         with self.db.read() as tx:
             if chat_id is not None:
                 if owner is not None and _chat_row(tx, owner, chat_id) is None:

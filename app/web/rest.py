@@ -165,9 +165,9 @@ async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
             raise NotFoundError("chat not found", "chat_not_found")
     result = await svc.views.stats(owner, query_args.chat_id)
     counts = svc.system.counts()
-    result["live"] = {"connections": svc.connections, "active_chats": counts["active_chats"],
-                      "generating": counts["generating"]}
-    return result
+    return {**result, "live": {"connections": svc.connections,
+                               "active_chats": counts["active_chats"],
+                               "generating": counts["generating"]}}
 
 
 @rest.get("/health")
