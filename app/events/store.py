@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from functools import partial
+from typing import ParamSpec, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -38,6 +39,7 @@ from .domain import ChatSession
 from .errors import ChatNotFoundError, ConcurrencyError, StoreUnavailableError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @contextmanager
@@ -101,24 +103,24 @@ class EventStore:
             app = build()
         return cls(app, trio.CapacityLimiter(settings.store_threads), settings.store_timeout_s)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Runs a blocking store call in a worker thread, with errors mapped (never
         abandoned: use it for writes)."""
 
         def call() -> T:
             with mapped_store_errors(), deadline(self.timeout_s):
-                return fn(*args)
+                return fn(*args, **kwargs)
 
         with self._noting_failures():
             return await trio.to_thread.run_sync(call, limiter=self.limiter)
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+    async def read(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Runs a blocking call that only reads, bounded by ``timeout_s``: a store that does
         not answer by then raises ``StoreUnavailableError`` and the thread is abandoned."""
 
         def call() -> T:
             with mapped_store_errors(), deadline(self.timeout_s):
-                return fn(*args)
+                return fn(*args, **kwargs)
 
         with self._noting_failures():
             with trio.move_on_after(self.timeout_s):
@@ -149,13 +151,14 @@ class EventStore:
     async def get(self, chat_id: UUID) -> ChatSession:
         return await self.read(self.app.get_chat, chat_id)
 
-    async def save(self, *objs: Any, fence: Fence | None = None) -> list[Recording[UUID]]:
-        """Saves the pending events of ``objs`` atomically; raises ``ConcurrencyError``, or
+    async def save(self, *chats: ChatSession, fence: Fence | None = None
+                   ) -> list[Recording[UUID]]:
+        """Saves the pending events of ``chats`` atomically; raises ``ConcurrencyError``, or
         ``FencedError`` if ``fence`` (PostgreSQL) no longer matches the chat's lease."""
         if fence is None:
-            recordings = await self.run(self.app.save, *objs)
+            recordings = await self.run(self.app.save, *chats)
         else:
-            recordings = await self.run(lambda: self.app.save(*objs, fence=fence))
+            recordings = await self.run(partial(self.app.save, *chats, fence=fence))
         if recordings:
             position = max(r.notification.id for r in recordings)
             self.last_saved = max(self.last_saved, position)
