@@ -36,7 +36,7 @@ class ChatApplication(Application[UUID]):
             transcoder.register(DataclassAsDict(cls))
 
     def get_chat(self, chat_id: UUID) -> ChatSession:
-        chat: Any = self.repository.get(chat_id)
+        chat: object = self.repository.get(chat_id)
         assert isinstance(chat, ChatSession)
         return chat
 
@@ -64,7 +64,7 @@ class UnfinishedChats:
         self._endings = {_topic(cls) for cls in ChatSession.ENDINGS}
         self._topics = [self._received, _topic(ChatSession.ResponseStarted), *self._endings]
         #: chat -> waiting messages + open responses, for chats where that is not zero
-        self._owed: dict[Any, int] = {}
+        self._owed: dict[UUID | str, int] = {}
 
     def scan(self, page: int = 5000) -> list[UUID]:
         while True:
@@ -85,7 +85,7 @@ class UnfinishedChats:
                 return [UUID(str(chat_id)) for chat_id, owed in self._owed.items() if owed > 0]
 
 
-def _topic(cls: type[Any]) -> str:
+def _topic(cls: type[object]) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
