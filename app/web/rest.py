@@ -190,7 +190,7 @@ async def health() -> tuple[dict[str, object], int]:
         body["error"] = {"code": "store_unavailable", "message": "the event store is unreachable"}
         return body, 503
     body["position"], skipped = answers
-    problems = svc.runner.problems(settings.projection_max_lag, settings.projection_stall_s)
+    problems = svc.updater.problems(settings.projection_max_lag, settings.projection_stall_s)
     problems.extend(svc.system.problems())
     failed = svc.store.recent_failure(FAILURE_MEMORY_S)
     if failed is not None:
@@ -202,7 +202,7 @@ async def health() -> tuple[dict[str, object], int]:
     if problems:
         body["status"] = "degraded"
         body["problems"] = problems
-    body["projection_lag"] = svc.runner.lag
+    body["projection_lag"] = svc.updater.lag
     body["skipped_events"] = skipped
     body.update(svc.system.counts())
     body["connections"] = svc.connections

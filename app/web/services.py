@@ -56,7 +56,7 @@ SHUTDOWN_GRACE_S = 8.0
 ENDINGS_S = 1.0
 #: Longest pause of the views updater between two attempts while the store fails: the
 #: views (and ``/health``) recover within it once the store is back.
-RUNNER_MAX_BACKOFF_S = 1.0
+UPDATER_MAX_BACKOFF_S = 1.0
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Services:
     provider: Provider
     tools: ToolRegistry
     system: ActorSystem
-    runner: ViewUpdater
+    updater: ViewUpdater
     auth: Authenticator
     metrics: Metrics
     limiter: MessageLimiter
@@ -142,7 +142,7 @@ class Services:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self.runner.run)
+                    await nursery.start(self.updater.run)
                     await nursery.start(self.system.run)
                     if self.settings.store_kind == "sqlite":
                         data = self.settings.data_dir
@@ -264,11 +264,11 @@ async def build_services(
         register_search_tool(tools, views)
     system = ActorSystem(settings, store, provider, tools)
     metrics = Metrics((settings.model, provider.default_model, *settings.metrics_models))
-    runner = ViewUpdater(settings, store, views, max_backoff=RUNNER_MAX_BACKOFF_S)
-    runner.observers.append(ResponseObserver(metrics))
+    updater = ViewUpdater(settings, store, views, max_backoff=UPDATER_MAX_BACKOFF_S)
+    updater.observers.append(ResponseObserver(metrics))
     services = Services(
         settings=settings, store=store, views=views, provider=provider, tools=tools,
-        system=system, runner=runner,
+        system=system, updater=updater,
         auth=Authenticator(users or UserStore(settings)), metrics=metrics,
         limiter=MessageLimiter(settings.messages_per_minute, settings.concurrent_responses,
                                system.generating_for, chats_per_hour=settings.chats_per_hour),
@@ -288,9 +288,9 @@ def _register_gauges(s: Services) -> None:
             lambda: s.system.counts()["generating"])
     m.gauge("eventchat_mailbox_depth", "Commands waiting in actor mailboxes",
             lambda: s.system.counts()["queue_depth"])
-    m.gauge("eventchat_projection_lag", "Events not yet in the views", lambda: s.runner.lag)
+    m.gauge("eventchat_projection_lag", "Events not yet in the views", lambda: s.updater.lag)
     m.gauge("eventchat_projection_position", "Log position the views include",
-            lambda: s.runner.position)
+            lambda: s.updater.position)
     m.gauge("eventchat_projection_skipped_events",
             "Events this process could not project and passed over (see projections status)",
             lambda: s.views.skipped)
