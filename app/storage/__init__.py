@@ -1,4 +1,4 @@
-"""Every database connection of eventchat, and the one SQL dialect of its own tables.
+"""The database connections of every store, and the one SQL dialect of eventchat's tables.
 
     recorder    the event store's persistence: ``persistence_env(settings)`` for the
                 ``eventsourcing`` library, the fenced PostgreSQL recorder, deadlines

@@ -1,13 +1,15 @@
 """PostgreSQL connections that never wait without bound, each named for ``pg_stat_activity``.
 
-PostgreSQL is reached in two ways, both here:
+PostgreSQL is reached in two ways:
 
 - **pools**: the event store's pool (the ``eventsourcing`` library's, configured by
   ``app.storage.recorder``) and the views' pool (``pool(...)``), for the short calls of
   many worker threads;
 - **dedicated connections** (``connect(settings, kind)``), one per long-lived or occasional
-  use: the users table, schema creation (``schema_lock``), the chat leases, the bus's
-  ``LISTEN`` and ``NOTIFY``, the command line's checks.
+  use: the users table, schema creation (``schema_lock``), the command line's and the
+  bench's checks, and any other long-lived connection of a ``kind`` of its own. (The
+  cluster's leases, ``LISTEN`` and ``NOTIFY`` connections are opened in
+  ``app.actors.connections``.)
 
 A worker thread blocked on a server that does not answer cannot be cancelled from trio, so
 every connection carries libpq's own bounds (``connection_bounds``): a connect timeout, TCP
