@@ -15,7 +15,7 @@ from quart_trio.wrappers.request import TrioRequest
 from .errors import BadRequestError
 
 
-def loads(raw: str | bytes | bytearray | None) -> Any:
+def loads(raw: str | bytes | bytearray | None) -> object:
     """Parses untrusted JSON; raises ``BadRequestError`` (``invalid_json``) on any fault.
 
     ``None`` is what Quart hands over for an empty binary WebSocket frame.

@@ -60,7 +60,7 @@ async def serve(
     settings: Settings,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     grace_s: float = SHUTDOWN_GRACE_S,
     handle_signals: bool = True,
     freeze_startup_objects: bool = False,
@@ -155,7 +155,7 @@ class Shutdown:
         self.hurried = trio.Event()
 
 
-async def _set_after(wait: Callable[[], Awaitable[Any]], event: trio.Event) -> None:
+async def _set_after(wait: Callable[[], Awaitable[object]], event: trio.Event) -> None:
     await wait()
     event.set()
 
