@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, aclosing
-from typing import Any
 from uuid import UUID
 
 import trio
@@ -114,12 +113,12 @@ async def answer_frames(
             return
 
 
-async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str, Any]:
+async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str, object]:
     admit(svc, data.message)
     chat_id, counted = await open_chat(svc, owner, data.chat_id)
     async with open_feed(svc, owner, chat_id) as (feed, sub):
         accepted = await send(svc, owner, chat_id, data.message, data.client_message_id, counted)
-        message: dict[str, Any] | None = None
+        message: dict[str, object] | None = None
         async with aclosing(answer_frames(feed, sub, accepted)) as frames:
             async for frame in frames:
                 if frame["event"] == "chat_history":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 from uuid import UUID
 
 import trio
@@ -68,7 +68,7 @@ def documented(
 @rest.post("/chat")
 @validate_request(s.CreateChat)
 @documented(s.Chat, 201, 413, 429)
-async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
+async def create_chat(data: s.CreateChat) -> tuple[dict[str, object], int]:
     """Creates a chat."""
     owner, svc = current_user(), services()
     undo = svc.limiter.check_chat(owner)
@@ -91,7 +91,7 @@ async def create_chat(data: s.CreateChat) -> tuple[dict[str, Any], int]:
 @rest.get("/chats")
 @validate_querystring(s.ChatsQuery)
 @documented(s.ChatList)
-async def list_chats(query_args: s.ChatsQuery) -> dict[str, Any]:
+async def list_chats(query_args: s.ChatsQuery) -> dict[str, object]:
     """The caller's chats, most recent activity first; ``q`` searches them instead."""
     owner, svc = current_user(), services()
     views = svc.views
@@ -107,7 +107,7 @@ async def list_chats(query_args: s.ChatsQuery) -> dict[str, Any]:
 @rest.get("/chat/<uuid:chat_id>")
 @validate_querystring(s.ChatQuery)
 @documented(s.ChatPage, 200, 404)
-async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, Any]:
+async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, object]:
     """A chat and a page of its messages, oldest first."""
     owner, svc = current_user(), services()
     views = svc.views
@@ -123,7 +123,7 @@ async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, Any]:
 @rest.post("/generate")
 @validate_request(s.Generate)
 @documented(s.GenerateAnswer, 200, 404, 409, 413, 429)
-async def generate(data: s.Generate) -> Any:
+async def generate(data: s.Generate) -> dict[str, object] | Response:
     """Sends a message and answers with the reply (or streams its frames as SSE)."""
     if data.stream:
         return await generate_stream(services(), current_user(), data)
@@ -132,7 +132,7 @@ async def generate(data: s.Generate) -> Any:
 
 @rest.post("/chat/<uuid:chat_id>/stop")
 @documented(s.Stopped, 202, 404)
-async def stop(chat_id: UUID) -> tuple[dict[str, Any], int]:
+async def stop(chat_id: UUID) -> tuple[dict[str, object], int]:
     """Stops the chat's running response, if any."""
     owner, svc = current_user(), services()
     await svc.require_chat(owner, chat_id)
@@ -143,7 +143,7 @@ async def stop(chat_id: UUID) -> tuple[dict[str, Any], int]:
 @rest.get("/chat/<uuid:chat_id>/events")
 @validate_querystring(s.EventsQuery)
 @documented(s.EventPage, 200, 404)
-async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
+async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, object]:
     """The chat's stored event log (the audit trail), after ``after_seq``."""
     svc = services()
     await svc.require_chat(current_user(), chat_id)
@@ -156,7 +156,7 @@ async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, Any]:
 @rest.get("/stats")
 @validate_querystring(s.StatsQuery)
 @documented(s.Stats, 200, 404)
-async def stats(query_args: s.StatsQuery) -> dict[str, Any]:
+async def stats(query_args: s.StatsQuery) -> dict[str, object]:
     """The caller's stats (or one chat's), and the live counts of this server."""
     owner, svc = current_user(), services()
     await svc.seen_own_writes()
