@@ -18,8 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
     CollectorRegistry,
@@ -48,7 +55,6 @@ MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_response_model")
 #: The ``gen_ai_response_model`` of every model name that was not configured.
 OTHER_MODEL = "other"
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Any], Callable[[Any], Any]], Any]
 
 
 class Metrics:
@@ -123,7 +129,7 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def asgi_app(self) -> ASGIApp:
+    def asgi_app(self) -> ASGIFramework:
         """An ASGI app serving the registry on every path, for a listener of its own.
 
         prometheus_client's app serves HTTP only: a WebSocket handshake is refused, and the
@@ -131,12 +137,13 @@ class Metrics:
         """
         serve_http = make_asgi_app(self.registry)
 
-        async def app(scope: dict[str, Any], receive: Callable[[], Any],
-                      send: Callable[[Any], Any]) -> None:
+        async def app(scope: Scope, receive: ASGIReceiveCallable,
+                      send: ASGISendCallable) -> None:
             if scope["type"] == "http":
                 await serve_http(scope, receive, send)
             elif scope["type"] == "websocket":
-                await send({"type": "websocket.close"})
+                # no code: the server picks its default for a refused handshake
+                await send(cast(ASGISendEvent, {"type": "websocket.close"}))
             else:
                 while (await receive())["type"] != "lifespan.shutdown":
                     await send({"type": "lifespan.startup.complete"})

@@ -142,7 +142,7 @@ async def serve_metrics(
     config.graceful_timeout = 1.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
-    await hypercorn_serve(services.metrics.asgi_app(), config,  # type: ignore[arg-type]
+    await hypercorn_serve(services.metrics.asgi_app(), config,
                           shutdown_trigger=services.disconnect.wait, task_status=task_status)
 
 

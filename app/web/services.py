@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 import trio
@@ -158,7 +158,7 @@ class Services:
             self._running = False
             self._stopped.set()
 
-    async def keep(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+    async def keep(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Runs another core task (the app's connection watcher): its failure is ``fail``'s."""
         try:
             await fn(*args)
