@@ -301,11 +301,13 @@ async def check_nothing_lost(server: Server, streams: Streams) -> None:
 async def test_terminated_connections_heal_by_themselves(settings: Settings) -> None:
     s = web_settings(settings, store_timeout_s=2.0, concurrent_responses=10)
     async with running_server(s) as server:
-        streams, health = Streams(server, 3, 2000), HealthLog(server)
+        streams, health = Streams(server, 4, 3000), HealthLog(server)
         async with trio.open_nursery() as nursery:
             await streams.run(nursery)
             nursery.start_soon(health.poll)
-            killed = await trio.to_thread.run_sync(terminate, s, 1.0)
+            # 2 s of terminations, so that some fall on connections in use (a pool replaces
+            # an idle one unseen)
+            killed = await trio.to_thread.run_sync(terminate, s, 2.0)
             assert killed["events"] >= 1 and killed["views"] >= 1, killed
             took = await recovered(server, trio.current_time())
             print(f"terminated {killed} in 1 s; ready again {took:.2f} s later;"
@@ -335,7 +337,7 @@ async def test_terminated_connections_heal_on_two_servers_sharing_the_database(
             for stream, log in zip(streams, health, strict=True):
                 await stream.run(nursery)
                 nursery.start_soon(log.poll)
-            killed = await trio.to_thread.run_sync(terminate, s, 1.0)
+            killed = await trio.to_thread.run_sync(terminate, s, 2.0)
             assert killed["events"] >= 2 and killed["views"] >= 2, killed
             since = trio.current_time()
             took = [await recovered(server, since) for server in (first, second)]
