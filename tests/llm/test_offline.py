@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
-import math
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -31,6 +28,8 @@ from app.llm.base import (
 from app.llm.errors import ProviderStreamError
 from app.llm.offline import OfflineProvider, find_expression, plan_reply, tokenize
 from app.llm.tools import default_registry
+
+from .timing import best_time
 
 SETTINGS = Settings(provider="offline", offline_token_delay_s=0)
 TOOLS = default_registry(SETTINGS).specs()
@@ -215,19 +214,6 @@ def test_build_provider_picks_offline() -> None:
     provider = build_provider(SETTINGS)
 
     assert provider.name == "offline" and provider.default_model == "offline"
-
-
-def best_time(work: Callable[[str], object], text: str, runs: int = 5) -> float:
-    best = math.inf
-    gc.disable()  # a collection of the whole test process must not count
-    try:
-        for _ in range(runs):
-            started = time.perf_counter()
-            work(text)
-            best = min(best, time.perf_counter() - started)
-    finally:
-        gc.enable()
-    return best
 
 
 def slowdown(work: Callable[[str], object], build: Callable[[int], str], n: int = 2_000) -> float:

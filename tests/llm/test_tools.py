@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import json
-import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -24,6 +22,8 @@ from app.llm.errors import (
     UnknownToolError,
 )
 from app.llm.tools import INLINE_EXPRESSION_CHARS, ToolRegistry, default_registry, evaluate
+
+from .timing import best_time
 
 CONTEXT = ToolContext(owner="alice", chat_id="chat-1")
 ANY_OBJECT = ToolSpec("slow", "Sleeps.", {"type": "object"})
@@ -110,19 +110,6 @@ def evaluate_any(expression: str) -> None:
         evaluate(expression, max_chars=len(expression))
     except ToolError:
         pass
-
-
-def best_time(work: Callable[[str], object], text: str, runs: int = 5) -> float:
-    best = math.inf
-    gc.disable()  # a collection of the whole test process must not count
-    try:
-        for _ in range(runs):
-            started = time.perf_counter()
-            work(text)
-            best = min(best, time.perf_counter() - started)
-    finally:
-        gc.enable()
-    return best
 
 
 @pytest.mark.parametrize(

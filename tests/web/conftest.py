@@ -18,6 +18,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from app.config import Settings
 from app.storage.users import add_user
 from app.web.server import serve
+from tests.fakes.openai_server import fake_openai_server
 
 START_S = 20.0
 STOP_S = 15.0
@@ -140,17 +141,28 @@ async def close_transport(ws: WebSocketConnection) -> None:
 
 
 @contextmanager
-def server_in_thread(settings: Settings) -> Iterator[Server]:
+def server_in_thread(settings: Settings, upstream: Any = None) -> Iterator[Server]:
     """The real server on a trio loop of its own, in a thread: for blocking test clients
-    (a browser driver, schemathesis). Stops (gracefully) when the block ends."""
+    (a browser driver, schemathesis). Stops (gracefully) when the block ends. With
+    ``upstream`` (a fake OpenAI server's ``default`` behaviour), the server uses that fake
+    server, started on the same loop, as its model."""
     started: dict[str, Server] = {}
     ready, stop = threading.Event(), threading.Event()
 
-    async def main() -> None:
-        async with running_server(settings) as server:
+    async def run(s: Settings) -> None:
+        async with running_server(s) as server:
             started["server"] = server
             ready.set()
             await trio.to_thread.run_sync(stop.wait)
+
+    async def main() -> None:
+        if upstream is None:
+            await run(settings)
+            return
+        async with fake_openai_server(default=upstream) as fake:
+            await run(settings.replace(provider="openai", openai_base_url=fake.base_url,
+                                       openai_api_key="test-key", model="fake-model",
+                                       max_retries=0))
 
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
     thread.start()

@@ -17,7 +17,6 @@ import importlib.util
 import os
 import re
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 
 import httpx
 import pytest
-import trio
 
 from app.config import Settings
 from tests.fakes.openai_server import (
@@ -33,10 +31,9 @@ from tests.fakes.openai_server import (
     ErrorReply,
     StreamReply,
     echo_reply,
-    fake_openai_server,
 )
 
-from .conftest import Server, running_server, server_in_thread, web_settings
+from .conftest import Server, server_in_thread, web_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -114,31 +111,6 @@ UPSTREAMS: dict[str, Callable[[], Any]] = {
 }
 
 
-@contextmanager
-def server_behind_upstream(settings: Settings, default: Any) -> Iterator[Server]:
-    """The real server using the fake upstream, both on one trio loop in a thread."""
-    started: dict[str, Server] = {}
-    ready, stop = threading.Event(), threading.Event()
-
-    async def main() -> None:
-        async with fake_openai_server(default=default) as fake:
-            s = settings.replace(provider="openai", openai_base_url=fake.base_url,
-                                 openai_api_key="test-key", model="fake-model", max_retries=0)
-            async with running_server(s) as server:
-                started["server"] = server
-                ready.set()
-                await trio.to_thread.run_sync(stop.wait)
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert ready.wait(30), "the server did not start"
-    try:
-        yield started["server"]
-    finally:
-        stop.set()
-        thread.join(30)
-
-
 @pytest.fixture
 def browser_server(settings: Settings, server_changes: dict[str, Any],
                    upstream: str | None) -> Iterator[Server]:
@@ -149,9 +121,8 @@ def browser_server(settings: Settings, server_changes: dict[str, Any],
             pytest.fail(reason)
         pytest.skip(reason)
     changed = web_settings(settings, **{"offline_token_delay_s": 0.01, **server_changes})
-    serving = (server_in_thread(changed) if upstream is None
-               else server_behind_upstream(changed, UPSTREAMS[upstream]()))
-    with serving as server:
+    default = None if upstream is None else UPSTREAMS[upstream]()
+    with server_in_thread(changed, default) as server:
         yield server
 
 
