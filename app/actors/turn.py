@@ -237,7 +237,9 @@ class Turn:
                     if isinstance(item, TextDelta):
                         # what the model sends is cleaned before anyone sees it: the
                         # frames and the log then hold the same text
-                        item = TextDelta(clean_text(item.text), item.tokens)
+                        cleaned = clean_text(item.text)
+                        if cleaned is not item.text:  # a new delta only when one is needed
+                            item = TextDelta(cleaned, item.tokens)
                         self._on_text(item)
                         streamed += item.tokens
                         if self.held:  # reading on would only slow the commit it waits for
