@@ -105,18 +105,6 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
-        if self.estimated:
-            data["estimated"] = True
-        if self.server_timings:
-            data["server_timings"] = self.server_timings
-        return data
-
 
 @dataclass(frozen=True, slots=True)
 class Finish:

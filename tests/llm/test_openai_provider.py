@@ -33,7 +33,8 @@ from app.llm.errors import (
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
-from app.llm.openai_provider import OpenAIProvider, _sse_data, _StreamedError
+from app.llm.openai_provider import OpenAIProvider
+from app.llm.openai_provider.sse import StreamedError, sse_data
 from tests.fakes.openai_server import (
     ErrorReply,
     FakeOpenAIServer,
@@ -245,7 +246,6 @@ async def test_missing_usage_is_estimated_and_marked_so() -> None:
     assert usage.estimated is True
     assert usage.completion_tokens == estimate_tokens(["Hello there, friend"]) == 4
     assert usage.prompt_tokens == estimate_tokens(["Say hello to the world"])
-    assert usage.as_dict()["estimated"] is True
 
 
 async def test_server_timings_are_kept() -> None:
@@ -259,7 +259,7 @@ async def test_server_timings_are_kept() -> None:
     usage = only(items, Usage)
     assert usage.server_timings == {"timings": timings, **ollama}
     assert usage.estimated is False
-    assert json.loads(json.dumps(usage.as_dict()))["server_timings"]["timings"] == timings
+    assert json.loads(json.dumps(usage.server_timings))["timings"] == timings  # storable
 
 
 async def test_a_stop_mid_stream_closes_the_upstream_connection() -> None:
@@ -327,7 +327,7 @@ async def test_no_answer_at_all_times_out() -> None:
 
 async def sse(body: bytes) -> list[Any]:
     """What the provider reads of an event-stream body."""
-    return [data async for data in _sse_data(httpx2.Response(200, content=body))]
+    return [data async for data in sse_data(httpx2.Response(200, content=body))]
 
 
 async def test_event_stream_reading_follows_the_format() -> None:
@@ -344,7 +344,7 @@ async def test_event_stream_reading_follows_the_format() -> None:
     b'event: error\ndata: {"message": "x"}\n\n',
 ])
 async def test_an_error_in_the_event_stream_raises(event: bytes) -> None:
-    with pytest.raises(_StreamedError):
+    with pytest.raises(StreamedError):
         await sse(b'data: {"choices": []}\n\n' + event)
 
 
