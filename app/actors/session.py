@@ -25,6 +25,7 @@ from uuid import UUID, uuid4
 import trio
 
 from ..config import Settings
+from ..events.application import Fence
 from ..events.domain import ChatSession
 from ..events.errors import (
     ChatNotFoundError,
@@ -112,10 +113,13 @@ class SessionActor:
         #: The lease was lost during the last ``run()``: nothing more was written.
         self.lease_lost = False
         self._scope = trio.CancelScope()
-        #: What this actor's turns may use (``record`` and ``publish_delta`` among them).
+        #: A save is in flight: the chat in memory holds its events, the log not yet.
+        self._saving = False
+        #: The response in progress as its followers were shown it before that save.
+        self._shown: LiveResponse | None = None
+        #: What this actor's turns may use (``record`` among them).
         self.turn_ports = TurnPorts(
-            chat_id, lambda: self.chat, self.record, self.publish_delta, self.provider,
-            self.tools, self.settings,
+            chat_id, lambda: self.chat, self.record, self.provider, self.tools, self.settings,
         )
 
     @property
@@ -404,7 +408,7 @@ class SessionActor:
         another process wrote the chat first (a follower recorded a message), the chat is
         reloaded and the mutations decide again on the stored state, a few times: they check
         what they need (a turn's text must continue the stored text exactly, see
-        ``Turn._flush``), so nothing is applied twice. The owner's saves carry its lease's
+        ``Turn._record_text``), so nothing is applied twice. The owner's saves carry its lease's
         fence: ``FencedError`` (nothing written) loses the lease (``lose_lease``); once lost,
         every save raises it at once. Any other store error reloads the chat and
         propagates. The save is shielded: once started, it completes and its events are
@@ -414,36 +418,50 @@ class SessionActor:
             if self.lease_lost:
                 raise FencedError(f"chat {self.chat_id} is no longer leased here")
             fence = self.lease.fence if self.lease is not None else None
-            with trio.CancelScope(shield=True):
-                for attempt in range(CONFLICT_RETRIES):
-                    try:
-                        result = first(self.chat)
-                        for mutate in more:
-                            mutate(self.chat)
-                        if self._early is not None:  # its model call starts now
-                            self._work.set()
-                        recordings = await self.store.save(self.chat, fence=fence)
-                        break
-                    except ConcurrencyError:
-                        await self._reload()
-                        if attempt == CONFLICT_RETRIES - 1:
-                            raise
-                    except (ChatRuleError, StoreError) as exc:
-                        if isinstance(exc, FencedError):
-                            self.lose_lease()
-                        if self.chat.pending_events or self.chat.version != self.published_seq:
-                            await self._reload()
-                        raise
-            if recordings:
-                lowest = recordings[0].domain_event.originator_version
-                for recording in recordings:
-                    event = recording.domain_event
-                    assert isinstance(event, ChatSession.Event)
-                    self.published_seq = event.originator_version
-                    self.context.cluster.publish_event(self.chat_id, event)
-                self.context.cluster.tell(Saved(self.chat_id, lowest, self.published_seq))
-                self._work.set()
-            return result
+            self._shown, self._saving = self._live_response(), True
+            try:
+                with trio.CancelScope(shield=True):
+                    result = await self._save(fence, first, *more)
+            finally:
+                self._saving = False
+        return result
+
+    async def _save(self, fence: Fence | None, first: Callable[[ChatSession], T],
+                    *more: Mutation) -> T:
+        """``record``'s transaction and its publication, under the chat's lock."""
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                result = first(self.chat)
+                for mutate in more:
+                    mutate(self.chat)
+                if self._early is not None:  # its model call starts now
+                    self._work.set()
+                recordings = await self.store.save(self.chat, fence=fence)
+                break
+            except ConcurrencyError:
+                await self._reload()
+                if attempt == CONFLICT_RETRIES - 1:
+                    raise
+            except (ChatRuleError, StoreError) as exc:
+                if isinstance(exc, FencedError):
+                    self.lose_lease()
+                if self.chat.pending_events or self.chat.version != self.published_seq:
+                    await self._reload()
+                raise
+        if recordings:
+            lowest = recordings[0].domain_event.originator_version
+            for recording in recordings:
+                event = recording.domain_event
+                assert isinstance(event, ChatSession.Event)
+                if isinstance(event, ChatSession.TokensGenerated):
+                    # committed: only now is its text shown (write-ahead streaming)
+                    self._publish_delta(TokenDelta(
+                        self.chat_id, event.response_id, event.text, event.offset))
+                self.published_seq = event.originator_version
+                self.context.cluster.publish_event(self.chat_id, event)
+            self.context.cluster.tell(Saved(self.chat_id, lowest, self.published_seq))
+            self._work.set()
+        return result
 
     async def _reload(self) -> None:
         """Replaces the chat in memory by the stored one; a failure here is a crash."""
@@ -453,20 +471,22 @@ class SessionActor:
         except EventsError as exc:
             raise ActorCrashedError(f"chat {self.chat_id} could not be reloaded") from exc
 
-    def publish_delta(self, delta: TokenDelta) -> None:
-        """Sends streamed text to this process's subscribers and to the other processes."""
+    def _publish_delta(self, delta: TokenDelta) -> None:
+        """Sends committed text to this process's subscribers and to the other processes."""
         self.context.hub.publish(self.chat_id, delta)
         self.context.cluster.tell(Delta(self.chat_id, delta.response_id, delta.offset, delta.text))
 
     def live_state(self) -> LiveState:
-        """What a subscriber joining now has missed: the last seq and the text so far."""
+        """What a subscriber joining now has missed: the last seq and the text so far (no
+        more than the log holds: during a save, the state before it)."""
+        response = self._shown if self._saving else self._live_response()
+        return LiveState(self.published_seq, response)
+
+    def _live_response(self) -> LiveResponse | None:
         current = self.chat.current
         if current is None:
-            return LiveState(self.published_seq, None)
-        if self.turn is not None:
-            text = self.turn.text
-        else:  # the response runs in another process: its persisted text, then live deltas
-            text = self.context.cluster.remote_text(self.chat_id, current.response_id, current.text)
-        return LiveState(
-            self.published_seq, LiveResponse(current.response_id, current.reply_to_seq, text)
-        )
+            return None
+        text = current.text
+        if not self.owns:  # it runs in another process: its stored text, then live deltas
+            text = self.context.cluster.remote_text(self.chat_id, current.response_id, text)
+        return LiveResponse(current.response_id, current.reply_to_seq, text)

@@ -1,21 +1,22 @@
-"""One response, from ``ResponseStarted`` to its ending: the model call, tools and batching.
+"""One response, from ``ResponseStarted`` to its ending: the model call, tools and the log.
 
-A ``Turn`` streams the model's reply, publishes every delta at once, persists the text in
-batches (at most one transaction per ``token_flush_ms``, sooner only when
-``token_flush_tokens`` are waiting and the interval has passed), runs the tools the model
-asks for (bounded rounds) and records how the response ended. A turn begun while its
-``ResponseStarted`` is still committing holds its text back until ``settle()``: published if
-the start was saved, abandoned (nothing published, nothing recorded) if not. ``stop()``
-cancels the model call, which closes the upstream request; the turn then records
-``ResponseStopped``. A model error records ``ResponseFailed`` with the partial text kept.
-Cancellation from outside (shutdown, crash) leaves the response open for
-``ResponseInterrupted``. ``abandon()`` (the chat's lease is lost, or a save was fenced) ends
-the turn at once with nothing more published or recorded: the response stays open for the
-chat's next owner to end.
+A ``Turn`` streams the model's reply and writes it ahead of showing it: its text goes to the
+log in groups (``WriteAhead``: the first text at once, then at most one transaction per
+``token_flush_ms``), and a group reaches the chat's followers only once its transaction has
+committed (the actor's ``record`` publishes what it saved). The turn runs the tools the model
+asks for (bounded rounds) and records how the response ended, with the text still waiting in
+the same transaction. A turn begun while its ``ResponseStarted`` is still committing holds
+its text until ``settle()``: committed then if the start was saved, dropped (nothing
+recorded) if not. ``stop()`` cancels the model call, which closes the upstream request; the
+turn then records ``ResponseStopped``. A model error records ``ResponseFailed`` with the
+partial text kept. Cancellation from outside (shutdown, crash) leaves the response open for
+``ResponseInterrupted``, with the text committed so far: exactly what its followers saw.
+``abandon()`` (the chat's lease is lost, or a save was fenced) ends the turn at once with
+nothing more recorded: the response stays open for the chat's next owner to end.
 
-Each batch of text is recorded only at the offset where the turn's previous batch ended: if
-a save conflicts and the reloaded chat's text for the response is not exactly what the turn
-recorded, another process wrote it and the batch is refused (``FencedError``), never
+Each group is recorded only at the offset where the turn's previous group ended: if a save
+conflicts and the reloaded chat's text for the response is not exactly what the turn
+recorded, another process wrote it and the group is refused (``FencedError``), never
 appended a second time.
 """
 
@@ -48,7 +49,7 @@ from ..llm.base import (
 )
 from ..llm.errors import LLMError, ToolError
 from ..llm.tools import ToolRegistry
-from .messages import TokenDelta
+from .writeahead import Group, Phase, WriteAhead
 
 #: A change to a chat (its result, if any, is the caller's).
 Mutation = Callable[[ChatSession], object]
@@ -64,13 +65,12 @@ class Record(Protocol):
 @dataclass(frozen=True, slots=True)
 class TurnPorts:
     """All a ``Turn`` may use: its chat (read only, as recorded now), ``record`` to write
-    it, ``publish`` to hand streamed text to the chat's followers, the model and the tools,
+    it (what ``record`` saves, it shows to the chat's followers), the model and the tools,
     and the settings it reads. The actor builds them; a test can fake every one."""
 
     chat_id: UUID
     chat: Callable[[], ChatSession]
     record: Record
-    publish: Callable[[TokenDelta], None]
     provider: Provider
     tools: ToolRegistry
     settings: Settings
@@ -118,30 +118,6 @@ class Meter:
         }
 
 
-class TokenBatch:
-    """Streamed text not yet persisted; ``full`` is set once ``limit`` tokens wait."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.text: list[str] = []
-        self.tokens = 0
-        self.waiting = trio.Event()
-        self.full = trio.Event()
-
-    def add(self, text: str, tokens: int) -> None:
-        self.text.append(text)
-        self.tokens += tokens
-        self.waiting.set()
-        if self.tokens >= self.limit:
-            self.full.set()
-
-    def take(self) -> tuple[str, int]:
-        text, tokens = "".join(self.text), self.tokens
-        self.text, self.tokens = [], 0
-        self.waiting, self.full = trio.Event(), trio.Event()
-        return text, tokens
-
-
 class Turn:
     def __init__(self, ports: TurnPorts, response_id: str, model: str,
                  reply_to_seq: int, settled: bool = True) -> None:
@@ -149,18 +125,20 @@ class Turn:
         self.response_id = response_id
         self.model = model
         self.reply_to_seq = reply_to_seq
-        #: Text streamed before the response's start was durable, held until ``settle()``.
-        self.held: list[TextDelta] | None = None if settled else []
         self._settled = trio.Event()
         if settled:
             self._settled.set()
         self.abandoned = False
-        self.text = ""
-        #: Characters of the response's text recorded so far.
         current = ports.chat().current
-        self.recorded = len(current.text) if current and current.response_id == response_id else 0
+        recorded = len(current.text) if current and current.response_id == response_id else 0
+        #: The reply's text between the model and the log.
+        self.stream = WriteAhead(ports.settings.token_flush_ms / 1000, offset=recorded,
+                                 held=not settled)
+        #: Set when the stream may have text to commit (new text, the start settled).
+        self._wake = trio.Event()
+        #: Set (and replaced) each time a commit ends: one commit at a time.
+        self._commit_done = trio.Event()
         self.meter = Meter()
-        self.batch = TokenBatch(ports.settings.token_flush_tokens)
         self.finish_reason = "stop"
         self.stop_scope = trio.CancelScope()
         self.interrupted: str | None = None
@@ -169,24 +147,31 @@ class Turn:
     def provider(self) -> Provider:
         return self.ports.provider
 
+    @property
+    def text(self) -> str:
+        """The reply's text that the log holds (what its followers were shown)."""
+        current = self.ports.chat().current
+        if current is None or current.response_id != self.response_id:
+            return ""
+        return current.text[: self.stream.committed]
+
     def stop(self) -> None:
         self.stop_scope.cancel()
 
     def settle(self, saved: bool) -> None:
-        """The response's start is durable (``saved``): text held so far goes out; or it was
-        not saved: the turn ends without publishing or recording anything."""
-        held, self.held = self.held or [], None
+        """The response's start is durable (``saved``): text held so far may be committed;
+        or it was not saved: the turn ends without recording anything."""
+        self.stream.settle(saved)
         self._settled.set()
+        self._wake.set()
         if not saved:
             self.abandoned = True
             self.stop_scope.cancel()
-            return
-        for delta in held:
-            self._on_text(delta)
 
     def abandon(self) -> None:
-        """Ends the turn at once, publishing and recording nothing more (the lease is lost)."""
+        """Ends the turn at once, recording nothing more (the lease is lost)."""
         self.abandoned = True
+        self.stream.close()
         self.stop_scope.cancel()
 
     def interrupt(self, reason: str) -> None:
@@ -199,7 +184,7 @@ class Turn:
         error: LLMError | None = None
         with self.stop_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._commit_loop)
                 try:
                     await self._rounds(messages)
                 except LLMError as exc:
@@ -221,7 +206,7 @@ class Turn:
             if not calls or not offered:  # tools asked for when none were offered are ignored
                 return
             await self._settled.wait()
-            await self._flush()
+            await self._commit(rest=True)
             messages = messages + await self._run_tools(calls)
 
     async def _stream(self, request: ModelRequest) -> list[ToolCallRequest]:
@@ -242,11 +227,12 @@ class Turn:
                             item = TextDelta(cleaned, item.tokens)
                         self._on_text(item)
                         streamed += item.tokens
-                        if self.held:  # reading on would only slow the commit it waits for
+                        if self.stream.phase is Phase.HELD:
+                            # reading on would only slow the commit it waits for
                             await self._settled.wait()
                         if streamed == item.tokens:
-                            # the first text goes on its way before the rest of a burst is
-                            # read (the rest then merges into fewer frames)
+                            # the first text is committed before the rest of a burst is
+                            # read (the rest then waits for the next group)
                             await trio.lowlevel.checkpoint()
                     elif isinstance(item, ToolCallRequest):
                         calls.append(ToolCallRequest(clean_text(item.call_id),
@@ -271,51 +257,61 @@ class Turn:
     def _on_text(self, delta: TextDelta) -> None:
         if not delta.text or self.abandoned:
             return
+        now = time.perf_counter()
         if self.meter.first_token is None:
-            self.meter.first_token = time.perf_counter()
-        if self.held is not None:
-            self.held.append(delta)
-            return
-        offset = len(self.text)
-        self.text += delta.text
-        self.batch.add(delta.text, delta.tokens)
-        self.ports.publish(TokenDelta(self.ports.chat_id, self.response_id, delta.text, offset))
+            self.meter.first_token = now
+        self.stream.add(delta.text, delta.tokens, round((now - self.meter.started) * 1000))
+        self._wake.set()
 
-    async def _flush_loop(self) -> None:
-        """Flushes a batch when it is ``token_flush_ms`` old or full, never more often."""
-        interval = self.ports.settings.token_flush_ms / 1000
-        last = -interval
+    async def _commit_loop(self) -> None:
+        """Commits the waiting text as soon as its slot comes (``WriteAhead.due``)."""
         while True:
-            await self.batch.waiting.wait()
-            with trio.move_on_after(interval):
-                await self.batch.full.wait()
-            await trio.sleep_until(last + interval)
-            last = trio.current_time()
-            await self._flush()
+            due = self.stream.due()
+            if due is None:
+                await self._wake.wait()
+                self._wake = trio.Event()
+            elif due > trio.current_time():
+                await trio.sleep_until(due)
+            else:
+                await self._commit()
 
-    async def _flush(self, *then: Mutation) -> None:
-        """Persists the waiting text (and ``then`` mutations) in one transaction.
+    async def _commit(self, *then: Mutation, rest: bool = False) -> None:
+        """Records the waiting text whose slot has come (``rest``: all of it) and ``then``
+        mutations in one transaction; once it commits, the actor shows the text.
 
-        Shielded: text taken from the batch is always written, even if the turn is being
-        cancelled (a stop, the end of the stream) while the flush waits for the chat's lock.
+        The text is taken at once (no checkpoint between the decision and the take), after
+        the commit in flight, if any. Shielded: text taken from the stream is always
+        written, even if the turn is being cancelled (a stop, the end of the stream) while
+        the commit waits for the chat's lock. A store error ends the stream (the turn fails
+        with it): nothing not committed is ever shown.
         """
         with trio.CancelScope(shield=True):
-            text, tokens = self.batch.take()
+            while self.stream.phase is Phase.COMMITTING:
+                await self._commit_done.wait()
+            group = self.stream.take(trio.current_time(), rest=rest)
             mutations: list[Mutation] = []
-            if text:
-                offset = self.recorded
-                mutations.append(lambda chat: self._record_text(chat, text, tokens, offset))
+            if group is not None:
+                mutations.append(lambda chat: self._record_text(chat, group))
             mutations.extend(then)
-            if mutations and await self._record(*mutations):
-                self.recorded += len(text)
+            if not mutations:
+                return
+            try:
+                if await self._record(*mutations) and group is not None:
+                    self.stream.committed_group(group)
+            except BaseException:
+                self.stream.close()
+                raise
+            finally:
+                self._commit_done.set()
+                self._commit_done = trio.Event()
 
-    def _record_text(self, chat: ChatSession, text: str, tokens: int, offset: int) -> None:
+    def _record_text(self, chat: ChatSession, group: Group) -> None:
         current = chat.current
         if current is None or current.response_id != self.response_id:
             raise FencedError(f"response {self.response_id} was ended by another process")
-        if len(current.text) != offset:
+        if len(current.text) != group.offset:
             raise FencedError(f"response {self.response_id} was written by another process")
-        chat.record_tokens(self.response_id, text, tokens)
+        chat.record_tokens(self.response_id, group.text, group.tokens, group.chunks)
 
     async def _record(self, *mutations: Mutation) -> bool:
         """Records ``mutations``; False, the turn abandoned, if the chat is not ours to write."""
@@ -379,7 +375,7 @@ class Turn:
         else:
             model, reason = self.model, self.finish_reason
             ending = lambda chat: chat.complete_response(rid, model, reason, usage, timing)  # noqa: E731
-        await self._flush(ending)
+        await self._commit(ending, rest=True)
 
 
 def _decode_arguments(raw: str) -> Any:

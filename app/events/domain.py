@@ -8,7 +8,7 @@ The module is synchronous and does no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, NotRequired, TypedDict
@@ -186,6 +186,15 @@ class ChatSession(Aggregate):
         text: str
         offset: int
         tokens: int
+        #: The chunks the text was streamed in: ``[code points, ms since the reply began]``
+        #: each, so that a replay keeps the pacing. Version 1 had none: read as None.
+        chunks: list[list[int]] | None
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, object]) -> None:
+            state["chunks"] = None
 
         def apply_to(self, chat: ChatSession) -> None:
             assert chat.current is not None
@@ -379,7 +388,10 @@ class ChatSession(Aggregate):
         )
         return response_id
 
-    def record_tokens(self, response_id: str, text: str, tokens: int) -> None:
+    def record_tokens(
+        self, response_id: str, text: str, tokens: int,
+        chunks: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         current = self._require_current(response_id)
         if text:
             self.trigger_event(
@@ -388,6 +400,7 @@ class ChatSession(Aggregate):
                 text=clean_text(text),
                 offset=len(current.text),
                 tokens=tokens,
+                chunks=None if chunks is None else [[size, at] for size, at in chunks],
             )
 
     def invoke_tool(

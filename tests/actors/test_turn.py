@@ -1,5 +1,5 @@
-"""A ``Turn`` on its own: fake ports (an in-memory chat, a list of published deltas), no
-store and no actor."""
+"""A ``Turn`` on its own: fake ports (an in-memory chat whose ``record`` applies mutations
+and keeps their events), no store and no actor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import trio
 
-from app.actors.messages import TokenDelta
 from app.actors.turn import Mutation, Turn, TurnPorts
 from app.config import Settings
 from app.events.domain import ChatSession
@@ -26,11 +25,10 @@ class FakeChat:
         self.response_id = self.chat.start_response("scripted-1", provider.name)
         self.chat.collect_events()
         self.recorded: list[object] = []
-        self.published: list[TokenDelta] = []
         self.fenced = False
         self.ports = TurnPorts(
-            self.chat.id, lambda: self.chat, self.record, self.published.append, provider,
-            default_registry(settings), settings,
+            self.chat.id, lambda: self.chat, self.record, provider, default_registry(settings),
+            settings,
         )
 
     async def record(self, *mutations: Mutation) -> object:
@@ -48,20 +46,23 @@ class FakeChat:
     def kinds(self) -> list[str]:
         return [type(event).__name__ for event in self.recorded]
 
+    def texts(self) -> list[tuple[str, int]]:
+        return [(e.text, e.offset) for e in self.recorded
+                if isinstance(e, ChatSession.TokensGenerated)]
+
 
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, token_flush_ms=1, max_tool_rounds=2)
 
 
-async def test_a_turn_publishes_its_text_records_it_and_its_ending(tmp_path: Path) -> None:
+async def test_a_turn_records_its_text_and_its_ending(tmp_path: Path) -> None:
     provider = ScriptedProvider().then("Forty", "-two")
     fake = FakeChat(provider, settings(tmp_path))
     with trio.fail_after(5):
         await fake.turn().run(fake.chat.context(10))
-    assert [(d.text, d.offset) for d in fake.published] == [("Forty", 0), ("-two", 5)]
+    # the first text is committed at once, the rest in the next group
+    assert fake.texts() == [("Forty", 0), ("-two", 5)]
     assert fake.kinds()[-1] == "ResponseCompleted"
-    assert "".join(e.text for e in fake.recorded
-                   if isinstance(e, ChatSession.TokensGenerated)) == "Forty-two"
     ended = fake.recorded[-1]
     assert isinstance(ended, ChatSession.ResponseCompleted)
     assert ended.usage["completion_tokens"] == 2 and ended.finish_reason == "stop"
@@ -87,11 +88,12 @@ async def test_a_stopped_turn_records_a_stop_and_keeps_its_text(tmp_path: Path) 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(turn.run, fake.chat.context(10))
-            while not fake.published:  # noqa: ASYNC110 - the first delta has no event
+            while not fake.texts():  # noqa: ASYNC110 - the fake's record has no event
                 await trio.sleep(0.01)
             turn.stop()
     assert fake.kinds()[-1] == "ResponseStopped"
-    assert fake.chat.outcomes[fake.response_id].text == turn.text
+    assert fake.chat.outcomes[fake.response_id].text == "".join(t for t, _ in fake.texts())
+    assert fake.texts()[0] == ("a", 0)
 
 
 async def test_a_turn_whose_chat_is_fenced_stops_writing(tmp_path: Path) -> None:
