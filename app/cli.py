@@ -379,8 +379,9 @@ def _listening_servers(settings: Settings) -> int:
     import psycopg
     from psycopg import sql
 
-    from .actors.cluster import LISTEN_APP_NAME, Bus
-    from .storage.postgres import connect
+    from .actors.cluster import Bus
+    from .actors.connections import LISTEN
+    from .storage.postgres import application_name, connect
 
     channel = Bus(settings, lambda item: None).channel
     try:
@@ -389,7 +390,7 @@ def _listening_servers(settings: Settings) -> int:
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
                 "AND datname = current_database() AND query = %s",
-                (LISTEN_APP_NAME, listen)).fetchone()
+                (application_name(LISTEN, settings.database_schema), listen)).fetchone()
     except psycopg.Error:
         return 0
     return int(row[0]) if row else 0

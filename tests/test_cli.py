@@ -195,7 +195,8 @@ async def test_projections_rebuild_refuses_while_a_server_listens_on_postgres(
     env["EVENTCHAT_DATABASE_SCHEMA"] = pg_schema
     argv = [sys.executable, "-m", "app.cli", "projections", "rebuild", "--database-url", pg_url]
     # what a running server holds: its live channel's LISTEN connection
-    with psycopg.connect(pg_url, autocommit=True, application_name="eventchat-listen") as conn:
+    name = f"eventchat-listen:{pg_schema}"
+    with psycopg.connect(pg_url, autocommit=True, application_name=name) as conn:
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"eventchat_{pg_schema}")))
         done = await trio.run_process(argv, env=env, capture_stdout=True, capture_stderr=True,
                                       check=False)

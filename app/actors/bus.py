@@ -13,15 +13,8 @@ import trio
 from psycopg import sql
 
 from ..config import Settings
-from .connections import (
-    BACKOFF_MAX_S,
-    BACKOFF_START_S,
-    LISTEN_APP_NAME,
-    NOTIFY_APP_NAME,
-    Connection,
-    connect,
-    reason,
-)
+from ..storage.postgres import connect
+from .connections import BACKOFF_MAX_S, BACKOFF_START_S, LISTEN, NOTIFY, Connection, reason
 from .wire import BusMessage, CatchUp, WireItem, decode, encode
 
 log = logging.getLogger(__name__)
@@ -55,7 +48,7 @@ class Bus:
 
     def __init__(self, settings: Settings, deliver: Callable[[BusMessage], None]) -> None:
         assert settings.database_url
-        self._url = settings.database_url
+        self._settings = settings
         self.channel = f"eventchat_{settings.database_schema}"[:63]
         self.sender = uuid.uuid4().hex[:12]
         self._deliver = deliver
@@ -129,7 +122,7 @@ class Bus:
     def _listen(self, token: trio.lowlevel.TrioToken, listening: Callable[[], None]) -> None:
         """In a worker thread: LISTENs and hands items on until stopping; raises
         ``psycopg.Error`` when the connection fails."""
-        with connect(self._url, LISTEN_APP_NAME) as conn:
+        with connect(self._settings, LISTEN) as conn:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
             trio.from_thread.run_sync(listening, trio_token=token)
             own = f"{self.sender}|"
@@ -157,7 +150,7 @@ class Bus:
             nonlocal conn
             again = conn is not None  # a connection may have died while idle: one more try
             while True:
-                current = conn = conn or connect(self._url, NOTIFY_APP_NAME)
+                current = conn = conn or connect(self._settings, NOTIFY)
                 try:
                     for payload in payloads:  # a payload sent twice is harmless
                         current.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))

@@ -2,15 +2,17 @@
 
 The leases (``leases``) decide which process runs a chat's actor: a session-level advisory
 lock per chat, held on one dedicated connection per process (``application_name``
-``eventchat-leases``). A process that dies loses its connection and so its locks, and the
-chats it owned can be taken over. An advisory lock vanishes silently with its connection, so
-a lock is not proof enough to write: each take also bumps the chat's *epoch* in the leases'
-table, and every save of the chat carries that epoch as a ``Fence`` checked in the inserting
-transaction (``FencedRecorder``): a process whose lock is gone can write no more once
-another has taken the chat. The lease connection is checked every
-``lease_check_interval_s``; when it fails, every chat leased on it is reported lost
-(``on_lost``) at once and the connection is made again with backoff. On SQLite there is one
-process per data directory, which owns every chat (``LocalLeases``).
+``eventchat-leases``, with ``:<schema>`` like every ``storage.postgres`` connection; it has
+no statement timeout, so that a slow statement never drops the leases). A process that dies
+loses its connection and so its locks, and the chats it owned can be taken over. An
+advisory lock vanishes silently with its connection, so a lock is not proof enough to
+write: each take also bumps the chat's *epoch* in the leases' table, and every save of the
+chat carries that epoch as a ``Fence`` checked in the inserting transaction
+(``FencedRecorder``): a process whose lock is gone can write no more once another has taken
+the chat. The lease connection is checked every ``lease_check_interval_s``; when it fails,
+every chat leased on it is reported lost (``on_lost``) at once and the connection is made
+again with backoff. On SQLite there is one process per data directory, which owns every
+chat (``LocalLeases``).
 
 The bus (``bus``, its messages in ``wire``) carries what one process must tell the others,
 batched into ``NOTIFY`` payloads on a channel named after the schema: streamed deltas
@@ -45,9 +47,6 @@ from ..events.store import EventStore
 from .bus import MAX_PAYLOAD as MAX_PAYLOAD
 from .bus import Bus as Bus
 from .bus import _encoded as _encoded
-from .connections import LEASES_APP_NAME as LEASES_APP_NAME
-from .connections import LISTEN_APP_NAME as LISTEN_APP_NAME
-from .connections import NOTIFY_APP_NAME as NOTIFY_APP_NAME
 from .hub import Hub
 from .leases import Lease as Lease
 from .leases import LocalLeases, PostgresLeases

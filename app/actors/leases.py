@@ -24,14 +24,8 @@ from psycopg import sql
 from ..config import Settings
 from ..events.application import LEASES_TABLE, Fence
 from ..events.errors import StoreUnavailableError
-from .connections import (
-    BACKOFF_MAX_S,
-    BACKOFF_START_S,
-    LEASES_APP_NAME,
-    Connection,
-    connect,
-    reason,
-)
+from ..storage.postgres import connect
+from .connections import BACKOFF_MAX_S, BACKOFF_START_S, LEASES, Connection, reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,7 +73,7 @@ class PostgresLeases:
         self, settings: Settings, on_lost: Callable[[list[UUID]], None] = lambda chats: None
     ) -> None:
         assert settings.database_url
-        self._url = settings.database_url
+        self._settings = settings
         self._interval = settings.lease_check_interval_s
         self._on_lost = on_lost
         #: This server, as its restarts see it: host name and configured port.
@@ -159,7 +153,7 @@ class PostgresLeases:
 
     def _in_thread(self, fn: Callable[[Connection, *Ts], T], *args: *Ts) -> T:
         if self._conn is None:
-            self._conn = connect(self._url, LEASES_APP_NAME)
+            self._conn = connect(self._settings, LEASES, statement_timeout=False)
         try:
             return fn(self._conn, *args)
         except psycopg.Error:

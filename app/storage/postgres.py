@@ -7,14 +7,14 @@ PostgreSQL is reached in two ways:
   many worker threads;
 - **dedicated connections** (``connect(settings, kind)``), one per long-lived or occasional
   use: the users table, schema creation (``schema_lock``), the command line's and the
-  bench's checks, and any other long-lived connection of a ``kind`` of its own. (The
-  cluster's leases, ``LISTEN`` and ``NOTIFY`` connections are opened in
-  ``app.actors.connections``.)
+  bench's checks, the cluster's leases, ``LISTEN`` and ``NOTIFY`` connections
+  (``app.actors.leases``, ``app.actors.bus``), each of a ``kind`` of its own.
 
 A worker thread blocked on a server that does not answer cannot be cancelled from trio, so
 every connection carries libpq's own bounds (``connection_bounds``): a connect timeout, TCP
 keepalives and a user timeout (a server that vanished is noticed within about twice the
-store timeout), and a ``statement_timeout`` (a server that is there but stuck). Each kind of
+store timeout), and a ``statement_timeout`` (a server that is there but stuck; none on the
+leases' connection, where a statement cancelled would drop every lease held on it). Each kind of
 connection has an ``application_name`` of its own (``eventchat-events``, ``eventchat-views``,
 ``eventchat-users``, ...; with the schema appended when it is not ``public``).
 """
@@ -54,13 +54,17 @@ def reconnect_timeout(timeout_s: float) -> float:
     return max(2.0, timeout_s)
 
 
-def connection_bounds(timeout_s: float, name: str) -> dict[str, str | int]:
+def connection_bounds(timeout_s: float, name: str, *,
+                      statement_timeout: bool = True) -> dict[str, str | int]:
     """libpq keywords bounding every wait of a connection, for a store timeout of
-    ``timeout_s``: connect, dead peer (keepalives, unacknowledged data) and statements."""
+    ``timeout_s``: connect, dead peer (keepalives, unacknowledged data) and, unless
+    ``statement_timeout`` is false (then none, whatever the server's default), statements."""
     seconds = max(2, math.ceil(timeout_s))
     interval = max(1, math.ceil(seconds / KEEPALIVE_PROBES))
     dead_after_s = seconds + interval * KEEPALIVE_PROBES
     statement_ms = round(max(timeout_s, 1.0) * STATEMENT_TIMEOUTS * 1000)
+    if not statement_timeout:
+        statement_ms = 0  # PostgreSQL's "no limit"
     return {
         "connect_timeout": seconds,
         "keepalives": 1,
@@ -74,14 +78,17 @@ def connection_bounds(timeout_s: float, name: str) -> dict[str, str | int]:
 
 
 def connect(settings: Settings, kind: str, *, autocommit: bool = True,
-            search_path: bool = False) -> Connection:
+            search_path: bool = False, statement_timeout: bool = True) -> Connection:
     """A dedicated connection to ``settings``' database (blocking), with the bounds of
     ``settings.store_timeout_s`` and the ``application_name`` of ``kind`` (``leases``,
     ``listen``, ``notify``, ...). With ``search_path`` unqualified names are those of
-    ``settings.database_schema``. Raises ``psycopg.Error``; close it when done (``with``)."""
+    ``settings.database_schema``; with ``statement_timeout=False`` its statements run
+    unbounded (the connect and dead-peer bounds stay). Raises ``psycopg.Error``; close it
+    when done (``with``)."""
     assert settings.database_url, "PostgreSQL connections need EVENTCHAT_DATABASE_URL"
     name = application_name(kind, settings.database_schema)
-    bounds = connection_bounds(settings.store_timeout_s, name)
+    bounds = connection_bounds(settings.store_timeout_s, name,
+                               statement_timeout=statement_timeout)
     conn = psycopg.connect(make_conninfo(settings.database_url, **bounds), autocommit=True)
     if search_path:
         use_schema(conn, settings.database_schema)

@@ -11,7 +11,9 @@ from uuid import UUID
 
 import psycopg
 
-from app.actors.cluster import LEASES_APP_NAME, LISTEN_APP_NAME, lock_key
+from app.actors.cluster import lock_key
+from app.actors.connections import LEASES, LISTEN
+from app.storage.postgres import application_name
 
 
 def _terminate(url: str, where: str, *params: object) -> list[int]:
@@ -28,18 +30,19 @@ def kill_listeners(url: str, schema: str) -> list[int]:
         url,
         "query LIKE 'LISTEN%%' AND query LIKE %s AND application_name = %s",
         f'%"eventchat_{schema}"%',
-        LISTEN_APP_NAME,
+        application_name(LISTEN, schema),
     )
 
 
 def kill_lease_holder(url: str, chat_id: UUID) -> list[int]:
-    """Terminates the lease connection of the server that holds ``chat_id``'s lease."""
+    """Terminates the lease connection of the server that holds ``chat_id``'s lease (in
+    whichever schema: its name starts with the leases' kind)."""
     key = lock_key(chat_id) & 0xFFFF_FFFF_FFFF_FFFF
     return _terminate(
         url,
-        "application_name = %s AND pid IN (SELECT pid FROM pg_locks WHERE locktype = "
+        "application_name LIKE %s AND pid IN (SELECT pid FROM pg_locks WHERE locktype = "
         "'advisory' AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1)",
-        LEASES_APP_NAME,
+        application_name(LEASES) + "%",
         key >> 32,
         key & 0xFFFF_FFFF,
     )

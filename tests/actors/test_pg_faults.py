@@ -64,7 +64,8 @@ async def test_each_dedicated_connection_is_named_for_operators(
     await system.send_message(chat_id, "alice", "hello")
     await until_answered(system, chat_id)
     names = await trio.to_thread.run_sync(connection_names, pg_url, settings.database_schema)
-    assert {"eventchat-leases", "eventchat-listen"} <= set(names)
+    schema = settings.database_schema
+    assert {f"eventchat-leases:{schema}", f"eventchat-listen:{schema}"} <= set(names)
     assert system.problems() == []
 
 

@@ -59,3 +59,17 @@ def test_a_dedicated_connection_is_named_bounded_and_in_its_schema(
     assert timeout == "6s"  # two store timeouts
     assert path == [pg_schema]
     assert postgres.application_name("probe") == "eventchat-probe"
+
+
+@pytest.mark.postgres
+def test_the_leases_connection_has_no_statement_timeout_but_keeps_its_other_bounds(
+    pg_url: str, pg_schema: str
+) -> None:
+    settings = Settings(database_url=pg_url, database_schema=pg_schema, store_timeout_s=3.0)
+    with postgres.connect(settings, "leases", statement_timeout=False) as conn:
+        name, timeout = conn.execute(
+            "SELECT current_setting('application_name'), current_setting('statement_timeout')"
+        ).fetchone() or ("", "")
+        keepalive = conn.info.get_parameters().get("keepalives_idle")
+    assert (name, timeout) == (f"eventchat-leases:{pg_schema}", "0")  # 0: no limit
+    assert keepalive == "3"
