@@ -62,6 +62,11 @@ async def test_a_turn_records_its_text_and_its_ending(tmp_path: Path) -> None:
         await fake.turn().run(fake.chat.context(10))
     # the first text is committed at once, the rest in the next group
     assert fake.texts() == [("Forty", 0), ("-two", 5)]
+    batches = [e for e in fake.recorded if isinstance(e, ChatSession.TokensGenerated)]
+    # each batch keeps its chunks: code points and when they arrived
+    assert [[size for size, _ in b.chunks or []] for b in batches] == [[5], [4]]
+    times = [at for b in batches for _, at in b.chunks or []]
+    assert times == sorted(times) and times[0] >= 0
     assert fake.kinds()[-1] == "ResponseCompleted"
     ended = fake.recorded[-1]
     assert isinstance(ended, ChatSession.ResponseCompleted)
