@@ -1,4 +1,4 @@
-"""The eventchat command: serve, users, replay, export, projections, chat, bench.
+"""The eventchat command: serve, users, replay, export, audit, projections, chat, bench.
 
 Settings come from flags, then the environment, then defaults (``Settings.from_env``).
 Every failure is one line on stderr and an exit code: 2 for what was asked wrongly (a bad
@@ -153,11 +153,32 @@ def _parser() -> argparse.ArgumentParser:
 
     export = command("export", _export, "export event logs as JSON Lines")
     export.add_argument("chat_id", type=UUID, nargs="?", help="one chat (default: every chat)")
+    export.add_argument("--format", default="jsonl",
+                        help="jsonl (default): the event log with each event's audit hash and "
+                             "stored bytes")
+
+    audit = command("audit", _audit, "verify the chats' audit chains, or sign their heads")
+    audit.add_argument("action", choices=["verify", "checkpoint"],
+                       help="verify [CHAT_ID ...]: check every chain (or these chats'); "
+                            "checkpoint: write every chat's head, signed with "
+                            "EVENTCHAT_AUDIT_KEY")
+    audit.add_argument("chat_ids", type=UUID, nargs="*", metavar="CHAT_ID",
+                       help="the chats to verify (default: every chat)")
+    audit.add_argument("--checkpoint", type=Path, metavar="FILE",
+                       help="verify: also check the chains against this signed checkpoint "
+                            "(finds a cut or rewritten tail)")
+    audit.add_argument("--out", type=Path, metavar="FILE",
+                       help="checkpoint: write it to FILE (default: stdout)")
 
     projections = command("projections", _projections, "rebuild the views or show their lag")
     projections.add_argument("action", choices=["rebuild", "status"],
                              help="rebuild: drop the views and apply the whole log again (the "
                                   "servers must be stopped); status: position, log end, lag")
+
+    purge = command("purge", _purge, "after deleting chats: make the database files drop "
+                                     "the deleted rows' bytes (docs/operations.md)")
+    purge.add_argument("--full", action="store_true",
+                       help="PostgreSQL: VACUUM FULL (rewrites each table; locks it meanwhile)")
 
     chat = command("chat", _chat, "talk to a running server from the terminal")
     chat.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat",
@@ -325,14 +346,33 @@ def _replay(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> None:
-    from .events.replay import all_chat_ids, chat_records
+    from .events.export import FORMATS
+    from .events.replay import all_chat_ids
 
+    if args.format not in FORMATS:
+        raise CommandError(f"unknown --format {args.format!r} (one of {', '.join(FORMATS)})", 2)
     _existing_data_dir(settings)
     app = _open_app(settings)
     chat_ids = [args.chat_id] if args.chat_id else all_chat_ids(app)
     for chat_id in chat_ids:
-        for record in chat_records(app, chat_id):
-            print(json.dumps({"chat_id": str(chat_id), **record}))
+        for chunk in FORMATS[args.format].render(app, chat_id):
+            sys.stdout.write(chunk)
+
+
+def _audit(settings: Settings, args: argparse.Namespace) -> None:
+    from . import audit_cli
+
+    _existing_data_dir(settings)
+    if args.action == "checkpoint":
+        if args.chat_ids or args.checkpoint:
+            raise CommandError("audit checkpoint takes no CHAT_ID and no --checkpoint", 2)
+        audit_cli.write_checkpoint(settings, args.out)
+        return
+    if args.out:
+        raise CommandError("--out is for audit checkpoint", 2)
+    code = audit_cli.verify(settings, args.chat_ids, args.checkpoint)
+    if code:
+        sys.exit(code)
 
 
 def _projections(settings: Settings, args: argparse.Namespace) -> None:
@@ -345,6 +385,13 @@ def _projections(settings: Settings, args: argparse.Namespace) -> None:
         print(f"rebuilt every view from {count} events")
     else:
         print(json.dumps(status(settings), indent=2))
+
+
+def _purge(settings: Settings, args: argparse.Namespace) -> None:
+    from .storage.purge import purge
+
+    _existing_data_dir(settings)
+    purge(settings, full=args.full, say=print)
 
 
 @contextmanager

@@ -112,6 +112,8 @@ class Settings:
     #: Optional at-rest encryption (AES-GCM, base64 key) and zlib compression of events.
     cipher_key: str | None = None
     compress: bool = False
+    #: The secret that signs audit checkpoints (HMAC-SHA256; ``eventchat audit checkpoint``).
+    audit_key: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

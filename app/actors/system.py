@@ -23,7 +23,7 @@ import fcntl
 import logging
 import os
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, overload
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: How long a command may wait for room in a full mailbox before it is refused.
 MAILBOX_WAIT_S = 5.0
+#: How long a deletion waits for the chat's running response to stop before going on.
+STOP_BEFORE_DELETE_S = 10.0
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 5.0
 
@@ -94,6 +96,8 @@ class ActorSystem:
         self.hub = Hub(settings.subscriber_queue_size)
         self.restarts = 0
         self._actors: dict[UUID, SessionActor] = {}
+        #: The cancel scope of each running actor's ``run()``: a deleted chat's is cancelled.
+        self._runs: dict[UUID, trio.CancelScope] = {}
         self._generating: Counter[str] = Counter()
         self._idle = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -197,6 +201,58 @@ class ActorSystem:
         """Stops the running response of the chat; False if none was running."""
         return await self.ask(chat_id, StopGeneration(owner))
 
+    async def change_chat(
+        self, chat_id: UUID, owner: str, change: Callable[[ChatSession], None]
+    ) -> None:
+        """Records ``change``'s events (a rename, a model, a system prompt) through the chat's
+        actor, as the actor records its own: under its lock, with its fence, published to
+        its followers. Raises ``ChatNotFoundError`` (missing, deleted or not ``owner``'s), a
+        ``ChatRuleError`` (nothing recorded) or ``StoreError``."""
+        actor = await self._attached(chat_id, owner)
+        await actor.record(change)
+
+    async def delete_chat(self, chat_id: UUID, owner: str) -> None:
+        """Deletes the chat: stops its running response (waiting for it to end, at most
+        ``STOP_BEFORE_DELETE_S``), records ``Deleted`` (who, when), destroys its key, and
+        ends its actor; a command waiting for it gets ``ChatNotFoundError``. Raises
+        ``ChatNotFoundError`` (missing, already deleted or not ``owner``'s) or ``StoreError``;
+        a deletion whose key could not be destroyed is completed by the next call."""
+        actor = await self._attached(chat_id, owner)
+        try:
+            if not actor.chat.deleted:
+                await self._stop_for_deletion(actor, owner)
+                await actor.record(lambda chat: chat.delete(owner))
+            await self.store.destroy_key(chat_id)
+        finally:
+            if actor.chat.deleted:
+                self._retire(chat_id)
+
+    async def _attached(self, chat_id: UUID, owner: str) -> SessionActor:
+        """The chat's actor, loaded, once the chat is known to be ``owner``'s."""
+        while True:
+            actor = self._actor_for(chat_id)
+            if not actor.up_to_date:
+                await self.ask(chat_id, Attach(owner))
+                found = self._actors.get(chat_id)
+                if found is None:  # it passivated in between: ask its successor
+                    continue
+                actor = found
+            actor.check_owner(owner)
+            return actor
+
+    async def _stop_for_deletion(self, actor: SessionActor, owner: str) -> None:
+        with trio.move_on_after(STOP_BEFORE_DELETE_S):
+            while actor.turn is not None or actor.chat.current is not None:
+                await self.stop_generation(actor.chat_id, owner)
+                await trio.sleep(0.02)
+
+    def _retire(self, chat_id: UUID) -> None:
+        """Ends the actor of a deleted chat at once (it answers no one any more)."""
+        actor = self._actors.pop(chat_id, None)
+        scope = self._runs.get(chat_id)
+        if actor is not None and scope is not None:
+            scope.cancel()
+
     @asynccontextmanager
     async def subscribe(self, chat_id: UUID, owner: str) -> AsyncIterator[Subscription]:
         """Follows a chat: stored events and live token deltas, from now on.
@@ -246,7 +302,9 @@ class ActorSystem:
         """The chat's owner as its running actor holds it, or None if no actor has it in
         memory here (the owner of a chat never changes: no I/O needed)."""
         actor = self._actors.get(chat_id)
-        return actor.chat.owner if actor is not None and actor.loaded else None
+        if actor is None or not actor.loaded or actor.chat.deleted:
+            return None
+        return actor.chat.owner
 
     def owns(self, chat_id: UUID) -> bool:
         """True if this process runs the chat's responses (and so saves its events)."""
@@ -310,12 +368,15 @@ class ActorSystem:
         (``actor_restarted``); a lost lease too, its abandoned response then being ended as
         ``owner_lost`` by whichever process takes the chat. A crash because the store could
         not be used answers the commands waiting for the actor at once (``_restart_later``)."""
+        run = trio.CancelScope()
         try:
             while True:
                 try:
-                    await actor.run(recovery_reason=reason)
-                    if not actor.lease_lost:
-                        return
+                    with trio.CancelScope() as run:
+                        self._runs[actor.chat_id] = run
+                        await actor.run(recovery_reason=reason)
+                    if run.cancelled_caught or not actor.lease_lost:
+                        return  # passivated, or its chat was deleted (``_retire``)
                     reason = "owner_lost"
                     await self.cluster.release(actor.chat_id)  # if its lock outlived the fence
                     await trio.sleep(backoff)
@@ -340,6 +401,8 @@ class ActorSystem:
         finally:
             if self._actors.get(actor.chat_id) is actor:
                 del self._actors[actor.chat_id]
+            if self._runs.get(actor.chat_id) is run:
+                del self._runs[actor.chat_id]
             for command in actor.drain():
                 self.redeliver(actor.chat_id, command)
             if actor.owns:

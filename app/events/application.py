@@ -2,7 +2,8 @@
 
 ``ChatApplication`` is an ``eventsourcing`` application: blocking, thread-safe, and the only
 code that talks to the event tables. Its persistence (SQLite or PostgreSQL, the fenced
-recorder, deadlines) is configured by ``app.storage.recorder.persistence_env``.
+recorder, deadlines) is configured by ``app.storage.recorder.persistence_env``; its mapper
+encrypts each chat with a key of its own (``app.events.keys``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from typing import Any, ClassVar
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import JSONTranscoder, Notification, Transcoding
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    JSONTranscoder,
+    Mapper,
+    Notification,
+    Transcoding,
+)
 
+from ..storage.keys import KeyTable
 from ..storage.recorder import APPLICATION_NAME
 from ..storage.recorder import LEASES_TABLE as LEASES_TABLE  # app.actors.cluster's import
 from ..storage.recorder import Fence as Fence  # app.actors.cluster's import
 from .domain import ActiveResponse, ChatSession, Outcome, ToolCallState
+from .keys import ChatKeys, ChatMapper
 
 
 class ChatApplication(Application[UUID]):
@@ -29,6 +38,23 @@ class ChatApplication(Application[UUID]):
         # The library reads the intervals through the instance: one interval per store.
         self.snapshotting_intervals = {ChatSession: snapshot_interval}  # type: ignore[misc]
         super().__init__(env=env)
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=ChatMapper)
+
+    def construct_recorder(self) -> ApplicationRecorder:
+        """The library's recorder; then the chats' keys, in its database (``keys``)."""
+        recorder = super().construct_recorder()
+        datastore = getattr(recorder, "datastore", None)
+        self.keys = ChatKeys(KeyTable(datastore), self.env.get("CIPHER_KEY"))  # type: ignore[arg-type]
+        self.keys.open()
+        assert isinstance(self.mapper, ChatMapper)
+        self.mapper.keys = self.keys
+        return recorder
+
+    def destroy_key(self, chat_id: UUID) -> None:
+        """Destroys the chat's data key: its events can no longer be read, anywhere."""
+        self.keys.destroy(chat_id)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -62,7 +88,9 @@ class UnfinishedChats:
         self.position = 0
         self._received = _topic(ChatSession.MessageReceived)
         self._endings = {_topic(cls) for cls in ChatSession.ENDINGS}
-        self._topics = [self._received, _topic(ChatSession.ResponseStarted), *self._endings]
+        self._deleted = _topic(ChatSession.Deleted)
+        self._topics = [self._received, _topic(ChatSession.ResponseStarted), *self._endings,
+                        self._deleted]
         #: chat -> waiting messages + open responses, for chats where that is not zero
         self._owed: dict[UUID | str, int] = {}
 
@@ -72,6 +100,9 @@ class UnfinishedChats:
                 self.position + 1, page, topics=self._topics
             )
             for n in batch:
+                if n.topic == self._deleted:  # a deleted chat is answered no more
+                    self._owed.pop(n.originator_id, None)
+                    continue
                 # received +1, started 0 (+1 open response, -1 waiting message), ended -1
                 step = 1 if n.topic == self._received else (-1 if n.topic in self._endings else 0)
                 owed = self._owed.get(n.originator_id, 0) + step

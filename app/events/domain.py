@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 from eventsourcing.domain import Aggregate
 
 from .errors import (
+    ChatDeletedError,
     ChatRuleError,
     DuplicateMessageError,
     EmptyMessageError,
@@ -147,6 +148,30 @@ class ChatSession(Aggregate):
 
         def apply_to(self, chat: ChatSession) -> None:
             chat.title = self.title
+
+    class ModelChanged(Event):
+        #: None: the server's default model.
+        model: str | None
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.model = self.model
+
+    class SystemPromptChanged(Event):
+        system_prompt: str | None
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.system_prompt = self.system_prompt
+
+    class Deleted(Event):
+        """The chat was deleted by ``deleted_by`` (at the event's timestamp). Stored without
+        the chat's own key (``app.events.keys``), so that it stays readable once that key is
+        destroyed; the chat takes nothing more."""
+
+        deleted_by: str
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.deleted = True
+            chat.pending.clear()
 
     class MessageReceived(Event):
         text: str
@@ -284,6 +309,8 @@ class ChatSession(Aggregate):
 
     #: Chats (and snapshots) recorded before chats had a ``max_tokens`` read it as None.
     max_tokens: int | None = None
+    #: Set by ``Deleted`` (chats and snapshots from before it read it as False).
+    deleted: bool = False
 
     def __init__(
         self, owner: str, title: str, model: str | None, system_prompt: str | None,
@@ -336,6 +363,7 @@ class ChatSession(Aggregate):
     # -- commands -------------------------------------------------------------------------
 
     def rename(self, title: str) -> None:
+        self._require_present()
         title = check_text(title, "title").strip()
         if not title:
             raise EmptyTitleError("a title cannot be empty")
@@ -354,6 +382,7 @@ class ChatSession(Aggregate):
         """
         if client_message_id is not None:
             check_text(client_message_id, "client_message_id")
+        self._require_present()
         if client_message_id is not None and client_message_id in self.client_message_ids:
             raise DuplicateMessageError(
                 client_message_id, self.client_message_ids[client_message_id]
@@ -374,6 +403,7 @@ class ChatSession(Aggregate):
 
     def start_response(self, model: str, provider: str, response_id: str | None = None) -> str:
         """Starts answering the oldest waiting user message; returns the response id."""
+        self._require_present()
         if self.current is not None:
             raise ResponseInProgressError("a response is already being generated")
         if not self.pending:
@@ -522,7 +552,33 @@ class ChatSession(Aggregate):
             turns.insert(0, {"role": "system", "content": self.system_prompt})
         return turns
 
+    def change_model(self, model: str | None) -> None:
+        """Sets the model the chat's next responses use (None: the server's default)."""
+        self._require_present()
+        if model is not None:
+            check_text(model, "model")
+        if model != self.model:
+            self.trigger_event(self.ModelChanged, model=model)
+
+    def change_system_prompt(self, system_prompt: str | None) -> None:
+        self._require_present()
+        if system_prompt is not None:
+            check_text(system_prompt, "system_prompt")
+        if system_prompt != self.system_prompt:
+            self.trigger_event(self.SystemPromptChanged, system_prompt=system_prompt)
+
+    def delete(self, deleted_by: str) -> None:
+        """Records the chat's deletion; raises ``ChatDeletedError`` if it was deleted."""
+        self._require_present()
+        check_text(deleted_by, "deleted_by")
+        self.trigger_event(self.Deleted, deleted_by=deleted_by)
+
+    def _require_present(self) -> None:
+        if self.deleted:
+            raise ChatDeletedError("chat not found")
+
     def _require_current(self, response_id: str) -> ActiveResponse:
+        self._require_present()
         if self.current is None or self.current.response_id != response_id:
             raise NoResponseInProgressError(f"response {response_id} is not in progress")
         return self.current

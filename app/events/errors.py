@@ -11,6 +11,7 @@ EventsError
 │   ├── NoMessageWaitingError  a response was started with no user message waiting
 │   └── DuplicateMessageError
 ├── ChatNotFoundError         no such chat (or not the caller's)
+│   └── ChatDeletedError      the chat was deleted (its key destroyed: its events unreadable)
 └── StoreError                the store could not be read or written
     ├── StoreUnavailableError the database is unreachable
     ├── ConcurrencyError      another writer saved the chat first: reload and retry
@@ -67,6 +68,10 @@ class DuplicateMessageError(ChatRuleError):
 
 class ChatNotFoundError(EventsError):
     code = "chat_not_found"
+
+
+class ChatDeletedError(ChatNotFoundError):
+    """The chat was deleted: to its owner, as to anyone, it no longer exists."""
 
 
 class StoreError(EventsError):

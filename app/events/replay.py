@@ -1,18 +1,20 @@
 """Reading a chat's log back: the audit trail as records, and the chat as it was at any seq.
 
 Blocking (it reads the store directly); the CLI runs it outside any event loop and the web
-layer in worker threads. Each record is ``{"seq", "type", "timestamp", "data"}``, the shape of
-``GET /chat/{id}/events``.
+layer in worker threads. Each record is ``{"seq", "type", "timestamp", "data", "hash"}``,
+the shape of ``GET /chat/{id}/events``.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import TypeAlias, TypedDict, cast
+from typing import NotRequired, TypeAlias, TypedDict, cast
 from uuid import UUID
 
 from .application import ChatApplication
+from .audit import chain_table, reading
 from .domain import ChatSession
 from .errors import ChatNotFoundError
 
@@ -20,26 +22,38 @@ from .errors import ChatNotFoundError
 JSONValue: TypeAlias = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
 
 
+class StoredBytes(TypedDict):
+    """An event as stored: what its link of the audit chain covers (docs/audit.md)."""
+
+    topic: str
+    state: str  # base64 of the stored bytes (ciphertext where encrypted)
+
+
 class EventRecord(TypedDict):
-    """One stored event, as ``GET /chat/{id}/events`` shows it."""
+    """One stored event, as ``GET /chat/{id}/events`` shows it (and, with ``stored``, as
+    the JSON Lines export writes it)."""
 
     seq: int
     type: str
     timestamp: JSONValue
     data: dict[str, JSONValue]
+    hash: str | None  # its link of the audit chain, hex
+    stored: NotRequired[StoredBytes]
 
 
 _ENVELOPE = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
 
-def event_record(event: ChatSession.Event) -> EventRecord:
-    """One stored event as a JSON-able record (timestamps ISO-8601 UTC)."""
+def event_record(event: ChatSession.Event, digest: bytes | None = None) -> EventRecord:
+    """One stored event as a JSON-able record (timestamps ISO-8601 UTC), with its link of
+    the audit chain."""
     data = {k: _plain(v) for k, v in event.__dict__.items() if k not in _ENVELOPE}
     return {
         "seq": event.originator_version,
         "type": type(event).__name__,
         "timestamp": _plain(event.timestamp),
         "data": data,
+        "hash": None if digest is None else digest.hex(),
     }
 
 
@@ -49,13 +63,29 @@ def chat_records(
     after_seq: int = 0,
     until_seq: int | None = None,
     limit: int | None = None,
+    *,
+    stored: bool = False,
 ) -> list[EventRecord]:
     """The chat's events after ``after_seq`` up to ``until_seq`` (at most ``limit``), oldest
-    first. Raises ``ChatNotFoundError`` if the chat has no events at all."""
-    events = app.events.get(chat_id, gt=after_seq or None, lte=until_seq, limit=limit)
-    records = [event_record(cast(ChatSession.Event, event)) for event in events]
-    if not records and after_seq == 0:
-        raise ChatNotFoundError(f"no chat {chat_id}")
+    first, each with its link of the audit chain (and with ``stored``, the bytes it covers).
+    Raises ``ChatNotFoundError`` if the chat has no events at all."""
+    events = app.recorder.select_events(chat_id, gt=after_seq or None, lte=until_seq,
+                                        limit=limit)
+    if not events:
+        if after_seq == 0:
+            raise ChatNotFoundError(f"no chat {chat_id}")
+        return []
+    with reading(app) as curs:  # after the events: their links committed with them
+        hashes = chain_table(app).hashes(curs, chat_id, after_seq,
+                                         events[-1].originator_version)
+    records = []
+    for item in events:
+        event = cast(ChatSession.Event, app.mapper.to_domain_event(item))
+        record = event_record(event, hashes.get(item.originator_version))
+        if stored:
+            record["stored"] = {"topic": item.topic,
+                                "state": base64.b64encode(item.state).decode("ascii")}
+        records.append(record)
     return records
 
 

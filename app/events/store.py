@@ -35,6 +35,7 @@ from ..config import Settings
 from ..storage.postgres import schema_lock
 from ..storage.recorder import Fence, deadline, persistence_env
 from .application import ChatApplication
+from .audit import link_unlinked
 from .domain import ChatSession
 from .errors import ChatNotFoundError, ConcurrencyError, StoreUnavailableError
 
@@ -87,14 +88,21 @@ class EventStore:
 
     @classmethod
     def open(cls, settings: Settings) -> EventStore:
-        """Builds the application for ``settings`` (blocking: creates tables if needed;
-        on PostgreSQL one process at a time, so that concurrent starts do not collide)."""
+        """Builds the application for ``settings`` (blocking: creates tables if needed and
+        links the audit chain of chats stored before it had one; on PostgreSQL one process
+        at a time, so that concurrent starts do not collide)."""
 
         def build() -> ChatApplication:
             with mapped_store_errors():
-                return ChatApplication(
+                app = ChatApplication(
                     env=persistence_env(settings), snapshot_interval=settings.snapshot_interval
                 )
+                try:
+                    link_unlinked(app)  # a store written before the audit chain
+                except BaseException:
+                    app.close()
+                    raise
+                return app
 
         if settings.database_url:
             with postgres_errors(), schema_lock(settings):
@@ -165,6 +173,10 @@ class EventStore:
             for callback in list(self.on_saved):
                 callback(position)
         return recordings
+
+    async def destroy_key(self, chat_id: UUID) -> None:
+        """Destroys the chat's data key (crypto-shredding: its events become unreadable)."""
+        await self.run(self.app.destroy_key, chat_id)
 
     async def select(self, start: int, limit: int) -> list[Notification]:
         return await self.read(self.app.select, start, limit)

@@ -76,6 +76,15 @@ def on_renamed(b: Rows, e: ChatSession.Renamed, chat_id: str, at: str) -> None:
     b.chat(chat_id).title = e.title
 
 
+def on_model_changed(b: Rows, e: ChatSession.ModelChanged, chat_id: str, at: str) -> None:
+    b.chat(chat_id).model = e.model
+
+
+def on_changed(b: Rows, e: ChatSession.Event, chat_id: str, at: str) -> None:
+    """A change the views do not show (the system prompt): the chat's activity only."""
+    b.chat(chat_id)
+
+
 def on_message(b: Rows, e: ChatSession.MessageReceived, chat_id: str, at: str) -> None:
     chat = b.chat(chat_id)
     seq = e.originator_version
@@ -202,6 +211,8 @@ Handler = Callable[[Rows, Any, str, str], None]
 HANDLERS: dict[type[Any], Handler] = {
     ChatSession.Started: on_started,
     ChatSession.Renamed: on_renamed,
+    ChatSession.ModelChanged: on_model_changed,
+    ChatSession.SystemPromptChanged: on_changed,
     ChatSession.MessageReceived: on_message,
     ChatSession.ResponseStarted: on_response_started,
     ChatSession.TokensGenerated: on_tokens,

@@ -2,7 +2,9 @@
 
 ``apply`` projects notifications and records their position in one transaction; an event
 that cannot be projected is recorded in ``view_skipped`` and passed over instead, so one bad
-event never stops the views. Every function here is blocking (a worker thread's).
+event never stops the views. The events of a deleted chat, which nothing can read any more
+(its key is destroyed), are passed over without a word, and its ``Deleted`` event removes it
+from the views (``deletion``). Every function here is blocking (a worker thread's).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from uuid import UUID
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, Notification
 
+from ..events.domain import ChatSession
+from ..events.errors import ChatDeletedError
 from ..events.text import clean_text
 from ..storage.database import Database
 from ..storage.errors import ViewDataError, ViewStoreError
@@ -23,6 +27,7 @@ from ..storage.sql import Tx
 from ..storage.tables import TRACKED
 from . import projector
 from .batch import Batch
+from .deletion import forget_chat
 
 log = logging.getLogger(__name__)
 #: Domain events, as the views project them.
@@ -73,18 +78,33 @@ def _apply(db: Database, notifications: Sequence[Notification], mapper: Mapper[U
            on_applied: OnApplied | None) -> int:
     with db.write() as tx:
         position = tracked(tx)
-        fresh = [mapper.to_domain_event(n) for n in notifications if n.id > position]
-        if not fresh:
+        if not notifications or notifications[-1].id <= position:
             return position
+        fresh = [e for n in notifications
+                 if n.id > position and (e := _readable(mapper, n)) is not None]
         batch = Batch(tx)
         for event in fresh:
-            projector.apply(batch.rows, event)
+            if isinstance(event, ChatSession.Deleted):
+                batch.flush()  # what the batch holds of the chat goes with it
+                forget_chat(tx, str(event.originator_id))
+                batch = Batch(tx)
+            else:
+                projector.apply(batch.rows, event)
         batch.flush()
         position = notifications[-1].id
         tx.run("UPDATE view_tracking SET position = ? WHERE name = ?", (position, TRACKED))
     if on_applied is not None:
         on_applied(fresh)
     return position
+
+
+def _readable(mapper: Mapper[UUID], notification: Notification
+              ) -> DomainEventProtocol[UUID] | None:
+    """The notification's event; None for an event of a deleted chat (unreadable)."""
+    try:
+        return mapper.to_domain_event(notification)
+    except ChatDeletedError:
+        return None
 
 
 def _skip(db: Database, notification: Notification, exc: Exception) -> tuple[int, int]:

@@ -14,6 +14,9 @@ code path. On PostgreSQL it names:
 - ``FencedRecorder``: the library's application recorder, which also creates the chat
   leases' table and checks, in the transaction that inserts a chat's events, that the
   saving process still holds the chat's lease (``Fence``).
+
+Both stores' recorders (``FencedRecorder``, ``ChainedSQLiteRecorder`` on SQLite) write the
+audit chain's links of the events they insert in the inserting transaction.
 """
 
 from __future__ import annotations
@@ -28,20 +31,30 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
-from eventsourcing.persistence import InfrastructureFactoryError, PersistenceError, StoredEvent
+from eventsourcing.persistence import (
+    InfrastructureFactoryError,
+    OperationalError,
+    PersistenceError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from ..config import Settings
 from ..events.errors import FencedError
+from .chain import ChainTable
 from .postgres import application_name, connection_bounds, reconnect_timeout
 
 #: The event-store application's name: its PostgreSQL tables are named after it.
 APPLICATION_NAME = "eventchat"
 #: One row per chat ever leased: the process holding it and its epoch, bumped at every take.
 LEASES_TABLE = f"{APPLICATION_NAME}_leases"
+#: The links of the audit chain (``app.storage.chain``), beside the events' table.
+CHAIN_TABLE = f"{APPLICATION_NAME}_chain"
+SQLITE_CHAIN_TABLE = "event_chain"
 #: Environment keys of ``BoundedPostgresFactory`` (beside the library's ``POSTGRES_*``).
 STORE_TIMEOUT_KEY = "POSTGRES_STORE_TIMEOUT"
 APPLICATION_NAME_KEY = "POSTGRES_APPLICATION_NAME"
@@ -64,6 +77,9 @@ class FencedRecorder(PostgresApplicationRecorder):
     ``FencedError`` raised (nothing written). The share lock holds until the commit, so a new
     owner's epoch bump waits for a save already past the check, and every later save of the
     old owner fails it. The leases' table is created with the events' table.
+
+    The same transaction writes the new events' links of the audit chain
+    (``app.storage.chain``), in the table ``CHAIN_TABLE`` created with the events' table.
     """
 
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
@@ -80,6 +96,10 @@ class FencedRecorder(PostgresApplicationRecorder):
         self.check_fence_statement = SQL(
             "SELECT epoch FROM {} WHERE chat_id = %s FOR SHARE"
         ).format(table)
+        schema = _quoted(datastore.schema or "public")
+        self.chain = ChainTable(f"{schema}.{_quoted(events_table_name)}",
+                                f"{schema}.{_quoted(CHAIN_TABLE)}", postgres=True)
+        self.sql_create_statements.append(SQL(self.chain.create_statement()))  # type: ignore[arg-type]
 
     def _insert_events(
         self,
@@ -90,12 +110,50 @@ class FencedRecorder(PostgresApplicationRecorder):
         **kwargs: Any,
     ) -> None:
         super()._insert_events(curs, stored_events, **kwargs)
-        if fence is None:
-            return
-        curs.execute(self.check_fence_statement, (fence.chat_id,), prepare=True)
-        row = curs.fetchone()
-        if row is None or row["epoch"] != fence.epoch:
-            raise FencedError(f"chat {fence.chat_id} is leased by another process now")
+        if fence is not None:
+            curs.execute(self.check_fence_statement, (fence.chat_id,), prepare=True)
+            row = curs.fetchone()
+            if row is None or row["epoch"] != fence.epoch:
+                raise FencedError(f"chat {fence.chat_id} is leased by another process now")
+        self.chain.link_inserted(curs, stored_events)
+
+
+class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
+    """The library's SQLite recorder; the transaction that inserts events also writes their
+    links of the audit chain (``app.storage.chain``), in the table ``event_chain`` created
+    with the events' table. The events go first, so the transaction holds the write lock
+    before it reads the chat's last link."""
+
+    def __init__(self, datastore: SQLiteDatastore, events_table_name: str = "stored_events"):
+        self.chain = ChainTable(events_table_name, SQLITE_CHAIN_TABLE, postgres=False)
+        super().__init__(datastore, events_table_name)
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), self.chain.create_statement()]
+
+    def create_table(self) -> None:
+        # Two processes opening a store written before the chain both upgrade their read of
+        # the schema to the write that creates its table: SQLite refuses one at once
+        # ("database is locked", no busy wait on such a deadlock). It tries again.
+        for attempt in range(20):
+            try:
+                super().create_table()
+                return
+            except OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.05)
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        self.chain.link_inserted(c, stored_events)
+        return ids
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 _call = threading.local()
@@ -163,6 +221,7 @@ def persistence_env(settings: Settings) -> dict[str, str]:
         env["PERSISTENCE_MODULE"] = "eventsourcing.sqlite"
         env["SQLITE_DBNAME"] = str(settings.data_dir / "events.sqlite")
         env["SQLITE_LOCK_TIMEOUT"] = str(max(1, math.ceil(settings.store_timeout_s)))
+        env["APPLICATION_RECORDER_TOPIC"] = f"{__name__}:{ChainedSQLiteRecorder.__qualname__}"
     if settings.cipher_key:
         env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
         env["CIPHER_KEY"] = settings.cipher_key

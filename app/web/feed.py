@@ -22,6 +22,7 @@ from uuid import UUID
 
 from ..actors.messages import Accepted, LiveItem, LiveState, TokenDelta
 from ..events.domain import ChatSession, ending_status
+from ..events.errors import ChatDeletedError
 from ..projections.projector import LiveRows
 from ..projections.rows import MessageDict, message_dict
 
@@ -80,11 +81,14 @@ class ChatFeed:
         """The frames for one live item (none for bookkeeping events).
 
         A response's end yields its ``done`` frame at once, before waiting for the views.
+        The chat's deletion raises ``ChatDeletedError`` (the follow ends with an error frame).
         """
         if isinstance(item, TokenDelta):
             for frame in self._text(item.response_id, item.text, item.offset):
                 yield frame
             return
+        if isinstance(item, ChatSession.Deleted):  # the follower gets chat_not_found
+            raise ChatDeletedError("chat not found")
         self.rows.apply(item)
         if isinstance(item, ChatSession.TokensGenerated):
             for frame in self._text(item.response_id, item.text, item.offset):

@@ -24,13 +24,15 @@ from quart_schema import (
     validate_request,
 )
 
+from ..events.audit import verify_chat
 from ..events.errors import StoreError
+from ..events.export import FORMATS, render
 from ..events.replay import chat_records
 from ..projections.projector import iso
 from ..storage.errors import ViewStoreError
 from . import schemas as s
 from .auth import current_user, require_metrics_token
-from .errors import NotFoundError
+from .errors import BadRequestError, NotFoundError
 from .generate import generate_json, generate_stream
 from .metrics import CONTENT_TYPE
 from .services import Services
@@ -151,6 +153,35 @@ async def events(chat_id: UUID, query_args: s.EventsQuery) -> dict[str, object]:
                                 None, query_args.limit)
     last = page[-1]["seq"] if page else query_args.after_seq
     return {"events": page, "next_after_seq": last}
+
+
+@rest.get("/chat/<uuid:chat_id>/audit")
+@documented(s.Audit, 200, 404)
+async def audit(chat_id: UUID) -> dict[str, object]:
+    """Checks the chat's audit chain: its head, and the first seq that does not hold."""
+    svc = services()
+    await svc.require_chat(current_user(), chat_id)
+    verdict = await svc.store.read(verify_chat, svc.store.app, chat_id)
+    if verdict is None:
+        raise NotFoundError("chat not found", "chat_not_found")
+    return verdict.as_json()
+
+
+@rest.get("/chat/<uuid:chat_id>/export")
+@validate_querystring(s.ExportQuery)
+@documented(s.ExportText, 200, 404)
+async def export(chat_id: UUID, query_args: s.ExportQuery) -> Response:
+    """The chat in an export format (``jsonl``: its event log, one event a line)."""
+    svc = services()
+    form = FORMATS.get(query_args.format)
+    if form is None:
+        raise BadRequestError(f"unknown format {query_args.format!r}: one of "
+                              f"{', '.join(FORMATS)}", "unknown_format")
+    await svc.require_chat(current_user(), chat_id)
+    text = await svc.store.read(render, svc.store.app, chat_id, query_args.format)
+    name = f"chat-{chat_id}.{form.extension}"
+    return Response(text, content_type=form.media_type,
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @rest.get("/stats")

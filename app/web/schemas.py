@@ -159,11 +159,31 @@ class StoredEvent(BaseModel):
     type: str
     timestamp: str
     data: dict[str, Any]
+    #: The event's link of the audit chain, hex (docs/audit.md).
+    hash: str | None
 
 
 class EventPage(BaseModel):
     events: list[StoredEvent]
     next_after_seq: int
+
+
+class Audit(BaseModel):
+    chat_id: UUID
+    head_seq: int
+    head_hash: str
+    valid: bool
+    first_invalid_seq: int | None
+    reason: Literal["modified", "missing", "reordered", "truncated"] | None
+
+
+class ExportQuery(BaseModel):
+    #: ``jsonl``: the event log, one event a line, with the bytes each audit link covers.
+    format: str = "jsonl"
+
+
+class ExportText(RootModel[str]):
+    """The export in the format asked for (``jsonl``: ``application/x-ndjson``)."""
 
 
 class Percentiles(BaseModel):

@@ -222,7 +222,9 @@ class Services:
 
 
 def chat_owned_by(app: ChatApplication, chat_id: UUID, owner: str) -> None:
-    """Blocking: raises ``ChatNotFoundError`` unless the chat's first event names ``owner``."""
+    """Blocking: raises ``ChatNotFoundError`` unless the chat's first event names ``owner``
+    (``ChatDeletedError`` once it was deleted, here or by another process)."""
+    app.keys.forget(chat_id)  # what this process knows of its key may be stale
     first = list(app.events.get(chat_id, lte=1))
     if not first or getattr(first[0], "owner", None) != owner:
         raise ChatNotFoundError("chat not found")
