@@ -1,6 +1,7 @@
 """The eventchat command: serve, users, replay, export, audit, projections, chat, bench.
 
-Settings come from flags, then the environment, then defaults (``Settings.from_env``).
+Settings come from flags, then the environment, then the configuration file (``--config``,
+``EVENTCHAT_CONFIG``), then defaults (``Settings.from_env``).
 Every failure is one line on stderr and an exit code: 2 for what was asked wrongly (a bad
 setting, a data dir that does not exist), 1 for what went wrong (a busy port, an
 unreachable store, a server in the way); ``--debug`` shows the traceback of an error that
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         settings = Settings.from_env(
+            config_file=getattr(args, "config", None),
             data_dir=getattr(args, "data_dir", None),
             database_url=getattr(args, "database_url", None),
             host=getattr(args, "host", None),
@@ -123,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", type=Path, metavar="FILE",
+                         help="TOML configuration file: models, MCP servers, tools that need "
+                              "approval, budgets (EVENTCHAT_CONFIG)")
         sub.add_argument("--data-dir", type=Path,
                          help="directory of the SQLite store (EVENTCHAT_DATA_DIR, ./data)")
         sub.add_argument("--database-url",
@@ -203,10 +208,12 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         if settings.database_url
         else (f"SQLite in {settings.data_dir.resolve()}")
     )
-    model = settings.model or ("offline" if settings.provider == "offline" else "provider default")
-    upstream = f" at {settings.openai_base_url}" if settings.openai_base_url else ""
+    upstreams = "; ".join(
+        f"{', '.join(u.models)} via {u.name}" + (f" at {u.base_url}" if u.base_url else "")
+        for u in settings.catalog()
+    )
     logging.getLogger("eventchat").info(
-        "store: %s; model: %s via %s%s", store, model, settings.provider, upstream
+        "store: %s; default model: %s; models: %s", store, settings.default_model, upstreams
     )
     try:
         trio.run(partial(serve, settings, freeze_startup_objects=True))

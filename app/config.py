@@ -1,8 +1,11 @@
-"""One typed settings object, read once: flags, then environment, then defaults.
+"""One typed settings object, read once: flags, then environment, then the configuration
+file, then defaults.
 
 ``Settings.from_env(environ)`` reads the variables of the wire contract (and the tuning knobs
-below, all prefixed ``EVENTCHAT_``); tests build ``Settings(...)`` directly and never touch
-``os.environ``. A malformed value raises ``SettingsError`` naming the variable.
+below, all prefixed ``EVENTCHAT_``), over the TOML file that ``EVENTCHAT_CONFIG`` (or the
+``config_file`` flag) names (``app.configfile``: models, MCP servers, tools that need
+approval, budgets); tests build ``Settings(...)`` directly and never touch ``os.environ``. A
+malformed value raises ``SettingsError`` naming the variable or the file's key.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .configfile import OFFLINE, Budgets, McpServer, SettingsError, Upstream, read_config
+
+__all__ = ["Budgets", "McpServer", "ProviderName", "Settings", "SettingsError", "Upstream"]
+
 #: Which model provider serves the chats (``app.llm.base.Provider`` is the interface).
 ProviderName = Literal["openai", "offline"]
-
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot be used."""
+#: The model an ``openai`` upstream is asked for when nothing names one.
+OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
+#: Settings only the configuration file gives (no environment variable).
+FILE_ONLY = {"config_file", "upstreams", "mcp_servers", "budgets"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +121,20 @@ class Settings:
     #: The secret that signs audit checkpoints (HMAC-SHA256; ``eventchat audit checkpoint``).
     audit_key: str | None = None
 
+    #: The configuration file read (``--config``, ``EVENTCHAT_CONFIG``), if any.
+    config_file: Path | None = None
+    #: The model servers of the configuration file; none: the one upstream of ``provider``,
+    #: ``openai_base_url`` and ``models`` (``catalog()``).
+    upstreams: tuple[Upstream, ...] = ()
+    #: More model ids the ``provider`` upstream serves, beside ``model`` (no file).
+    models: tuple[str, ...] = ()
+    #: MCP servers whose tools are offered to the model.
+    mcp_servers: tuple[McpServer, ...] = ()
+    #: Tools whose calls wait for a person's approval.
+    approval_tools: tuple[str, ...] = ()
+    #: Per-user daily token budgets (none by default).
+    budgets: Budgets = field(default_factory=Budgets)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Builds settings from ``environ`` (default ``os.environ``); ``overrides`` (flags) win.
@@ -122,7 +143,12 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        config = overrides.get("config_file") or env.get("EVENTCHAT_CONFIG") or None
+        if config is not None:
+            values.update(read_config(Path(config), env), config_file=Path(config))
         for f in dataclasses.fields(cls):
+            if f.name in FILE_ONLY:
+                continue
             raw = env.get(_env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.type, raw)
@@ -151,6 +177,30 @@ class Settings:
             raise SettingsError(
                 "EVENTCHAT_PROJECTION_DELAY_MS and EVENTCHAT_WS_PING_INTERVAL_S cannot be negative"
             )
+        if self.upstreams and self.model is not None and self.model not in self.model_ids():
+            raise SettingsError(f"the default model {self.model!r} (EVENTCHAT_MODEL or"
+                                " default_model) is not one of the configured models")
+
+    def catalog(self) -> tuple[Upstream, ...]:
+        """The model servers and their model ids: the configuration file's, or else the one
+        upstream that ``provider`` names (``openai`` at ``openai_base_url``, or offline)."""
+        if self.upstreams:
+            return self.upstreams
+        if self.provider == "offline":
+            return (Upstream(OFFLINE, "offline", _unique((OFFLINE, *self.models))),)
+        default = self.model or OPENAI_DEFAULT_MODEL
+        return (Upstream("openai", "openai", _unique((default, *self.models)),
+                         self.openai_base_url, "OPENAI_API_KEY", self.openai_api_key),)
+
+    def model_ids(self) -> tuple[str, ...]:
+        return tuple(m for upstream in self.catalog() for m in upstream.models)
+
+    @property
+    def default_model(self) -> str:
+        """The model of a chat that names none: ``model`` when it is listed (the offline
+        upstream serves ``offline`` only), else the first one listed."""
+        ids = self.model_ids()
+        return self.model if self.model in ids else ids[0]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -161,6 +211,10 @@ class Settings:
 
 
 _UNPREFIXED = {"openai_base_url", "openai_api_key"}
+
+
+def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
 
 
 def _env_name(name: str) -> str:

@@ -68,6 +68,8 @@ class SendMessage:
     client_message_id: str | None
     admission: Admission | None = None
     reply: Reply[Accepted] = field(default_factory=Reply)
+    #: The model to answer this message with (None: the chat's).
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

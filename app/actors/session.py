@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 from uuid import UUID, uuid4
 
@@ -38,6 +38,7 @@ from ..events.errors import (
 )
 from ..events.store import EventStore
 from ..llm.base import Provider
+from ..llm.router import for_model, upstream_name
 from ..llm.tools import ToolRegistry
 from .cluster import Cluster, Lease
 from .errors import ActorCrashedError, ActorStoppedError
@@ -284,12 +285,14 @@ class SessionActor:
         if self.owns and self.turn is None and self.chat.current is None and not self.chat.pending:
             # Nothing to wait for: its response starts in the same transaction, and the
             # model is called while that transaction commits (``_settle``).
-            model, early = self._model(), uuid4().hex
-            mutations.append(lambda chat: chat.start_response(model, self.provider.name, early))
+            model, early = command.model or self._model(), uuid4().hex
+            provider = upstream_name(self.provider, model)
+            mutations.append(lambda chat: chat.start_response(model, provider, early))
             self._early = early
         try:
             seq = await self.record(
-                lambda chat: chat.receive_message(command.text, cmid, max_chars), *mutations
+                lambda chat: chat.receive_message(command.text, cmid, max_chars, command.model),
+                *mutations,
             )
         except DuplicateMessageError:  # recorded meanwhile by another process
             if admission is not None:
@@ -373,12 +376,14 @@ class SessionActor:
         may still be committing: the turn then holds its text back until ``_settle``."""
         if not self._started_with_its_message():
             model = self._model()
-            await self.record(lambda chat: chat.start_response(model, self.provider.name))
+            provider = upstream_name(self.provider, model)
+            await self.record(lambda chat: chat.start_response(model, provider))
         current = self.chat.current
         assert current is not None
         messages = self.chat.context(self.settings.context_messages)
+        ports = replace(self.turn_ports, provider=for_model(self.provider, current.model))
         turn = self.turn = Turn(
-            self.turn_ports, current.response_id, current.model, current.reply_to_seq,
+            ports, current.response_id, current.model, current.reply_to_seq,
             settled=self._early != current.response_id,
         )
         self.context.generating_changed(self.chat.owner, +1)
@@ -391,7 +396,7 @@ class SessionActor:
                 self.context.cluster.tell(Ended(self.chat_id, current.response_id))
 
     def _model(self) -> str:
-        return self.chat.model or self.provider.default_model
+        return self.chat.next_model() or self.chat.model or self.provider.default_model
 
     def interrupt(self, reason: str) -> None:
         """Ends the running response as interrupted (recorded, text kept)."""

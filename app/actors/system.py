@@ -188,14 +188,17 @@ class ActorSystem:
         text: str,
         client_message_id: str | None = None,
         admission: Admission | None = None,
+        model: str | None = None,
     ) -> Accepted:
-        """Returns once the message is durable. Raises ``ChatNotFoundError`` (missing or not
-        ``owner``'s), a ``ChatRuleError``, ``StoreError``, ``MailboxFullError``, or what
+        """Returns once the message is durable (to be answered by ``model``, else the
+        chat's). Raises ``ChatNotFoundError`` (missing or not ``owner``'s), a
+        ``ChatRuleError``, ``StoreError``, ``MailboxFullError``, or what
         ``admission.admit()`` raised. A re-sent ``client_message_id`` returns the first
         ``Accepted`` (``duplicate=True``) without admitting it."""
         if self.closing.is_set():
             raise ActorStoppedError("the server is shutting down")
-        return await self.ask(chat_id, SendMessage(owner, text, client_message_id, admission))
+        return await self.ask(chat_id, SendMessage(owner, text, client_message_id, admission,
+                                                   model=model))
 
     async def stop_generation(self, chat_id: UUID, owner: str) -> bool:
         """Stops the running response of the chat; False if none was running."""

@@ -81,6 +81,8 @@ class HistoryEntry(TypedDict):
     role: str
     content: str
     seq: int
+    #: The model a user message asked to be answered by (its turn's, not the chat's).
+    model: NotRequired[str]
 
 
 @dataclass
@@ -176,6 +178,15 @@ class ChatSession(Aggregate):
     class MessageReceived(Event):
         text: str
         client_message_id: str | None
+        #: The model this message is to be answered by; None: the chat's.
+        model: str | None = None
+
+        #: Version 1 had no ``model``: such events are read with None.
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, object]) -> None:
+            state["model"] = None
 
         def apply_to(self, chat: ChatSession) -> None:
             seq = self.originator_version
@@ -183,7 +194,10 @@ class ChatSession(Aggregate):
                 # a chat created without a title is titled by its first message (the views
                 # derive the same title from the same event)
                 chat.title = auto_title(self.text)
-            chat.history.append({"role": "user", "content": self.text, "seq": seq})
+            entry: HistoryEntry = {"role": "user", "content": self.text, "seq": seq}
+            if self.model is not None:
+                entry["model"] = self.model
+            chat.history.append(entry)
             if self.client_message_id is not None:
                 chat.client_message_ids[self.client_message_id] = seq
             chat.pending.append(seq)
@@ -371,11 +385,13 @@ class ChatSession(Aggregate):
             self.trigger_event(self.Renamed, title=title[:200])
 
     def receive_message(
-        self, text: str, client_message_id: str | None = None, max_chars: int = 32_000
+        self, text: str, client_message_id: str | None = None, max_chars: int = 32_000,
+        model: str | None = None,
     ) -> int:
-        """Records a user message and returns its seq. The first message of a chat that
-        has no title of its own (``New chat``) titles it too: its first line, at most
-        ``AUTO_TITLE_CHARS`` characters (see ``MessageReceived``).
+        """Records a user message and returns its seq; ``model`` answers it instead of the
+        chat's. The first message of a chat that has no title of its own (``New chat``)
+        titles it too: its first line, at most ``AUTO_TITLE_CHARS`` characters (see
+        ``MessageReceived``).
 
         Raises ``DuplicateMessageError`` (carrying the original seq) for a
         ``client_message_id`` already accepted, and the rule errors for bad text.
@@ -388,7 +404,10 @@ class ChatSession(Aggregate):
                 client_message_id, self.client_message_ids[client_message_id]
             )
         self.check_message(text, max_chars)
-        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id)
+        if model is not None:
+            check_text(model, "model")
+        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id,
+                           model=model)
         return self.version
 
     @staticmethod
@@ -522,6 +541,14 @@ class ChatSession(Aggregate):
         """The response answering user message ``seq`` (if started) and how it ended."""
         response_id = self.replies.get(str(seq))
         return response_id, self.outcomes.get(response_id) if response_id else None
+
+    def next_model(self) -> str | None:
+        """The model the oldest waiting message asked for (None: the chat's)."""
+        if not self.pending:
+            return None
+        seq = self.pending[0]
+        entry = next((m for m in reversed(self.history) if m["seq"] == seq), None)
+        return entry.get("model") if entry is not None else None
 
     def tool_call(self, call_id: str) -> ToolCallState:
         assert self.current is not None

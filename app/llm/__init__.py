@@ -1,7 +1,9 @@
 """Model providers (OpenAI-compatible, offline) and the tool registry.
 
-``build_provider(settings)`` picks the provider named by ``settings.provider``; the caller
-owns it and closes it with ``await provider.aclose()``.
+``build_provider(settings)`` picks the provider named by ``settings.provider``;
+``ModelRouter.build(settings)`` holds one provider per configured upstream and sends each
+request to the one serving its model. The caller owns either and closes it with
+``await provider.aclose()``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from app.config import Settings
 from app.llm.base import Provider
 from app.llm.offline import OfflineProvider
 from app.llm.openai_provider import OpenAIProvider
+from app.llm.router import ModelRouter
 from app.llm.tools import ToolRegistry, default_registry
 
 __all__ = [
+    "ModelRouter",
     "OfflineProvider",
     "OpenAIProvider",
     "Provider",

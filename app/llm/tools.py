@@ -2,7 +2,10 @@
 
 A tool is a ``ToolSpec`` (what the model sees) and ``async def fn(arguments, context)`` that
 returns something JSON-able. Other packages add their tools to the registry built by
-``default_registry`` (the projections add ``search_chats``), in the app factory.
+``default_registry`` (the projections add ``search_chats``), in the app factory. A
+``ToolSource`` adds tools that come and go (the MCP servers' tools, ``app.llm.mcp``): they
+are offered beside the registered ones (which win a clash of names), and the registry's
+``run`` runs the sources' own tasks.
 
 ``ToolRegistry.call`` raises only ``app.llm.errors.ToolError``s (their messages are meant to be
 given back to the model) and ``trio.Cancelled``, which always propagates.
@@ -14,9 +17,9 @@ import ast
 import json
 import math
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import trio
@@ -34,12 +37,22 @@ from app.llm.errors import (
 ToolFunction = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]
 
 
+class ToolSource(Protocol):
+    """Tools that come and go: ``tools()`` is read at each turn and each call; ``run`` keeps
+    them (until cancelled) and reports started once they are first known."""
+
+    def tools(self) -> Mapping[str, tuple[ToolSpec, ToolFunction]]: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
 class ToolRegistry:
-    """Named tools; each call is bounded by ``timeout_s``."""
+    """Named tools and tool sources; each call is bounded by ``timeout_s``."""
 
     def __init__(self, timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
         self._tools: dict[str, tuple[ToolSpec, ToolFunction]] = {}
+        self.sources: list[ToolSource] = []
 
     def register(self, spec: ToolSpec, fn: ToolFunction) -> None:
         """Adds a tool; a second tool with the same name is a programming error (ValueError)."""
@@ -47,11 +60,31 @@ class ToolRegistry:
             raise ValueError(f"a tool named {spec.name!r} is already registered")
         self._tools[spec.name] = (spec, fn)
 
+    def add_source(self, source: ToolSource) -> None:
+        """Offers ``source``'s tools too, once ``run`` runs it."""
+        self.sources.append(source)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs the sources until cancelled (returns at once when there is none); reports
+        started once each has."""
+        async with trio.open_nursery() as nursery:
+            for source in self.sources:
+                await nursery.start(source.run)
+            task_status.started()
+
     def specs(self) -> tuple[ToolSpec, ...]:
-        return tuple(spec for spec, _ in self._tools.values())
+        return tuple(spec for spec, _ in self._all().values())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tools
+        return name in self._all()
+
+    def _all(self) -> dict[str, tuple[ToolSpec, ToolFunction]]:
+        if not self.sources:
+            return self._tools
+        found: dict[str, tuple[ToolSpec, ToolFunction]] = {}
+        for source in self.sources:
+            found.update(source.tools())
+        return {**found, **self._tools}
 
     def parse_arguments(self, name: str, raw: str) -> dict[str, Any]:
         """Decodes and checks the model's arguments against the tool's JSON schema.
@@ -94,10 +127,11 @@ class ToolRegistry:
         return result
 
     def _lookup(self, name: str) -> tuple[ToolSpec, ToolFunction]:
+        tools = self._all()
         try:
-            return self._tools[name]
+            return tools[name]
         except KeyError:
-            known = ", ".join(sorted(self._tools)) or "none"
+            known = ", ".join(sorted(tools)) or "none"
             raise UnknownToolError(f"there is no tool named {name!r} (known: {known})") from None
 
 

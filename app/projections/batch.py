@@ -12,7 +12,7 @@ once.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,6 +70,8 @@ class Rows:
         self.search: list[tuple[str, str, str, int, str]] = []
         self.counters: Counter[tuple[str, str]] = Counter()
         self.buckets: Counter[tuple[str, str, int]] = Counter()
+        #: (owner, UTC day, model) -> responses and tokens, added to ``view_usage``.
+        self.usage: dict[tuple[str, str, str], Counter[str]] = {}
 
     def chat(self, chat_id: str) -> ChatRow:
         row = self.chats.get(chat_id)
@@ -99,6 +101,13 @@ class Rows:
             for scope in ("all", user_scope(chat.owner), chat_scope(chat.chat_id)):
                 self.counters[(scope, name)] += value
 
+    def use(self, chat: ChatRow, day: str, model: str, tokens: Mapping[str, int]) -> None:
+        """Counts one response of ``chat``'s owner on ``day`` with ``model`` and its tokens."""
+        if self.counting:
+            used = self.usage.setdefault((chat.owner, day, model), Counter())
+            used["responses"] += 1
+            used.update(tokens)
+
     def sample(self, chat: ChatRow, metric: str, value: object, model: str | None = None
                ) -> None:
         if not self.counting or not isinstance(value, int | float):
@@ -124,6 +133,8 @@ class Batch:
         INSERT_SEARCH.write(tx, list(rows.search))
         ADD_COUNTER.write(tx, [(s, n, v) for (s, n), v in rows.counters.items() if v])
         ADD_BUCKET.write(tx, [(s, m, b, c) for (s, m, b), c in rows.buckets.items()])
+        ADD_USAGE.write(tx, [(*key, *(used[c] for c in USAGE_COLUMNS))
+                             for key, used in rows.usage.items()])
 
 
 @dataclass(frozen=True)
@@ -172,5 +183,10 @@ ADD_BUCKET = Upsert("view_sketches", ("scope", "metric", "bucket", "count"),
                     ("text", "text", "int", "int8"),
                     "ON CONFLICT (scope, metric, bucket)"
                     " DO UPDATE SET count = view_sketches.count + excluded.count")
+USAGE_COLUMNS = ("responses", "prompt_tokens", "completion_tokens", "total_tokens")
+ADD_USAGE = Upsert("view_usage", ("owner", "day", "model", *USAGE_COLUMNS),
+                   ("text", "text", "text", "int8", "int8", "int8", "int8"),
+                   "ON CONFLICT (owner, day, model) DO UPDATE SET "
+                   + ", ".join(f"{c} = view_usage.{c} + excluded.{c}" for c in USAGE_COLUMNS))
 INSERT_SEARCH = Upsert("view_search", ("content", "owner", "chat_id", "seq", "role"),
                        ("text", "text", "text", "int", "text"), "")

@@ -151,6 +151,7 @@ def on_tool_failed(b: Rows, e: ChatSession.ToolFailed, chat_id: str, at: str) ->
 def on_response_ended(b: Rows, e: ChatSession.ResponseEnded, chat_id: str, at: str) -> None:
     chat = b.chat(chat_id)
     message = b.current(chat)
+    requested = message.model or "unknown"  # as started (the answering model's name follows)
     chat.current_seq = None
     message.status = ending_status(e)
     if isinstance(e, ChatSession.ResponseCompleted):
@@ -167,6 +168,12 @@ def on_response_ended(b: Rows, e: ChatSession.ResponseEnded, chat_id: str, at: s
         chat.last_message_preview = text[:PREVIEW_CHARS]
         b.search.append((text, chat.owner, chat_id, message.seq, "assistant"))
     _count_response(b, chat, message)
+    b.use(chat, at[:10], requested, _tokens(message.usage))
+
+
+def _tokens(usage: JSONObject | None) -> dict[str, int]:
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {k: int((usage or {}).get(k) or 0) for k in keys}
 
 
 def _usage(usage: object) -> JSONObject | None:

@@ -21,7 +21,7 @@ from ..config import Settings
 from ..storage.database import Database, open_database
 from ..storage.errors import ViewStoreError
 from ..storage.sql import Tx
-from . import stats, tracking
+from . import stats, tracking, usage
 from .batch import chat_scope, user_scope
 from .rows import (
     ChatDict,
@@ -36,6 +36,7 @@ from .rows import (
 from .search import Snippet, search_rows
 from .stats import Stats
 from .tracking import OnApplied, SkippedEvent
+from .usage import DayUsage
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -249,6 +250,14 @@ class Views:
             if owner is not None:
                 return stats.read(tx, user_scope(owner))
             return stats.read(tx, "all")
+
+    async def usage(self, owner: str, since: str | None = None) -> list[DayUsage]:
+        """``owner``'s tokens per UTC day and model, from day ``since`` (``YYYY-MM-DD``) on."""
+        return await self._run(self._usage, owner, since)
+
+    def _usage(self, owner: str, since: str | None) -> list[DayUsage]:
+        with self.db.read() as tx:
+            return usage.read(tx, owner, since)
 
     def close(self) -> None:
         self.db.close()

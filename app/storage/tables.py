@@ -7,7 +7,7 @@ from __future__ import annotations
 TRACKED = "eventchat"
 
 TABLES = ("view_tracking", "view_chats", "view_messages", "view_counters", "view_sketches",
-          "view_search", "view_skipped")
+          "view_search", "view_skipped", "view_usage")
 
 COMMON_DDL = [
     "CREATE TABLE IF NOT EXISTS view_tracking ("
@@ -31,6 +31,12 @@ COMMON_DDL = [
     "CREATE TABLE IF NOT EXISTS view_sketches ("
     " scope TEXT NOT NULL, metric TEXT NOT NULL, bucket INTEGER NOT NULL,"
     " count BIGINT NOT NULL, PRIMARY KEY (scope, metric, bucket))",
+    # tokens each user's responses used, per UTC day (of their ending) and requested model
+    "CREATE TABLE IF NOT EXISTS view_usage ("
+    " owner TEXT NOT NULL, day TEXT NOT NULL, model TEXT NOT NULL,"
+    " responses BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,"
+    " completion_tokens BIGINT NOT NULL, total_tokens BIGINT NOT NULL,"
+    " PRIMARY KEY (owner, day, model))",
     # events the views could not take (see ``Views.apply``), kept until the next rebuild
     "CREATE TABLE IF NOT EXISTS view_skipped ("
     " position BIGINT PRIMARY KEY, chat_id TEXT NOT NULL, topic TEXT NOT NULL,"

@@ -22,6 +22,7 @@ from ..projections.views import Views
 from ..storage.users import UserStore
 from .auth import install_auth
 from .bodies import Request
+from .catalog import catalog
 from .errors import register_error_handlers
 from .rest import rest
 from .services import SHUTDOWN_GRACE_S, Services, build_services
@@ -71,6 +72,7 @@ def create_app(
     register_error_handlers(app)
     install_auth(app, lambda: app.extensions["eventchat"].auth)
     app.register_blueprint(rest)
+    app.register_blueprint(catalog)
     app.register_blueprint(ws)
 
     @app.get("/")

@@ -8,6 +8,7 @@
     ├── ConflictError           409
     ├── PayloadTooLargeError    413
     ├── RateLimitedError        429, with ``Retry-After``
+    │   └── QuotaExceededError  429 ``quota_exceeded``: a token budget is used up (``reset_at``)
     └── UnavailableError        503 store or model unavailable (the store: with ``Retry-After``)
 
     CoreTaskFailedError         not an answer: a core task of the server failed, which exits
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from datetime import datetime
 from typing import Any
 
 from quart import Quart, Response, jsonify
@@ -106,6 +108,25 @@ class PayloadTooLargeError(WebError):
 
 class RateLimitedError(WebError):
     status, code = 429, "rate_limited"
+
+
+class QuotaExceededError(RateLimitedError):
+    """A user's token budget for the day is used up: ``Retry-After`` and ``reset_at`` (in the
+    body and the frame) say when it starts again."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, reset_at: datetime, now: datetime) -> None:
+        super().__init__(message, retry_after=(reset_at - now).total_seconds())
+        self.reset_at = reset_at.isoformat(timespec="seconds")
+
+    def body(self) -> dict[str, dict[str, str]]:
+        body = super().body()
+        body["error"]["reset_at"] = self.reset_at
+        return body
+
+    def frame(self, **extra: object) -> dict[str, object]:
+        return super().frame(reset_at=self.reset_at, **extra)
 
 
 class UnavailableError(WebError):

@@ -30,30 +30,55 @@ from .limits import Admission
 from .services import Services
 
 
-def admit(svc: Services, text: str) -> None:
-    """Raises the contract's error if this message may not be sent now (before a chat is
-    created for it, so that a refused message leaves nothing behind)."""
+def admit(svc: Services, text: str, model: str | None = None) -> None:
+    """Raises the contract's error if this message (for ``model``, if it names one) may not
+    be sent now (before a chat is created for it, so that a refused message leaves nothing
+    behind)."""
     if svc.closing.is_set():
         raise UnavailableError("the server is shutting down", "shutting_down")
     try:
         ChatSession.check_message(text, svc.settings.max_message_chars)
     except ChatRuleError as exc:
         raise BadRequestError(str(exc), exc.code) from None
+    check_model(svc, model)
 
 
-async def open_chat(svc: Services, owner: str, chat_id: UUID | None) -> tuple[UUID, Admission]:
-    """``chat_id`` and the admission of the message about to be sent in it; without a
-    ``chat_id``, a new chat for that message, made only once the message is admitted (so
-    that a refused message creates nothing)."""
+def check_model(svc: Services, model: str | None) -> None:
+    """Raises 400 ``unknown_model`` unless ``model`` is None or one ``GET /models`` lists."""
+    if model is not None and model not in svc.settings.model_ids():
+        raise BadRequestError(f"unknown model {model!r}: GET /models lists the models",
+                              "unknown_model")
+
+
+async def open_chat(
+    svc: Services, owner: str, chat_id: UUID | None, model: str | None = None
+) -> tuple[UUID, Admission]:
+    """``chat_id`` and the admission of the message about to be sent in it (to ``model``,
+    else the chat's), its user's token budget checked; without a ``chat_id``, a new chat
+    for that message, made only once the message is admitted (so that a refused message
+    creates nothing)."""
     if chat_id is not None:
-        return chat_id, svc.limiter.admission(owner)
+        admission = svc.limiter.admission(owner)
+        await admission.check_budget(await _model_of(svc, owner, chat_id, model, admission))
+        return chat_id, admission
     admission = svc.limiter.admission(owner, new_chat=True)
+    await admission.check_budget(model or svc.settings.default_model)
     admission.admit()
     try:
         return await svc.system.open_chat(owner), admission
     except BaseException:
         admission.undo()
         raise
+
+
+async def _model_of(svc: Services, owner: str, chat_id: UUID, model: str | None,
+                    admission: Admission) -> str:
+    """The model a message goes to: its own, else its chat's (read only when the user's
+    budgets are per model), else the default."""
+    if model is None and admission.budgeted_per_model():
+        chat = await svc.views.get_chat(owner, chat_id)
+        model = chat["model"] if chat is not None else None
+    return model or svc.settings.default_model
 
 
 async def send(
@@ -63,13 +88,15 @@ async def send(
     text: str,
     client_message_id: str | None,
     admission: Admission,
+    model: str | None = None,
 ) -> Accepted:
-    """Records the message (durable on return). Its actor admits it if it is new; a message
-    that opened its chat, admitted already, is given back if it is not recorded."""
+    """Records the message (durable on return), to be answered by ``model`` (None: the
+    chat's). Its actor admits it if it is new; a message that opened its chat, admitted
+    already, is given back if it is not recorded."""
     opened = admission.admitted
     try:
         return await svc.system.send_message(chat_id, owner, text, client_message_id,
-                                             admission)
+                                             admission, model)
     except BaseException:
         if opened:
             admission.undo()
@@ -114,10 +141,11 @@ async def answer_frames(
 
 
 async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str, object]:
-    admit(svc, data.message)
-    chat_id, counted = await open_chat(svc, owner, data.chat_id)
+    admit(svc, data.message, data.model)
+    chat_id, counted = await open_chat(svc, owner, data.chat_id, data.model)
     async with open_feed(svc, owner, chat_id) as (feed, sub):
-        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id, counted)
+        accepted = await send(svc, owner, chat_id, data.message, data.client_message_id, counted,
+                              data.model)
         message: dict[str, object] | None = None
         async with aclosing(answer_frames(feed, sub, accepted)) as frames:
             async for frame in frames:
@@ -151,13 +179,13 @@ class EventStream:
 
 async def generate_stream(svc: Services, owner: str, data: s.Generate) -> Response:
     """Checks, records the message, then streams the turn's frames (``ack`` first)."""
-    admit(svc, data.message)
+    admit(svc, data.message, data.model)
     stack = AsyncExitStack()
     try:
-        chat_id, counted = await open_chat(svc, owner, data.chat_id)
+        chat_id, counted = await open_chat(svc, owner, data.chat_id, data.model)
         feed, sub = await stack.enter_async_context(open_feed(svc, owner, chat_id))
         accepted = await send(svc, owner, chat_id, data.message, data.client_message_id,
-                              counted)
+                              counted, data.model)
     except BaseException:
         with trio.CancelScope(shield=True):
             await stack.aclose()

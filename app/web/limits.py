@@ -5,17 +5,23 @@ per hour.
 ``rate_limited`` frame, with a retry delay) and otherwise count the message or the chat.
 The windows slide, kept in memory per process; the generating count comes from the actor
 system. A message is admitted through one ``Admission`` (``MessageLimiter.admission``), in a
-new chat or an existing one alike.
+new chat or an existing one alike; with token budgets configured, the admission also checks
+the user's usage of the day (``Admission.check_budget``, ``budgets.Budgeter``) before
+anything is recorded.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import RateLimitedError
+from .errors import QuotaExceededError, RateLimitedError
+
+if TYPE_CHECKING:
+    from .budgets import Budgeter
 
 WINDOW_S = 60.0
 CHAT_WINDOW_S = 3600.0
@@ -29,7 +35,9 @@ class MessageLimiter:
         generating_for: Callable[[str], int],
         clock: Callable[[], float] = trio.current_time,
         chats_per_hour: int = 200,
+        budgeter: Budgeter | None = None,
     ) -> None:
+        self.budgeter = budgeter
         self.per_minute = per_minute
         self.chats_per_hour = chats_per_hour
         self._chats: dict[str, deque[float]] = defaultdict(deque)
@@ -102,14 +110,30 @@ class Admission:
         self._owner = owner
         self._new_chat = new_chat
         self._undo: list[Callable[[], None]] | None = None
+        self._over_budget: QuotaExceededError | None = None
 
     @property
     def admitted(self) -> bool:
         return self._undo is not None
 
+    def budgeted_per_model(self) -> bool:
+        """The user's budgets differ per model (the model a message goes to matters)."""
+        budgeter = self._limiter.budgeter
+        return budgeter is not None and budgeter.per_model(self._owner)
+
+    async def check_budget(self, model: str) -> None:
+        """Reads the user's usage of the day: ``admit()`` then refuses the message with
+        ``QuotaExceededError`` if a budget that ``model`` counts against is used up (a
+        re-sent ``client_message_id``, never admitted, is still answered)."""
+        budgeter = self._limiter.budgeter
+        if budgeter is not None and budgeter.applies(self._owner, model):
+            self._over_budget = await budgeter.refusal(self._owner, model)
+
     def admit(self) -> None:
         if self._undo is not None:
             return
+        if self._over_budget is not None:
+            raise self._over_budget
         undo = [self._limiter.check(self._owner)]
         if self._new_chat:
             try:

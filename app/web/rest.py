@@ -33,7 +33,7 @@ from ..storage.errors import ViewStoreError
 from . import schemas as s
 from .auth import current_user, require_metrics_token
 from .errors import BadRequestError, NotFoundError
-from .generate import generate_json, generate_stream
+from .generate import check_model, generate_json, generate_stream
 from .metrics import CONTENT_TYPE
 from .services import Services
 
@@ -73,6 +73,7 @@ def documented(
 async def create_chat(data: s.CreateChat) -> tuple[dict[str, object], int]:
     """Creates a chat."""
     owner, svc = current_user(), services()
+    check_model(svc, data.model)
     undo = svc.limiter.check_chat(owner)
     try:
         chat_id = await svc.system.create_chat(owner, data.title, data.model, data.system_prompt,

@@ -54,6 +54,8 @@ class Generate(BaseModel):
     chat_id: UUID | None = None
     client_message_id: Text | None = Field(None, min_length=1, max_length=MAX_ID)
     stream: bool = False
+    #: The model for this turn (one ``GET /models`` lists); default: the chat's.
+    model: Text | None = Field(None, max_length=200)
 
 
 class ChatsQuery(BaseModel):
@@ -208,6 +210,37 @@ class Stats(BaseModel):
     tools: dict[str, dict[str, Any]]
     models: dict[str, dict[str, Any]]
     live: Live
+
+
+class ModelInfo(BaseModel):
+    id: str
+    #: The name of the upstream (model server) that serves it.
+    provider: str
+    default: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class DayUsage(BaseModel):
+    day: str
+    model: str
+    responses: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class BudgetInfo(BaseModel):
+    daily_tokens: int | None
+    models: dict[str, int]
+    resets_at: str
+
+
+class UsagePage(BaseModel):
+    usage: list[DayUsage]
+    budget: BudgetInfo
 
 
 class Health(BaseModel):

@@ -30,7 +30,7 @@ from ..events import wal
 from ..events.application import ChatApplication
 from ..events.errors import ChatNotFoundError, StoreError
 from ..events.store import EventStore
-from ..llm import build_provider, default_registry
+from ..llm import ModelRouter, default_registry
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
 from ..projections.search import register_search_tool
@@ -38,6 +38,7 @@ from ..projections.updater import ViewUpdater
 from ..projections.views import Views, open_views
 from ..storage.errors import ViewStoreError
 from ..storage.users import UserStore
+from .budgets import Budgeter
 from .limits import MessageLimiter
 from .metrics import Metrics, ResponseObserver
 from .users import Authenticator
@@ -143,6 +144,7 @@ class Services:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.updater.run)
+                    await nursery.start(self.tools.run)  # MCP servers, before any turn
                     await nursery.start(self.system.run)
                     if self.settings.store_kind == "sqlite":
                         data = self.settings.data_dir
@@ -259,7 +261,7 @@ async def build_services(
         views = await trio.to_thread.run_sync(open_views, settings)
         owned.append(views)
     if provider is None:
-        provider = build_provider(settings)
+        provider = ModelRouter.build(settings)
         owned.append(provider)
     if tools is None:
         tools = default_registry(settings)
@@ -273,7 +275,9 @@ async def build_services(
         system=system, updater=updater,
         auth=Authenticator(users or UserStore(settings)), metrics=metrics,
         limiter=MessageLimiter(settings.messages_per_minute, settings.concurrent_responses,
-                               system.generating_for, chats_per_hour=settings.chats_per_hour),
+                               system.generating_for, chats_per_hour=settings.chats_per_hour,
+                               budgeter=Budgeter(settings.budgets, views, store.max_position)
+                               if settings.budgets.limited else None),
         grace_s=grace_s, owned=owned,
     )
     _register_gauges(services)

@@ -50,6 +50,7 @@ class UserMessage(BaseModel):
     message: Text
     chat_id: UUID | None = None
     client_message_id: Text | None = Field(None, min_length=1, max_length=MAX_ID)
+    model: Text | None = Field(None, max_length=200)
 
 
 class Subscribe(BaseModel):
@@ -263,7 +264,7 @@ class Connection:
     def _queue_message(self, message: UserMessage) -> None:
         extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
         try:
-            admit(self.svc, message.message)
+            admit(self.svc, message.message, message.model)
             self._enqueue(message)
         except WebError as error:
             self.put(error.frame(**extra))
@@ -310,13 +311,13 @@ class Connection:
     async def _send_one(self, message: UserMessage) -> None:
         if message.chat_id is None or message.chat_id not in self.following:
             self._check_follow_limit()  # before a chat is made for a message it cannot follow
-        chat_id, counted = await open_chat(self.svc, self.owner, message.chat_id)
+        chat_id, counted = await open_chat(self.svc, self.owner, message.chat_id, message.model)
         message = message.model_copy(update={"chat_id": chat_id})
         if chat_id not in self.following:
             await self._follow(chat_id, None, history=False)
         with self.gates.setdefault(chat_id, Gate()).hold():
             accepted = await send(self.svc, self.owner, chat_id, message.message,
-                                  message.client_message_id, counted)
+                                  message.client_message_id, counted, message.model)
             self.put(ack_frame(accepted))
             if accepted.outcome is not None:
                 feed = ChatFeed(self.svc, self.owner, chat_id)

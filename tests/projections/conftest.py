@@ -78,6 +78,7 @@ def dump(views: Views) -> dict[str, list[tuple[Any, ...]]]:
         " ORDER BY scope, metric, bucket",
         "search": "SELECT content, owner, chat_id, seq, role FROM view_search"
         " ORDER BY chat_id, seq, role",
+        "usage": "SELECT * FROM view_usage ORDER BY owner, day, model",
     }
     with views.db.read() as tx:
         return {name: [tuple(row) for row in tx.all(sql)] for name, sql in queries.items()}

@@ -48,6 +48,7 @@ async def test_rebuild_equals_live_views(settings: Settings) -> None:
             nursery.cancel_scope.cancel()
         live = await trio.to_thread.run_sync(dump, views)
         assert len(live["messages"]) > 100
+        assert {row[2] for row in live["usage"]} == {"m1", "m2"}  # as started, not "m-late"
     finally:
         views.close()
         store.close()

@@ -65,8 +65,10 @@ def web_settings(settings: Settings, **changes: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings, grace_s: float = 1.0) -> AsyncIterator[Server]:
-    """Serves ``settings`` until the block ends, then shuts the server down gracefully."""
+async def running_server(settings: Settings, grace_s: float = 1.0,
+                         **collaborators: Any) -> AsyncIterator[Server]:
+    """Serves ``settings`` until the block ends, then shuts the server down gracefully;
+    ``collaborators`` (``tools``, ...) go to ``serve``."""
     tokens = {}
     for name in ("alice", "bob"):
         tokens[name] = await trio.to_thread.run_sync(add_user, settings, name)
@@ -75,7 +77,7 @@ async def running_server(settings: Settings, grace_s: float = 1.0) -> AsyncItera
         with trio.fail_after(START_S):
             host, port = await nursery.start(
                 partial(serve, settings, shutdown_trigger=stop.wait, grace_s=grace_s,
-                        handle_signals=False)
+                        handle_signals=False, **collaborators)
             )
         try:
             yield Server(settings, f"http://{host}:{port}", tokens, stop)

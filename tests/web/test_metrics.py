@@ -42,7 +42,8 @@ async def test_metrics_are_off_on_the_main_port_without_a_metrics_token(
 
 
 async def test_unconfigured_model_names_are_counted_as_other(settings: Settings) -> None:
-    s = web_settings(settings, metrics_models=("team-model",))
+    s = web_settings(settings, metrics_models=("team-model",),
+                     models=("alice-project-X", "team-model"))
     async with running_server(s) as server, server.client() as c, server.scraper() as scraper:
         for model in ("alice-project-X", "team-model"):
             chat_id = (await c.post("/chat", json={"model": model})).json()["id"]
