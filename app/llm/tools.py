@@ -322,8 +322,13 @@ async def current_time(arguments: dict[str, Any], context: ToolContext) -> dict[
 
 
 def default_registry(settings: Settings) -> ToolRegistry:
-    """A registry with the built-in tools, bounded by ``settings.tool_timeout_s``."""
+    """A registry with the built-in tools and the tools of ``settings.mcp_servers``, bounded
+    by ``settings.tool_timeout_s``."""
     registry = ToolRegistry(timeout_s=settings.tool_timeout_s)
     registry.register(CALCULATOR, Calculator())
     registry.register(CURRENT_TIME, current_time)
+    if settings.mcp_servers:
+        from .mcp import McpTools  # the SDK is loaded only when a server is configured
+
+        registry.add_source(McpTools(settings.mcp_servers))
     return registry

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from app.config import McpServer, Settings
 from app.llm.base import ToolContext
 from app.llm.errors import ToolExecutionError, ToolTimeoutError, UnknownToolError
 from app.llm.mcp import McpServerSettings, McpTools, tool_name
-from app.llm.tools import ToolRegistry
+from app.llm.tools import ToolRegistry, default_registry
 
 FAKE_SERVER = Path(__file__).resolve().parent.parent / "fakes" / "mcp_server.py"
 CONTEXT = ToolContext(owner="alice", chat_id="chat-1")
@@ -112,3 +113,17 @@ def test_tool_names_keep_to_what_openai_accepts() -> None:
     assert tool_name("fs", "read_file") == "fs__read_file"
     assert tool_name("my server", "get.weather/now") == "my_server__get_weather_now"
     assert len(tool_name("s" * 40, "t" * 40)) == 64
+
+
+async def test_the_configured_servers_are_a_source_of_the_default_registry(
+    mcp_url: str
+) -> None:
+    settings = Settings(tool_timeout_s=3.0, mcp_servers=(McpServer("fake", url=mcp_url),))
+    registry = default_registry(settings)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(15):
+            await nursery.start(registry.run)
+        assert {"calculator", "fake__add"} <= {spec.name for spec in registry.specs()}
+        assert await registry.call("fake__add", '{"a": 3, "b": 4}', CONTEXT) == {"result": 7}
+        nursery.cancel_scope.cancel()
+    assert default_registry(Settings()).sources == []
