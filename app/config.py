@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .configfile import OFFLINE, Budgets, McpServer, SettingsError, Upstream, read_config
+from .configfile import OFFLINE, Budget, Budgets, McpServer, SettingsError, Upstream, read_config
 
-__all__ = ["Budgets", "McpServer", "ProviderName", "Settings", "SettingsError", "Upstream"]
+__all__ = ["Budget", "Budgets", "McpServer", "ProviderName", "Settings", "SettingsError",
+           "Upstream"]
 
 #: Which model provider serves the chats (``app.llm.base.Provider`` is the interface).
 ProviderName = Literal["openai", "offline"]

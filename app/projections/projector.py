@@ -91,7 +91,8 @@ def on_message(b: Rows, e: ChatSession.MessageReceived, chat_id: str, at: str) -
     if chat.message_count == 0 and chat.title == DEFAULT_TITLE:  # as the aggregate does
         chat.title = auto_title(e.text)
     b.messages[(chat_id, seq)] = MessageRow(chat_id, seq, "user", e.text, at,
-                                            client_message_id=e.client_message_id)
+                                            client_message_id=e.client_message_id,
+                                            model=e.model)  # the model it asked for, if any
     chat.message_count += 1
     chat.last_message_preview = e.text[:PREVIEW_CHARS]
     b.search.append((e.text, chat.owner, chat_id, seq, "user"))
@@ -107,8 +108,9 @@ def on_response_started(b: Rows, e: ChatSession.ResponseStarted, chat_id: str, a
     )
     chat.current_seq = seq
     chat.message_count += 1
-    if chat.model is None:
-        chat.model = e.model
+    asked = b.messages.get((chat_id, e.reply_to_seq)) or b.source.message(chat_id, e.reply_to_seq)
+    if chat.model is None and (asked is None or asked.model is None):
+        chat.model = e.model  # the chat's model, not one a message asked for itself
     b.count(chat, "messages")
 
 

@@ -163,6 +163,8 @@ def message_dict(row: MessageRow) -> MessageDict:
                                 "created_at": row.created_at}
         if row.client_message_id is not None:
             message["client_message_id"] = row.client_message_id
+        if row.model is not None:
+            message["model"] = row.model  # the model it asked to be answered by
         return message
     return {
         "seq": row.seq, "role": row.role, "content": row.content, "created_at": row.created_at,

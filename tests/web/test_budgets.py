@@ -13,9 +13,11 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from app.config import Settings
+from app.config import Budget, Budgets, Settings
 from app.storage.users import add_user
 from tests.test_process_crash import free_port, server_env, server_process, wait_healthy
+
+from .conftest import running_server, web_settings
 
 BUDGET = 250
 
@@ -111,3 +113,43 @@ async def test_a_daily_budget_holds_across_two_server_processes(
         assert page["budget"]["daily_tokens"] == BUDGET
     # another user's budget is their own
     assert bobs.status_code == 200
+
+
+async def test_a_budget_per_model_refuses_that_model_only(settings: Any) -> None:
+    """Only the model whose budget is used up is refused, per turn and per chat; a message
+    re-sent with its ``client_message_id`` is still answered; the refusal records nothing."""
+    budgets = Budgets(Budget(models=(("offline-large", 40),)))
+    s = web_settings(settings, models=("offline-large",), budgets=budgets)
+    async with running_server(s) as server, server.client() as c:
+        first = await c.post("/generate", json={"message": "hello there, large model",
+                                                "model": "offline-large",
+                                                "client_message_id": "m-1"})
+        chat_id = first.json()["chat_id"]
+        while (await c.get("/usage")).json()["usage"][0]["total_tokens"] < 40:
+            turn = await c.post("/generate", json={"message": "more", "chat_id": chat_id,
+                                                   "model": "offline-large"})
+            assert turn.status_code == 200
+        large_chat = (await c.post("/chat", json={"model": "offline-large"})).json()["id"]
+        before = (await c.get(f"/chat/{chat_id}/events")).json()["events"]
+        refused = await c.post("/generate", json={"message": "again", "chat_id": chat_id,
+                                                  "model": "offline-large"})
+        by_chat = await c.post("/generate", json={"message": "again", "chat_id": large_chat})
+        resent = await c.post("/generate", json={"message": "hello there, large model",
+                                                 "chat_id": chat_id, "client_message_id": "m-1"})
+        other = await c.post("/generate", json={"message": "and you?", "chat_id": chat_id})
+        after = (await c.get(f"/chat/{chat_id}/events")).json()["events"]
+        usage = (await c.get("/usage")).json()
+    assert first.status_code == 200 and first.json()["message"]["model"] == "offline"
+    for response in (refused, by_chat):
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "quota_exceeded"
+        assert "offline-large" in response.json()["error"]["message"]
+    assert resent.status_code == 200
+    assert resent.json()["response_id"] == first.json()["response_id"]
+    assert other.status_code == 200  # the chat's own model has no budget
+    texts = [[e["data"]["text"] for e in events if e["type"] == "MessageReceived"]
+             for events in (before, after)]
+    assert texts[1] == [*texts[0], "and you?"]  # refused and re-sent messages added nothing
+    assert {row["model"] for row in usage["usage"]} == {"offline-large", "offline"}
+    assert usage["budget"] == {"daily_tokens": None, "models": {"offline-large": 40},
+                               "resets_at": usage["budget"]["resets_at"]}
