@@ -137,3 +137,12 @@ def test_a_bad_file_stops_every_command_with_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, command
         assert done.stderr == ("eventchat: config error: models.local.base_url:"
                                " expected a string\n"), command
+
+
+def test_the_documented_example_is_a_valid_file(tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text("utf-8")
+    example = "#" + doc.split("```toml\n# eventchat.toml", 1)[1].split("```", 1)[0]
+    s = Settings.from_env({"OPENAI_API_KEY": "sk-x"}, config_file=write(tmp_path, example))
+    assert s.default_model == "llama3.1" and len(s.catalog()) == 3
+    assert [m.name for m in s.mcp_servers] == ["files", "search"]
+    assert s.budgets.of("alice").for_model("gpt-4o") == 200_000
