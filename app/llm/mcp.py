@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import mcp_types as types
 import trio
@@ -37,6 +37,7 @@ from mcp.client.stdio import get_default_environment
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
+from ..config import McpServer as McpServerConfig
 from .base import ToolContext, ToolSpec
 from .errors import ToolExecutionError
 from .tools import ToolFunction
@@ -57,30 +58,6 @@ MAX_RESULT_CHARS = 20_000
 _NOT_A_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class McpServerEntry(Protocol):
-    """An MCP server as configured: a ``command`` (with its arguments, started for stdio and
-    given ``env`` beside the SDK's safe defaults) or a Streamable HTTP ``url``."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def command(self) -> tuple[str, ...]: ...
-    @property
-    def url(self) -> str | None: ...
-    @property
-    def env(self) -> tuple[tuple[str, str], ...]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class McpServerSettings:
-    """An ``McpServerEntry`` built in code (tests, embedding)."""
-
-    name: str
-    command: tuple[str, ...] = ()
-    url: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
-
-
 def tool_name(server: str, tool: str) -> str:
     """The name the model sees (and the log records) for ``server``'s ``tool``."""
     return _NOT_A_NAME.sub("_", f"{server}__{tool}")[:64]
@@ -91,7 +68,7 @@ class McpServer:
     the specs and callables of the tools last listed; ``problem`` says why the server is
     not connected now (None when it is)."""
 
-    def __init__(self, entry: McpServerEntry, *, check_interval_s: float = CHECK_INTERVAL_S,
+    def __init__(self, entry: McpServerConfig, *, check_interval_s: float = CHECK_INTERVAL_S,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.name = entry.name
         self._entry = entry
@@ -214,7 +191,7 @@ class _Call:
 class McpTools:
     """The tools of every configured MCP server, as one source of the ``ToolRegistry``."""
 
-    def __init__(self, entries: Sequence[McpServerEntry], *,
+    def __init__(self, entries: Sequence[McpServerConfig], *,
                  check_interval_s: float = CHECK_INTERVAL_S,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.servers = [McpServer(entry, check_interval_s=check_interval_s) for entry in entries]

@@ -18,7 +18,7 @@ import trio
 from app.config import McpServer, Settings
 from app.llm.base import ToolContext
 from app.llm.errors import ToolExecutionError, ToolTimeoutError, UnknownToolError
-from app.llm.mcp import McpServerSettings, McpTools, tool_name
+from app.llm.mcp import McpTools, tool_name
 from app.llm.tools import ToolRegistry, default_registry
 
 FAKE_SERVER = Path(__file__).resolve().parent.parent / "fakes" / "mcp_server.py"
@@ -53,7 +53,7 @@ def mcp_url() -> Iterator[str]:
 
 
 @asynccontextmanager
-async def registry_with(*entries: McpServerSettings, timeout_s: float = 5.0,
+async def registry_with(*entries: McpServer, timeout_s: float = 5.0,
                         **options: float) -> AsyncIterator[tuple[ToolRegistry, McpTools]]:
     registry = ToolRegistry(timeout_s=timeout_s)
     source = McpTools(entries, **options)
@@ -66,7 +66,7 @@ async def registry_with(*entries: McpServerSettings, timeout_s: float = 5.0,
 
 
 async def test_tools_are_listed_with_their_server_and_called(mcp_url: str) -> None:
-    async with registry_with(McpServerSettings("fake", url=mcp_url), timeout_s=0.5) as (
+    async with registry_with(McpServer("fake", url=mcp_url), timeout_s=0.5) as (
         registry, source
     ):
         names = {spec.name for spec in registry.specs()}
@@ -92,9 +92,9 @@ async def test_tools_are_listed_with_their_server_and_called(mcp_url: str) -> No
 async def test_a_server_that_is_down_or_not_mcp_gives_tool_errors_not_crashes(
     mcp_url: str
 ) -> None:
-    down = McpServerSettings("down", url=f"http://127.0.0.1:{free_port()}/mcp")
-    web_page = McpServerSettings("page", url=mcp_url.replace("/mcp", "/not-mcp"))
-    missing = McpServerSettings("gone", command=(sys.executable, "/nonexistent/server.py"))
+    down = McpServer("down", url=f"http://127.0.0.1:{free_port()}/mcp")
+    web_page = McpServer("page", url=mcp_url.replace("/mcp", "/not-mcp"))
+    missing = McpServer("gone", command=(sys.executable, "/nonexistent/server.py"))
     async with registry_with(down, web_page, missing, start_timeout_s=10.0) as (
         registry, source
     ):

@@ -12,8 +12,8 @@ from typing import Any
 
 import trio
 
-from app.config import Settings
-from app.llm.mcp import McpServerSettings, McpTools
+from app.config import McpServer, Settings
+from app.llm.mcp import McpTools
 from app.llm.tools import default_registry
 from tests.fakes.openai_server import FakeToolCall, StreamReply, fake_openai_server
 
@@ -38,7 +38,7 @@ async def test_a_tool_from_an_mcp_server_is_offered_called_recorded_and_survives
     settings: Settings, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "mcp.pid"
-    entry = McpServerSettings(
+    entry = McpServer(
         "fake", command=(sys.executable, str(FAKE_SERVER), "--pid-file", str(pid_file))
     )
     s = web_settings(settings, provider="openai", model="fake-model", max_retries=0,
