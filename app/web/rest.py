@@ -25,6 +25,7 @@ from quart_schema import (
 )
 
 from ..events.audit import verify_chat
+from ..events.domain import ChatSession
 from ..events.errors import StoreError
 from ..events.export import FORMATS, render
 from ..events.replay import chat_records
@@ -121,6 +122,52 @@ async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, object]:
     messages, more = await views.messages(owner, chat_id, query_args.limit,
                                           before_seq=query_args.before_seq)
     return {"chat": chat, "messages": messages, "has_more": more}
+
+
+@rest.patch("/chat/<uuid:chat_id>")
+@validate_request(s.UpdateChat)
+@documented(s.Chat, 200, 404)
+async def update_chat(chat_id: UUID, data: s.UpdateChat) -> dict[str, object]:
+    """Renames the chat, or changes its model or system prompt (each recorded as an event);
+    a bad body changes nothing."""
+    owner, svc = current_user(), services()
+    given = data.model_fields_set
+    if "title" in given and data.title is None:
+        raise BadRequestError("invalid request: title: a chat's title cannot be null")
+    if "model" in given:
+        check_model(svc, data.model)
+    await svc.require_chat(owner, chat_id)
+
+    def change(chat: ChatSession) -> None:
+        if data.title is not None:
+            chat.rename(data.title)
+        if "model" in given:
+            chat.change_model(data.model)
+        if "system_prompt" in given:
+            chat.change_system_prompt(data.system_prompt)
+
+    await svc.system.change_chat(chat_id, owner, change)
+    await svc.caught_up(chat_id=chat_id)
+    chat = await svc.views.get_chat(owner, chat_id)
+    if chat is None:
+        raise NotFoundError("chat not found", "chat_not_found")
+    return dict(chat)
+
+
+@rest.delete("/chat/<uuid:chat_id>")
+@document_response(s.NoContent, 204)
+@document_response(s.ErrorBody, 404)
+@document_response(s.ErrorBody, 503)
+@security_scheme([{"bearer": []}])
+async def delete_chat(chat_id: UUID) -> tuple[str, int]:
+    """Deletes the chat: stops its running response, records who deleted it and when,
+    destroys its key (its stored events can no longer be read) and removes it from every
+    view and the search index. See docs/operations.md for what remains and the purge step."""
+    owner, svc = current_user(), services()
+    await svc.require_chat(owner, chat_id)
+    await svc.system.delete_chat(chat_id, owner)
+    await svc.caught_up(chat_id=chat_id)  # gone from the views before the answer
+    return "", 204
 
 
 @rest.post("/generate")

@@ -49,6 +49,16 @@ class CreateChat(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
 
 
+class UpdateChat(BaseModel):
+    """``PATCH /chat/{id}``: the fields given change (``model`` and ``system_prompt`` may be
+    null: the server's default model, no system prompt); a misspelt field is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: Text | None = Field(None, min_length=1, max_length=200)
+    model: Text | None = Field(None, min_length=1, max_length=200)
+    system_prompt: Text | None = Field(None, max_length=32_000)
+
+
 class Generate(BaseModel):
     message: Text
     chat_id: UUID | None = None
@@ -247,6 +257,10 @@ class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: Literal["ok", "degraded", "unavailable"]
     store: str
+
+
+class NoContent(RootModel[None]):
+    """No body (204)."""
 
 
 class PrometheusText(RootModel[str]):

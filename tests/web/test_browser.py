@@ -308,7 +308,9 @@ def test_narrow_window_and_rate_limit_error(browser_server: Server, page: Any,
     rejected = page.locator(".message.user").nth(1)
     expect(rejected.locator(".state")).to_have_text("not sent")
     expect(rejected.get_by_role("button", name="Retry")).to_be_visible()
+    expect(page.locator("#log-check")).to_be_visible()  # a mark, without its words
     page.screenshot(path=str(tmp_path / "narrow.png"))
+    shutil.copyfile(tmp_path / "narrow.png", SCREENSHOTS / "narrow.png")
 
     page.click("#toggle-sidebar")
     expect(page.locator("#toggle-sidebar")).to_have_attribute("aria-expanded", "true")
@@ -612,3 +614,40 @@ def test_a_reply_cut_by_the_token_limit_says_so(
     last = page.locator(".message.assistant").last
     expect(last).to_have_attribute("data-status", "complete")
     expect(last.locator(".reply-cut")).to_be_hidden()
+
+
+def test_rename_delete_and_the_log_check(browser_server: Server, page: Any,
+                                         artifacts: Path) -> None:
+    from playwright.sync_api import expect
+
+    server = browser_server
+    with httpx.Client(base_url=server.base_url, headers=server.headers(), timeout=20) as c:
+        chat_id = c.post("/generate", json={"message": "plans for the trip"}).json()["chat_id"]
+    page.goto(f"{server.base_url}/?token={server.tokens['alice']}#{chat_id}")
+    expect(page.locator("#log-check")).to_have_text("✓ log verified")
+    page.click("#rename-chat")
+    expect(page.locator("#rename-input")).to_have_value("plans for the trip")
+    page.fill("#rename-input", "Lisbon in May")
+    page.press("#rename-input", "Enter")
+    expect(page.locator("#chat-title")).to_have_text("Lisbon in May")
+    expect(page.locator("#chat-list button")).to_contain_text("Lisbon in May")
+    assert stored_chat(server, chat_id)["title"] == "Lisbon in May"
+    page.click("#delete-chat")
+    expect(page.locator("#delete-dialog")).to_contain_text("“Lisbon in May”")
+    screenshot(page, artifacts, "delete-confirmation")
+    page.click("#delete-dialog [data-close]")  # cancelled: nothing happens
+    expect(page.locator("#delete-dialog")).to_be_hidden()
+    assert stored_chat(server, chat_id)["title"] == "Lisbon in May"
+    page.click("#delete-chat")
+    page.click("#delete-confirm")
+    expect(page.locator("#chat-list-empty")).to_be_visible()
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    expect(page.locator("#chat-actions")).to_be_hidden()
+    r = httpx.get(f"{server.base_url}/chat/{chat_id}", headers=server.headers(), timeout=10)
+    assert r.status_code == 404
+
+
+def stored_chat(server: Server, chat_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{server.base_url}/chat/{chat_id}", headers=server.headers(), timeout=10)
+    r.raise_for_status()
+    return dict(r.json()["chat"])

@@ -36,6 +36,11 @@ const ui = {
   send: $("send"), stop: $("stop"), shortcuts: $("shortcuts"),
   tokenDialog: $("token-dialog"), tokenForm: $("token-form"), tokenInput: $("token-input"),
   tokenError: $("token-error"),
+  logCheck: $("log-check"), chatActions: $("chat-actions"), renameChat: $("rename-chat"),
+  deleteChat: $("delete-chat"), renameDialog: $("rename-dialog"), renameForm: $("rename-form"),
+  renameInput: $("rename-input"), renameError: $("rename-error"),
+  deleteDialog: $("delete-dialog"), deleteForm: $("delete-form"), deleteName: $("delete-name"),
+  deleteError: $("delete-error"),
 };
 
 const state = {
@@ -230,6 +235,7 @@ function onDone(frame) {
   state.lastSeq = Math.max(state.lastSeq, frame.seq);
   if (frame.status === "failed" || frame.status === "interrupted") revealError(reply);
   refreshChats();
+  checkLog();
   if (ui.stats.open) loadStats();
 }
 
@@ -256,6 +262,12 @@ function onError(frame) {
   const text = frame.code === "rate_limited"
     ? `Slow down: ${frame.message}` : `${frame.message} (${frame.code})`;
   if (frame.chat_id && state.chatId && frame.chat_id !== state.chatId) return;
+  if (frame.code === "chat_not_found" && frame.chat_id === state.chatId && !frame.response_id) {
+    newDraft(); // deleted (in another tab, on another device)
+    refreshChats();
+    showAlert("That chat was deleted.");
+    return;
+  }
   if (!frame.response_id) showAlert(text); // a failed reply says so in place
   const item = frame.client_message_id && state.outbox.get(frame.client_message_id);
   if (item) {
@@ -616,6 +628,8 @@ function formatWhen(iso) {
 
 function clearChatView() {
   state.view += 1;
+  ui.logCheck.hidden = true;
+  ui.chatActions.hidden = true;
   state.responses.clear();
   state.lastSeq = 0;
   state.loaded = false;
@@ -644,6 +658,8 @@ async function loadChat(chatId, { push = true } = {}) {
     const page = await api(`/chat/${chatId}?limit=${PAGE_SIZE}`);
     if (view !== state.view) return;
     ui.title.textContent = page.chat.title;
+    ui.chatActions.hidden = false;
+    checkLog();
     for (const message of page.messages) renderMessage(message);
     const seqs = page.messages.map((m) => m.seq);
     state.lastSeq = Math.max(state.lastSeq, ...seqs, 0);
@@ -668,6 +684,78 @@ function newDraft() {
   markSelected();
   closeSidebar();
   ui.input.focus();
+}
+
+// -- the open chat: its log's check, rename, delete --------------------------------------
+
+/** Shows whether the open chat's stored log still verifies (GET /chat/{id}/audit); shows
+ * nothing when the server has no such route or cannot say. */
+async function checkLog() {
+  const chatId = state.chatId;
+  const view = state.view;
+  if (!chatId) return;
+  try {
+    const audit = await api(`/chat/${chatId}/audit`);
+    if (view !== state.view) return;
+    ui.logCheck.dataset.valid = String(audit.valid);
+    ui.logCheck.textContent = audit.valid ? "✓ log verified"
+      : `⚠ log altered at event ${audit.first_invalid_seq} (${audit.reason})`;
+    ui.logCheck.title = audit.valid
+      ? `Every stored event of this chat, up to event ${audit.head_seq}, is as it was written.`
+      : "The stored events of this chat no longer match their audit chain.";
+    ui.logCheck.hidden = false;
+  } catch (error) {
+    if (view === state.view) ui.logCheck.hidden = true;
+  }
+}
+
+function askRename() {
+  if (!state.chatId) return;
+  ui.renameInput.value = ui.title.textContent;
+  ui.renameError.hidden = true;
+  ui.renameDialog.showModal();
+  ui.renameInput.select();
+}
+
+async function rename(event) {
+  event.preventDefault();
+  const chatId = state.chatId;
+  const title = ui.renameInput.value.trim();
+  if (!chatId || !title) return;
+  try {
+    const chat = await api(`/chat/${chatId}`, { method: "PATCH", body: { title } });
+    if (chatId === state.chatId) ui.title.textContent = chat.title;
+    ui.renameDialog.close();
+    refreshChats();
+  } catch (error) {
+    ui.renameError.textContent = error.message;
+    ui.renameError.hidden = false;
+  }
+}
+
+function askDelete() {
+  if (!state.chatId) return;
+  ui.deleteName.textContent = ui.title.textContent;
+  ui.deleteError.hidden = true;
+  ui.deleteDialog.showModal();
+}
+
+async function deleteChat(event) {
+  event.preventDefault();
+  const chatId = state.chatId;
+  if (!chatId) return;
+  try {
+    await api(`/chat/${chatId}`, { method: "DELETE" });
+  } catch (error) {
+    if (error.status !== 404) {
+      ui.deleteError.textContent = error.message;
+      ui.deleteError.hidden = false;
+      return;
+    }
+  }
+  ui.deleteDialog.close();
+  if (chatId === state.chatId) newDraft();
+  refreshChats();
 }
 
 /** Loads the page before the oldest message shown; false if that failed. */
@@ -799,6 +887,7 @@ async function ensureChat(text) {
     state.loaded = true;
     history.pushState(null, "", `#${chat.id}`);
     ui.title.textContent = chat.title;
+    ui.chatActions.hidden = false;
     subscribe();
   }
   return chat.id;
@@ -1045,6 +1134,13 @@ function wire() {
     else if (!id && state.chatId) newDraft();
   });
   window.addEventListener("online", () => { if (!state.ws) { state.attempts = 0; connect(); } });
+  ui.renameChat.addEventListener("click", askRename);
+  ui.deleteChat.addEventListener("click", askDelete);
+  ui.renameForm.addEventListener("submit", rename);
+  ui.deleteForm.addEventListener("submit", deleteChat);
+  for (const button of document.querySelectorAll("dialog [data-close]")) {
+    button.addEventListener("click", () => button.closest("dialog").close());
+  }
   ui.tokenDialog.addEventListener("cancel", (event) => event.preventDefault());
   ui.tokenForm.addEventListener("submit", () => {
     state.token = ui.tokenInput.value.trim();
