@@ -63,6 +63,7 @@ async def test_a_tool_from_an_mcp_server_is_offered_called_recorded_and_survives
 
             await send(ws, {"message": "take your time", "chat_id": chat_id})
             started = await receive_until(ws, lambda f: f["event"] == "tool_activity")
+            await trio.sleep(0.3)  # the call (60 s of sleep) is on the server by now
             os.kill(pid, signal.SIGKILL)  # the server dies in mid-call
             second = started + await receive_until(ws, history)
 
@@ -88,7 +89,8 @@ async def test_a_tool_from_an_mcp_server_is_offered_called_recorded_and_survives
 
     failed = tool_frames(second)[-1]
     assert (failed["tool"], failed["status"]) == ("fake__slow", "failed")
-    assert "MCP server fake" in failed["error"]
+    assert failed["error"] == "tool_failed: MCP server fake: Connection closed"
+    assert failed["duration_ms"] >= 300
     told = upstream.requests[3]["messages"][-1]  # the model is told, and answers
     assert told["role"] == "tool" and "MCP server fake" in json.loads(told["content"])["error"]
     assert done_frame(second)["status"] == "complete"
