@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,8 @@ from uuid import UUID
 GENESIS = bytes(32)
 #: Events read at a time when a chat is walked.
 PAGE = 1000
+#: Chats whose last link a process keeps in memory (32 bytes each, and the key).
+HEADS_KEPT = 10_000
 
 
 def canonical(chat_id: UUID, version: int, topic: str, state: bytes) -> bytes:
@@ -77,6 +81,11 @@ class ChainTable:
         self.events = events
         self.chain = chain
         self.postgres = postgres
+        #: The heads this process committed, most recent last (``committed``).
+        self._heads: OrderedDict[UUID, tuple[int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+        #: Per thread: the heads of the transaction being written.
+        self._pending = threading.local()
 
     def create_statement(self) -> str:
         if self.postgres:
@@ -107,16 +116,17 @@ class ChainTable:
     def link_inserted(self, curs: Any, stored_events: Sequence[Any]) -> None:
         """Writes the links of ``stored_events`` (the library's ``StoredEvent``s, in the
         order they are inserted), in ``curs``' transaction. A chat whose earlier events are
-        not linked yet (a store written before the chain) is linked from its first one."""
+        not linked yet (a store written before the chain) is linked from its first one.
+
+        The chat's last link is read from the table, unless this process committed it
+        itself (``committed``): an actor saving its chat again needs no read."""
         previous: dict[UUID, tuple[int, bytes]] = {}
         rows: list[tuple[object, int, bytes]] = []
         for event in stored_events:
             chat_id = UUID(str(event.originator_id))
             version = event.originator_version
             if chat_id not in previous:
-                # a new chat's first event needs no read
-                first = version == 1
-                previous[chat_id] = (0, GENESIS) if first else self._last_link(curs, chat_id)
+                previous[chat_id] = self._before(curs, chat_id, version)
                 if previous[chat_id][0] < version - 1:
                     gap = self._link_range(curs, chat_id, *previous[chat_id], version - 1)
                     rows.extend(gap)
@@ -126,6 +136,30 @@ class ChainTable:
             previous[chat_id] = (version, digest)
             rows.append((self.key(chat_id), version, digest))
         self.insert(curs, rows)
+        self._pending.heads = previous
+
+    def _before(self, curs: Any, chat_id: UUID, version: int) -> tuple[int, bytes]:
+        """The chat's link before ``version``: none for a new chat's first event, the one
+        this process committed last if it is that one, else the table's last."""
+        if version == 1:
+            return 0, GENESIS
+        with self._lock:
+            known = self._heads.get(chat_id)
+        if known is not None and known[0] == version - 1:
+            return known
+        return self._last_link(curs, chat_id)
+
+    def committed(self) -> None:
+        """The transaction of this thread's last ``link_inserted`` committed: its chats'
+        heads are known without a read from now on (a bounded number of chats)."""
+        heads: dict[UUID, tuple[int, bytes]] = getattr(self._pending, "heads", {})
+        self._pending.heads = {}
+        with self._lock:
+            for chat_id, head in heads.items():
+                self._heads[chat_id] = head
+                self._heads.move_to_end(chat_id)
+            while len(self._heads) > HEADS_KEPT:
+                self._heads.popitem(last=False)
 
     def _last_link(self, curs: Any, chat_id: UUID) -> tuple[int, bytes]:
         self._run(curs, "SELECT version, hash FROM {chain} WHERE chat_id = ? "

@@ -117,6 +117,13 @@ class FencedRecorder(PostgresApplicationRecorder):
                 raise FencedError(f"chat {fence.chat_id} is leased by another process now")
         self.chain.link_inserted(curs, stored_events)
 
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+        self.chain.committed()
+        return ids
+
 
 class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
     """The library's SQLite recorder; the transaction that inserts events also writes their
@@ -149,6 +156,13 @@ class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
     ) -> Sequence[int] | None:
         ids = super()._insert_events(c, stored_events, **kwargs)
         self.chain.link_inserted(c, stored_events)
+        return ids
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+        self.chain.committed()
         return ids
 
 
