@@ -16,8 +16,8 @@ A chat's verdict names the first seq that does not hold, and why:
   checkpoint, the chain ends before the checkpoint's head.
 
 A store written before the chain existed is linked by ``link_unlinked`` (the server's start
-and every ``eventchat audit`` command run it): each chat that has events and no link at all
-gets its links from its first event.
+runs it until one pass is over, every ``eventchat audit`` command runs it): each chat that
+has events and no link at all gets its links from its first event.
 """
 
 from __future__ import annotations
@@ -161,13 +161,18 @@ def head(app: ChatApplication, chat_id: UUID) -> tuple[int, bytes]:
     return seq, digest
 
 
-def link_unlinked(app: ChatApplication) -> int:
+def link_unlinked(app: ChatApplication, *, unless_done: bool = False) -> int:
     """Links every chat that has events and no link (a store written before the chain),
     from its first event; returns how many. Idempotent, and safe while servers write and
     while another process does the same: links depend only on the events, and a link
-    already there is kept."""
+    already there is kept. Once a pass is over, the store records it; with ``unless_done``
+    (a server's start) a store that recorded one is not searched again."""
     chain, after, count = chain_table(app), None, 0
     recorder: Any = app.recorder
+    if unless_done:
+        with reading(app) as curs:
+            if chain.all_linked(curs):
+                return 0
     while True:
         with reading(app) as curs:
             page = chain.unlinked_chats(curs, after, CHATS_PAGE)
@@ -178,5 +183,8 @@ def link_unlinked(app: ChatApplication) -> int:
                 chain.insert(curs, rows)
             count += 1
         if len(page) < CHATS_PAGE:
-            return count
+            break
         after = page[-1]
+    with recorder.datastore.transaction(commit=True) as curs:
+        chain.mark_all_linked(curs)
+    return count

@@ -98,7 +98,7 @@ class EventStore:
                     env=persistence_env(settings), snapshot_interval=settings.snapshot_interval
                 )
                 try:
-                    link_unlinked(app)  # a store written before the audit chain
+                    link_unlinked(app, unless_done=True)  # a store older than the chain
                 except BaseException:
                     app.close()
                     raise

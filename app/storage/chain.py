@@ -37,6 +37,8 @@ from uuid import UUID
 GENESIS = bytes(32)
 #: Events read at a time when a chat is walked.
 PAGE = 1000
+#: The row of the state table written once every chat of the store has links.
+ALL_LINKED = "all_chats_linked"
 #: Chats whose last link a process keeps in memory (32 bytes each, and the key).
 HEADS_KEPT = 10_000
 
@@ -72,14 +74,15 @@ class StoredRow:
 class ChainTable:
     """The chain's statements on one store (see the module docstring).
 
-    ``events`` and ``chain`` are the tables' names as the statements write them (qualified
-    by the schema on PostgreSQL); ``postgres`` selects the placeholders and how chat ids
+    ``events``, ``chain`` and ``state`` are the tables' names as the statements write them
+    (qualified by the schema on PostgreSQL); ``postgres`` selects the placeholders and how chat ids
     are stored (``uuid`` there, 32 hex digits in SQLite's events table and here).
     """
 
-    def __init__(self, events: str, chain: str, *, postgres: bool) -> None:
+    def __init__(self, events: str, chain: str, state: str, *, postgres: bool) -> None:
         self.events = events
         self.chain = chain
+        self.state = state
         self.postgres = postgres
         #: The heads this process committed, most recent last (``committed``).
         self._heads: OrderedDict[UUID, tuple[int, bytes]] = OrderedDict()
@@ -87,14 +90,19 @@ class ChainTable:
         #: Per thread: the heads of the transaction being written.
         self._pending = threading.local()
 
-    def create_statement(self) -> str:
+    def create_statements(self) -> list[str]:
+        """The links' table, and the one row that says every chat was linked once."""
         if self.postgres:
-            return (f"CREATE TABLE IF NOT EXISTS {self.chain} (chat_id uuid NOT NULL, "
+            return [f"CREATE TABLE IF NOT EXISTS {self.chain} (chat_id uuid NOT NULL, "
                     "version bigint NOT NULL, hash bytea NOT NULL, "
-                    "PRIMARY KEY (chat_id, version))")
-        return (f"CREATE TABLE IF NOT EXISTS {self.chain} (chat_id TEXT NOT NULL, "
+                    "PRIMARY KEY (chat_id, version))",
+                    f"CREATE TABLE IF NOT EXISTS {self.state} (name text PRIMARY KEY, "
+                    "at timestamptz NOT NULL DEFAULT now())"]
+        return [f"CREATE TABLE IF NOT EXISTS {self.chain} (chat_id TEXT NOT NULL, "
                 "version INTEGER NOT NULL, hash BLOB NOT NULL, "
-                "PRIMARY KEY (chat_id, version)) WITHOUT ROWID")
+                "PRIMARY KEY (chat_id, version)) WITHOUT ROWID",
+                f"CREATE TABLE IF NOT EXISTS {self.state} (name TEXT PRIMARY KEY, "
+                "at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"]
 
     def key(self, chat_id: UUID | str) -> object:
         """A chat id as this store's tables hold it."""
@@ -102,7 +110,7 @@ class ChainTable:
         return chat if self.postgres else chat.hex
 
     def _sql(self, statement: str) -> str:
-        statement = statement.format(events=self.events, chain=self.chain)
+        statement = statement.format(events=self.events, chain=self.chain, state=self.state)
         return statement.replace("?", "%s") if self.postgres else statement
 
     def _run(self, curs: Any, statement: str, params: Sequence[object] = ()) -> None:
@@ -242,11 +250,21 @@ class ChainTable:
         start = None if after is None else self.key(after)
         where = "AND e.originator_id > ?" if start is not None else ""
         params = (start, limit) if start is not None else (limit,)
-        self._run(curs, "SELECT DISTINCT e.originator_id AS chat_id FROM {events} e "
+        self._run(curs, "SELECT e.originator_id AS chat_id FROM {events} e "
                         "WHERE e.originator_version = 1 AND NOT EXISTS (SELECT 1 FROM {chain} c "
                         f"WHERE c.chat_id = e.originator_id) {where} "
                         "ORDER BY e.originator_id LIMIT ?", params)
         return [UUID(str(r["chat_id"])) for r in curs.fetchall()]
+
+    def all_linked(self, curs: Any) -> bool:
+        """Whether a pass of ``unlinked_chats`` found every chat linked (since then, every
+        chat is linked by the transactions that write it)."""
+        self._run(curs, "SELECT name FROM {state} WHERE name = ?", (ALL_LINKED,))
+        return curs.fetchone() is not None
+
+    def mark_all_linked(self, curs: Any) -> None:
+        self._run(curs, "INSERT INTO {state} (name) VALUES (?) ON CONFLICT DO NOTHING",
+                  (ALL_LINKED,))
 
     def links_of(self, curs: Any, chat_id: UUID) -> Iterator[tuple[object, int, bytes]]:
         """The links of every stored event of ``chat_id`` from its first, a page at a

@@ -98,8 +98,10 @@ class FencedRecorder(PostgresApplicationRecorder):
         ).format(table)
         schema = _quoted(datastore.schema or "public")
         self.chain = ChainTable(f"{schema}.{_quoted(events_table_name)}",
-                                f"{schema}.{_quoted(CHAIN_TABLE)}", postgres=True)
-        self.sql_create_statements.append(SQL(self.chain.create_statement()))  # type: ignore[arg-type]
+                                f"{schema}.{_quoted(CHAIN_TABLE)}",
+                                f"{schema}.{_quoted(CHAIN_TABLE + '_state')}", postgres=True)
+        for statement in self.chain.create_statements():
+            self.sql_create_statements.append(SQL(statement))  # type: ignore[arg-type]
 
     def _insert_events(
         self,
@@ -132,11 +134,12 @@ class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
     before it reads the chat's last link."""
 
     def __init__(self, datastore: SQLiteDatastore, events_table_name: str = "stored_events"):
-        self.chain = ChainTable(events_table_name, SQLITE_CHAIN_TABLE, postgres=False)
+        self.chain = ChainTable(events_table_name, SQLITE_CHAIN_TABLE,
+                                SQLITE_CHAIN_TABLE + "_state", postgres=False)
         super().__init__(datastore, events_table_name)
 
     def construct_create_table_statements(self) -> list[str]:
-        return [*super().construct_create_table_statements(), self.chain.create_statement()]
+        return [*super().construct_create_table_statements(), *self.chain.create_statements()]
 
     def create_table(self) -> None:
         # Two processes opening a store written before the chain both upgrade their read of

@@ -113,6 +113,7 @@ class Tamper:
     def drop_chain(self) -> None:
         """The store as a version without the chain left it."""
         self._run("DROP TABLE {chain}")
+        self._run("DROP TABLE IF EXISTS {chain}_state")
 
     def rewrite_last(self, chat_id: UUID, seq: int) -> None:
         """Changes event ``seq`` (the last one) and writes a link that fits it: the chain
