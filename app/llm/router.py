@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
-from typing import TypedDict
 
 import httpx2
 
@@ -23,24 +22,15 @@ from .offline import OfflineProvider
 from .openai_provider import OpenAIProvider
 
 
-class ModelInfo(TypedDict):
-    """A model as ``GET /models`` lists it."""
-
-    id: str
-    provider: str
-    default: bool
-
-
 class ModelRouter:
     """Dispatches each model call to the upstream serving its model."""
 
     name = "router"
 
     def __init__(self, settings: Settings, providers: Mapping[str, Provider]) -> None:
-        self._catalog = settings.catalog()
         self._default = settings.default_model
         self._providers = dict(providers)
-        self._upstream_of = {m: u.name for u in self._catalog for m in u.models}
+        self._upstream_of = {m: u.name for u in settings.catalog() for m in u.models}
 
     @classmethod
     def build(cls, settings: Settings, http_client: httpx2.AsyncClient | None = None
@@ -53,16 +43,9 @@ class ModelRouter:
     def default_model(self) -> str:
         return self._default
 
-    def knows(self, model: str) -> bool:
-        return model in self._upstream_of
-
     def provider_of(self, model: str) -> str:
         """The name of the upstream that serves ``model`` (the default's, if none lists it)."""
         return self._upstream_of.get(model, self._upstream_of[self._default])
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=m, provider=u.name, default=m == self._default)
-                for u in self._catalog for m in u.models]
 
     def stream(
         self, request: ModelRequest
