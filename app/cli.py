@@ -465,6 +465,11 @@ def _run_bench(rest: list[str]) -> None:
     if rest[:1] == ["projections"]:
         projections_main(rest[1:])
         return
+    if rest[:1] == ["keys"]:
+        from .bench.keys import main as keys_main
+
+        keys_main(rest[1:])
+        return
     bench_main(rest)
 
 

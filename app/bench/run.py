@@ -37,7 +37,7 @@ from .figures import (
     write_rate_figures,
 )
 from .idle import METRICS_TOKEN, measure_idle
-from .options import Options
+from .options import PACED, QUICK_PACED, Options
 from .progress import say
 from .upstream import expected_text, pacing
 
@@ -345,6 +345,8 @@ def _server_env(options: Options, upstream_url: str, workdir: Path, schema: str 
     env.update({
         "EVENTCHAT_PROVIDER": "openai", "OPENAI_BASE_URL": upstream_url,
         "OPENAI_API_KEY": "bench", "EVENTCHAT_MODEL": "bench",
+        # the paced runs' chats name the model server's pacing as their model: list them
+        "EVENTCHAT_MODELS": ",".join((*PACED, *QUICK_PACED)),
         "EVENTCHAT_METRICS_TOKEN": METRICS_TOKEN,
         "EVENTCHAT_DATA_DIR": str(workdir / "data"),
         # One bench user sends for every chat: lift the per-user limits out of the way.
