@@ -353,6 +353,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> None:
+    from .events.errors import ChatDeletedError
     from .events.export import FORMATS
     from .events.replay import all_chat_ids
 
@@ -362,8 +363,12 @@ def _export(settings: Settings, args: argparse.Namespace) -> None:
     app = _open_app(settings)
     chat_ids = [args.chat_id] if args.chat_id else all_chat_ids(app)
     for chat_id in chat_ids:
-        for chunk in FORMATS[args.format].render(app, chat_id):
-            sys.stdout.write(chunk)
+        try:  # a chat's events are read before any of its lines is written
+            for chunk in FORMATS[args.format].render(app, chat_id):
+                sys.stdout.write(chunk)
+        except ChatDeletedError:
+            if args.chat_id:
+                raise  # (every chat: the deleted ones are passed over)
 
 
 def _audit(settings: Settings, args: argparse.Namespace) -> None:

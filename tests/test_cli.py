@@ -239,3 +239,31 @@ def test_every_option_says_what_it_is_for() -> None:
 
     for parser in (_parser(), bench_parser(), projections_parser()):
         assert undocumented(parser) == []
+
+
+def deleted_chat(data_dir: Path) -> ChatSession:
+    """A recorded chat, deleted as ``DELETE /chat/{id}`` deletes it (its key destroyed)."""
+    chat = recorded_chat(data_dir)
+    app = ChatApplication(env=persistence_env(Settings(data_dir=data_dir)))
+    try:
+        loaded = app.get_chat(chat.id)
+        loaded.delete("alice")
+        app.save(loaded)
+        app.destroy_key(chat.id)
+    finally:
+        app.close()
+    return chat
+
+
+async def test_export_passes_over_deleted_chats_and_purge_runs(tmp_path: Path) -> None:
+    kept = await trio.to_thread.run_sync(recorded_chat, tmp_path)
+    gone = await trio.to_thread.run_sync(deleted_chat, tmp_path)
+    out = await eventchat("export", data_dir=tmp_path)
+    assert {json.loads(line)["chat_id"] for line in out.splitlines()} == {str(kept.id)}
+    refused = await run_eventchat("export", str(gone.id), data_dir=tmp_path, check=False)
+    assert refused.returncode == 1 and b"chat not found" in refused.stderr
+    await eventchat("projections", "rebuild", data_dir=tmp_path)  # the views exist too
+    purged = await eventchat("purge", data_dir=tmp_path)
+    assert [line.split(":")[0] for line in purged.splitlines()] == [
+        str(tmp_path / "views.sqlite"), str(tmp_path / "events.sqlite")]
+    assert all("rebuilt, log truncated" in line for line in purged.splitlines())
