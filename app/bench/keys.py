@@ -4,7 +4,8 @@ Maps a streamed batch of text (a ``TokensGenerated`` event of ``--chars`` charac
 its stored form and back, ``--events`` times, through the library's mapper with no cipher,
 with one global key (``EVENTCHAT_CIPHER_KEY`` before per-chat keys), and through
 ``ChatMapper`` with the chat's key cached (the common path); then the first event of new
-chats, which makes and stores their keys (one insert each, SQLite in a temporary directory).
+chats, which makes and stores their keys (one insert each): SQLite in a temporary directory,
+or with ``--database-url`` PostgreSQL in a schema of its own (dropped afterwards).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from uuid import uuid4
 
 from eventsourcing.cipher import AESCipher
 from eventsourcing.persistence import Mapper
@@ -27,21 +29,33 @@ from ..config import Settings
 from ..events.application import ChatApplication
 from ..events.domain import ChatSession
 from ..storage.recorder import persistence_env
+from .processes import create_schema, drop_schema
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="eventchat bench keys", description=__doc__)
     parser.add_argument("--events", type=int, default=20_000, help="events mapped (20000)")
     parser.add_argument("--chars", type=int, default=300, help="text per event (300)")
+    parser.add_argument("--database-url", help="postgresql://...: keys stored there")
     opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as data:
-        print(json.dumps(measure(Path(data), opts.events, opts.chars), indent=2))
+        settings = Settings(data_dir=Path(data))
+        if opts.database_url is None:
+            print(json.dumps(measure(settings, opts.events, opts.chars), indent=2))
+            return
+        schema = f"bench_keys_{uuid4().hex[:8]}"
+        settings = settings.replace(database_url=opts.database_url, database_schema=schema)
+        create_schema(opts.database_url, schema)
+        try:
+            print(json.dumps(measure(settings, opts.events, opts.chars), indent=2))
+        finally:
+            drop_schema(opts.database_url, schema)
 
 
-def measure(data_dir: Path, events: int, chars: int) -> dict[str, float]:
+def measure(settings: Settings, events: int, chars: int) -> dict[str, float]:
     """Microseconds per event: ``<way>_encode_us`` and ``<way>_decode_us`` for ``plain``,
     ``global_key`` and ``chat_key``, and ``new_chat_key_us`` (the first event of a chat)."""
-    app = ChatApplication(env=persistence_env(Settings(data_dir=data_dir)))
+    app = ChatApplication(env=persistence_env(settings))
     try:
         chat = ChatSession.start("bench")
         chat.receive_message("question")
