@@ -31,10 +31,10 @@ from uuid import UUID
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from .cli import CommandError
 from .config import Settings
 from .events import audit
 from .events.application import ChatApplication
+from .events.audit import AuditError
 from .storage.recorder import persistence_env
 
 FORMAT = 1
@@ -68,7 +68,7 @@ def verify(settings: Settings, chat_ids: list[UUID], checkpoint: Path | None) ->
                     verdict = audit.against_checkpoint(app, verdict, chat_id, head.seq,
                                                        head.hash)
                 elif verdict is None:
-                    raise CommandError(f"no chat {chat_id} in this store")
+                    raise AuditError(f"no chat {chat_id} in this store")
                 checked += 1
                 advance()
                 if not verdict.valid:
@@ -130,14 +130,14 @@ def _check_signature(path: Path, key: bytes) -> None:
                     mac.update(last)
                 last = raw
     except OSError as exc:
-        raise CommandError(f"cannot read the checkpoint {path}: {exc.strerror or exc}") from exc
+        raise AuditError(f"cannot read the checkpoint {path}: {exc.strerror or exc}") from exc
     try:
         signature = json.loads(last or b"{}").get("signature")
     except (json.JSONDecodeError, AttributeError):
         signature = None
     if not isinstance(signature, str) or not hmac.compare_digest(signature, mac.hexdigest()):
-        raise CommandError(f"the checkpoint {path} is not signed with this EVENTCHAT_AUDIT_KEY "
-                           "(a wrong key, or the file was changed)")
+        raise AuditError(f"the checkpoint {path} is not signed with this EVENTCHAT_AUDIT_KEY "
+                         "(a wrong key, or the file was changed)")
 
 
 def _heads_in(path: Path) -> Iterator[Head]:
@@ -150,7 +150,7 @@ def _heads_in(path: Path) -> Iterator[Head]:
                 continue
             head = Head(UUID(obj["chat_id"]), int(obj["seq"]), bytes.fromhex(obj["hash"]))
             if previous is not None and head.chat_id <= previous:
-                raise CommandError(f"the checkpoint {path} is not in chat-id order")
+                raise AuditError(f"the checkpoint {path} is not in chat-id order")
             previous = head.chat_id
             yield head
 
@@ -178,7 +178,7 @@ def _paired(ids: Iterator[UUID], heads: Iterator[Head], only: set[UUID] | None
 
 def _key(settings: Settings) -> bytes:
     if not settings.audit_key:
-        raise CommandError("EVENTCHAT_AUDIT_KEY is not set: checkpoints are signed with it")
+        raise AuditError("EVENTCHAT_AUDIT_KEY is not set: checkpoints are signed with it")
     return settings.audit_key.encode("utf-8")
 
 

@@ -30,10 +30,17 @@ from uuid import UUID
 
 from ..storage.chain import GENESIS, PAGE, ChainTable, link
 from .application import ChatApplication
+from .errors import EventsError
 
 Reason = Literal["modified", "missing", "reordered", "truncated"]
 #: Chat ids read at a time when every chat is walked.
 CHATS_PAGE = 500
+
+
+class AuditError(EventsError):
+    """An audit cannot be done as asked: no key to sign or check a checkpoint with, a
+    checkpoint that is unreadable or not signed with that key, a chat the store does not
+    hold."""
 
 
 @dataclass(frozen=True, slots=True)

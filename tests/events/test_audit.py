@@ -14,7 +14,6 @@ import pytest
 import trio
 
 from app.audit_cli import verify, write_checkpoint
-from app.cli import CommandError
 from app.config import Settings
 from app.events import audit
 from app.events.store import EventStore
@@ -94,13 +93,13 @@ async def test_a_checkpoint_finds_a_cut_tail_and_a_rewritten_tail(
     assert await trio.to_thread.run_sync(verify, signed, [kept], checkpoint) == 0
 
     # the checkpoint's signature is checked before any of its lines is trusted
-    with pytest.raises(CommandError, match="not signed with this EVENTCHAT_AUDIT_KEY"):
+    with pytest.raises(audit.AuditError, match="not signed with this EVENTCHAT_AUDIT_KEY"):
         verify(settings.replace(audit_key="another key"), [], checkpoint)
     forged = tmp_path / "forged.jsonl"
     forged.write_text(checkpoint.read_text().replace(f'"seq":{EVENTS}', '"seq":6', 1))
-    with pytest.raises(CommandError, match="not signed"):
+    with pytest.raises(audit.AuditError, match="not signed"):
         verify(signed, [], forged)
-    with pytest.raises(CommandError, match="^EVENTCHAT_AUDIT_KEY is not set"):
+    with pytest.raises(audit.AuditError, match="^EVENTCHAT_AUDIT_KEY is not set"):
         write_checkpoint(settings, tmp_path / "unsigned.jsonl")
     assert not (tmp_path / "unsigned.jsonl").exists()
 
