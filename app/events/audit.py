@@ -22,11 +22,15 @@ has events and no link at all gets its links from its first event.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
+
+import psycopg
+from eventsourcing.persistence import PersistenceError
 
 from ..storage.chain import GENESIS, PAGE, ChainTable, link
 from .application import ChatApplication
@@ -78,10 +82,28 @@ def chain_table(app: ChatApplication) -> ChainTable:
 def reading(app: ChatApplication) -> Iterator[Any]:
     """One read transaction on the event store, a consistent snapshot on both stores."""
     recorder: Any = app.recorder
-    with recorder.datastore.transaction(commit=False) as curs:
+    with _driver_errors(), recorder.datastore.transaction(commit=False) as curs:
         if chain_table(app).postgres:
             curs.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         yield curs
+
+
+@contextmanager
+def writing(app: ChatApplication) -> Iterator[Any]:
+    """One write transaction on the event store."""
+    recorder: Any = app.recorder
+    with _driver_errors(), recorder.datastore.transaction(commit=True) as curs:
+        yield curs
+
+
+@contextmanager
+def _driver_errors() -> Iterator[None]:
+    """The drivers' errors, which the library's datastores pass on as they are, as the
+    library's own (``EventStore`` maps those to ``StoreUnavailableError``)."""
+    try:
+        yield
+    except (psycopg.Error, sqlite3.Error) as exc:
+        raise PersistenceError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def verify_chat(app: ChatApplication, chat_id: UUID) -> Verdict | None:
@@ -175,7 +197,6 @@ def link_unlinked(app: ChatApplication, *, unless_done: bool = False) -> int:
     already there is kept. Once a pass is over, the store records it; with ``unless_done``
     (a server's start) a store that recorded one is not searched again."""
     chain, after, count = chain_table(app), None, 0
-    recorder: Any = app.recorder
     if unless_done:
         with reading(app) as curs:
             if chain.all_linked(curs):
@@ -186,12 +207,12 @@ def link_unlinked(app: ChatApplication, *, unless_done: bool = False) -> int:
         for chat_id in page:
             with reading(app) as curs:
                 rows = list(chain.links_of(curs, chat_id))
-            with recorder.datastore.transaction(commit=True) as curs:
+            with writing(app) as curs:
                 chain.insert(curs, rows)
             count += 1
         if len(page) < CHATS_PAGE:
             break
         after = page[-1]
-    with recorder.datastore.transaction(commit=True) as curs:
+    with writing(app) as curs:
         chain.mark_all_linked(curs)
     return count
