@@ -22,15 +22,11 @@ has events and no link at all gets its links from its first event.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
-
-import psycopg
-from eventsourcing.persistence import PersistenceError
 
 from ..storage.chain import GENESIS, PAGE, ChainTable, link
 from .application import ChatApplication
@@ -80,9 +76,11 @@ def chain_table(app: ChatApplication) -> ChainTable:
 
 @contextmanager
 def reading(app: ChatApplication) -> Iterator[Any]:
-    """One read transaction on the event store, a consistent snapshot on both stores."""
+    """One read transaction on the event store, a consistent snapshot on both stores. The
+    library's datastore raises the driver's errors as its own (``PersistenceError``s, which
+    ``EventStore`` maps to ``StoreUnavailableError``)."""
     recorder: Any = app.recorder
-    with _driver_errors(), recorder.datastore.transaction(commit=False) as curs:
+    with recorder.datastore.transaction(commit=False) as curs:
         if chain_table(app).postgres:
             curs.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         yield curs
@@ -92,18 +90,8 @@ def reading(app: ChatApplication) -> Iterator[Any]:
 def writing(app: ChatApplication) -> Iterator[Any]:
     """One write transaction on the event store."""
     recorder: Any = app.recorder
-    with _driver_errors(), recorder.datastore.transaction(commit=True) as curs:
+    with recorder.datastore.transaction(commit=True) as curs:
         yield curs
-
-
-@contextmanager
-def _driver_errors() -> Iterator[None]:
-    """The drivers' errors, which the library's datastores pass on as they are, as the
-    library's own (``EventStore`` maps those to ``StoreUnavailableError``)."""
-    try:
-        yield
-    except (psycopg.Error, sqlite3.Error) as exc:
-        raise PersistenceError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def verify_chat(app: ChatApplication, chat_id: UUID) -> Verdict | None:
