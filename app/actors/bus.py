@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 MAX_PAYLOAD = 7500
 FLUSH_INTERVAL_S = 0.005
 
-#: Longer deltas are sent in pieces of this many characters (a payload holds several).
-MAX_DELTA_CHARS = 1000
+#: Longer deltas are sent in pieces of this many code points. JSON escapes a code point
+#: outside the BMP as two ``\\uXXXX`` (12 bytes): 500 of them still fit in one payload.
+MAX_DELTA_CHARS = 500
 
 
 def _encoded(items: list[WireItem]) -> list[str]:

@@ -116,3 +116,20 @@ def test_bus_merges_contiguous_deltas_and_cuts_long_ones_to_fit() -> None:
         sum(len(q["t"]) for q in pieces[:i]) for i in range(len(pieces))
     ]
     assert all(len(payload) <= MAX_PAYLOAD + 13 for payload in bus._payloads(lines))
+
+
+def test_bus_cuts_a_delta_of_astral_characters_to_fit_a_notify_payload() -> None:
+    from app.actors.cluster import MAX_PAYLOAD, Bus, _encoded
+    from app.config import Settings
+
+    bus = Bus(Settings(database_url="postgresql://x@127.0.0.1/db"), lambda item: None)
+    text = "😀" * 3000  # 12 bytes each once JSON-escaped
+    bus.send(k="d", c="chat", r="resp", t=text, o=7)
+    lines = _encoded(bus._outbox)
+    pieces = [json.loads(line) for line in lines]
+    assert "".join(p["t"] for p in pieces) == text
+    assert [p["o"] for p in pieces] == [7 + sum(len(q["t"]) for q in pieces[:i])
+                                        for i in range(len(pieces))]  # code points
+    payloads = bus._payloads(lines)
+    assert all(len(payload.encode()) <= 8000 for payload in payloads)  # NOTIFY's limit
+    assert all(len(payload) <= MAX_PAYLOAD + 13 for payload in payloads)

@@ -34,10 +34,11 @@ def written_before_the_text_rules(owner: str = "alice") -> ChatSession:
     """A chat as the earlier version recorded it: NUL in its title, message and reply."""
     chat = ChatSession._create(ChatSession.Started, id=uuid4(), owner=owner, title="x\x00y",
                                model=None, system_prompt="be\x00brief", max_tokens=None)
-    chat.trigger_event(ChatSession.MessageReceived, text="a\x00b", client_message_id="c\x00")
+    chat.trigger_event(ChatSession.MessageReceived, text="a\x00b", client_message_id="c\x00",
+                       model=None)
     rid = chat.start_response("offline", "offline")
     chat.trigger_event(ChatSession.TokensGenerated, response_id=rid, text="r\x00s", offset=0,
-                       tokens=1)
+                       tokens=1, chunks=[[3, 0]])
     chat.complete_response(rid, "offline", "stop", {"prompt_tokens": 1, "completion_tokens": 1,
                                                     "total_tokens": 2}, timing())
     return chat
