@@ -24,7 +24,7 @@ MAX_PAYLOAD = 7500
 FLUSH_INTERVAL_S = 0.005
 
 #: Longer deltas are sent in pieces of this many code points. JSON escapes a code point
-#: outside the BMP as two ``\\uXXXX`` (12 bytes): 500 of them still fit in one payload.
+#: outside the BMP as two ``\uXXXX`` (12 bytes): 500 of them still fit in one payload.
 MAX_DELTA_CHARS = 500
 
 
