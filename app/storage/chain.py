@@ -185,9 +185,16 @@ class ChainTable:
         return rows
 
     def insert(self, curs: Any, rows: Sequence[tuple[object, int, bytes]]) -> None:
-        if rows:
-            curs.executemany(self._sql("INSERT INTO {chain} (chat_id, version, hash) "
-                                       "VALUES (?, ?, ?) ON CONFLICT DO NOTHING"), rows)
+        if not rows:
+            return
+        if self.postgres:  # one statement for the batch, whatever its size
+            chats, versions, hashes = (list(column) for column in zip(*rows, strict=True))
+            self._run(curs, "INSERT INTO {chain} (chat_id, version, hash) SELECT * FROM "
+                            "unnest(?::uuid[], ?::bigint[], ?::bytea[]) ON CONFLICT DO NOTHING",
+                      (chats, versions, hashes))
+            return
+        curs.executemany(self._sql("INSERT INTO {chain} (chat_id, version, hash) "
+                                   "VALUES (?, ?, ?) ON CONFLICT DO NOTHING"), rows)
 
     # -- reads, in transactions of their own -------------------------------------------
 
