@@ -112,8 +112,7 @@ def verify_chat(app: ChatApplication, chat_id: UUID) -> Verdict | None:
                     return verdict.broken(n, "modified")
                 computed = link(previous, chat_id, n, row.topic, row.state)
                 if computed != row.hash:
-                    elsewhere = _linked_elsewhere(chain, curs, chat_id, n, row.topic, row.state,
-                                                  end)
+                    elsewhere = _linked_elsewhere(chain, curs, chat_id, n, row.topic, row.state)
                     return verdict.broken(n, "reordered" if elsewhere else "modified")
                 previous = computed
             after = min(after + PAGE, end)
@@ -121,21 +120,19 @@ def verify_chat(app: ChatApplication, chat_id: UUID) -> Verdict | None:
 
 
 def _linked_elsewhere(chain: ChainTable, curs: Any, chat_id: UUID, seq: int, topic: str,
-                      state: bytes, end: int) -> bool:
-    """Whether the chain links this event's bytes at a seq other than ``seq``."""
-    previous: bytes | None = GENESIS
-    after = 0
-    while after < end:
-        until = min(after + PAGE, end)
-        hashes = chain.hashes(curs, chat_id, after, until)
-        for m in range(after + 1, until + 1):
-            stored = hashes.get(m)
-            if (m != seq and stored is not None and previous is not None
-                    and link(previous, chat_id, m, topic, state) == stored):
+                      state: bytes) -> bool:
+    """Whether the chain links this event's bytes at a seq other than ``seq`` (the links
+    are read a page at a time, in order, whatever the gaps between their seqs)."""
+    previous: tuple[int, bytes] = (0, GENESIS)
+    while True:
+        page = chain.links_after(curs, chat_id, previous[0], PAGE)
+        for m, stored in page:
+            if (m != seq and previous[0] == m - 1
+                    and link(previous[1], chat_id, m, topic, state) == stored):
                 return True
-            previous = stored
-        after = until
-    return False
+            previous = (m, stored)
+        if len(page) < PAGE:
+            return False
 
 
 def against_checkpoint(app: ChatApplication, verdict: Verdict | None, chat_id: UUID,

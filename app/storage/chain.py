@@ -213,6 +213,13 @@ class ChainTable:
                         "AND version <= ? ORDER BY version", (self.key(chat_id), after, until))
         return {int(r["version"]): bytes(r["hash"]) for r in curs.fetchall()}
 
+    def links_after(self, curs: Any, chat_id: UUID, after: int, limit: int
+                    ) -> list[tuple[int, bytes]]:
+        """At most ``limit`` links of ``chat_id`` after version ``after``, in order."""
+        self._run(curs, "SELECT version, hash FROM {chain} WHERE chat_id = ? AND version > ? "
+                        "ORDER BY version LIMIT ?", (self.key(chat_id), after, limit))
+        return [(int(r["version"]), bytes(r["hash"])) for r in curs.fetchall()]
+
     def extent(self, curs: Any, chat_id: UUID) -> tuple[int, int, bytes]:
         """The chat's last event version, and its last link (version, hash): zeros and
         ``GENESIS`` where there is none."""
