@@ -49,6 +49,8 @@ class Accepted:
     #: The response answering it, once started, and how it ended, once it has.
     response_id: str | None = None
     outcome: Outcome | None = None
+    #: The user message the request answers: ``seq`` itself, except for a regenerate.
+    answers: int | None = None
 
 
 class Admission(Protocol):
@@ -70,6 +72,12 @@ class SendMessage:
     reply: Reply[Accepted] = field(default_factory=Reply)
     #: The model to answer this message with (None: the chat's).
     model: str | None = None
+    #: An edit: the user message this one is an alternative to.
+    edit_of: int | None = None
+    #: A regenerate (``text`` unused): answer again the message of reply ``reply_seq``
+    #: (None: the active branch's last reply).
+    regenerate: bool = False
+    reply_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,11 +289,14 @@ class SessionActor:
             provider = upstream_name(self.provider, model)
             mutations.append(lambda chat: chat.start_response(model, provider, early))
             self._early = early
+        def receive(chat: ChatSession) -> int:
+            if command.regenerate:
+                return chat.regenerate(command.reply_seq, cmid)
+            return chat.receive_message(command.text, cmid, max_chars, command.model,
+                                        command.edit_of)
+
         try:
-            seq = await self.record(
-                lambda chat: chat.receive_message(command.text, cmid, max_chars, command.model),
-                *mutations,
-            )
+            seq = await self.record(receive, *mutations)
         except DuplicateMessageError:  # recorded meanwhile by another process
             if admission is not None:
                 admission.undo()
@@ -306,7 +309,7 @@ class SessionActor:
             if early is not None:
                 self._settle(early)
         self._work.set()
-        return Accepted(self.chat_id, seq, cmid)
+        return Accepted(self.chat_id, seq, cmid, answers=self.chat.answers(seq))
 
     def _settle(self, response_id: str) -> None:
         """The transaction that started ``response_id`` has ended: a turn begun early may now
@@ -328,7 +331,8 @@ class SessionActor:
     def _accepted_before(self, client_message_id: str) -> Accepted:
         seq = self.chat.client_message_ids[client_message_id]
         response_id, outcome = self.chat.reply_to(seq)
-        return Accepted(self.chat_id, seq, client_message_id, True, response_id, outcome)
+        return Accepted(self.chat_id, seq, client_message_id, True, response_id, outcome,
+                        self.chat.answers(seq))
 
     async def _stop(self) -> bool:
         if self.owns:

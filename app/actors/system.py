@@ -35,6 +35,7 @@ from ..config import Settings
 from ..events.application import UnfinishedChats
 from ..events.domain import ChatSession
 from ..events.errors import ChatNotFoundError, EventsError, StoreError, StoreUnavailableError
+from ..events.fork import chat_at
 from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
@@ -189,16 +190,41 @@ class ActorSystem:
         client_message_id: str | None = None,
         admission: Admission | None = None,
         model: str | None = None,
+        *,
+        edit_of: int | None = None,
+        regenerate: bool = False,
+        reply_seq: int | None = None,
     ) -> Accepted:
         """Returns once the message is durable (to be answered by ``model``, else the
-        chat's). Raises ``ChatNotFoundError`` (missing or not ``owner``'s), a
+        chat's): a new message on the active branch, an edit of user message ``edit_of``,
+        or (``regenerate``, ``text`` unused) a new answer to the message of reply
+        ``reply_seq``. Raises ``ChatNotFoundError`` (missing or not ``owner``'s), a
         ``ChatRuleError``, ``StoreError``, ``MailboxFullError``, or what
         ``admission.admit()`` raised. A re-sent ``client_message_id`` returns the first
         ``Accepted`` (``duplicate=True``) without admitting it."""
         if self.closing.is_set():
             raise ActorStoppedError("the server is shutting down")
         return await self.ask(chat_id, SendMessage(owner, text, client_message_id, admission,
-                                                   model=model))
+                                                   model=model, edit_of=edit_of,
+                                                   regenerate=regenerate, reply_seq=reply_seq))
+
+    async def select_branch(self, chat_id: UUID, owner: str, seq: int) -> None:
+        """Makes the branch through message ``seq`` the active one, through the chat's
+        actor (recorded and published as its own events are). Raises what
+        ``change_chat`` raises (``ResponseInProgressError`` while anything is answered)."""
+        await self.change_chat(chat_id, owner, lambda chat: chat.select_branch(seq))
+
+    async def fork_chat(self, chat_id: UUID, owner: str, at_seq: int,
+                        title: str | None = None) -> UUID:
+        """A new chat of ``owner`` holding ``chat_id``'s active branch as it was right after
+        event ``at_seq`` (``Forked`` names the chat, the seq and its chain hash). Raises
+        ``ChatNotFoundError``, ``ChatRuleError`` (no such seq) or ``StoreError``."""
+        source, digest = await self.store.read(chat_at, self.store.app, chat_id, owner, at_seq)
+        chat = ChatSession.start(owner, title or source.title, source.model,
+                                 source.system_prompt, max_tokens=source.max_tokens)
+        chat.fork_from(source, digest)
+        await self.store.save(chat)
+        return chat.id
 
     async def stop_generation(self, chat_id: UUID, owner: str) -> bool:
         """Stops the running response of the chat; False if none was running."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar, NotRequired, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
@@ -22,12 +22,14 @@ from .errors import (
     DuplicateMessageError,
     EmptyMessageError,
     EmptyTitleError,
+    MessageNotFoundError,
     MessageTooLongError,
     NoMessageWaitingError,
     NoResponseInProgressError,
     ResponseInProgressError,
 )
 from .text import check_text, clean_json, clean_text
+from .tree import LINE, Node, Tree
 
 #: The title of a chat created without one, until its first message titles it.
 DEFAULT_TITLE = "New chat"
@@ -82,6 +84,18 @@ class HistoryEntry(TypedDict):
     content: str
     seq: int
     #: The model a user message asked to be answered by (its turn's, not the chat's).
+    model: NotRequired[str]
+
+
+class MessageNode(TypedDict):
+    """One message of the chat's tree, as the aggregate keeps it (every branch)."""
+
+    seq: int
+    role: str
+    #: As recorded (``tree.Tree`` places a user message queued behind another).
+    parent: int | None
+    #: A reply's text once it has ended ("" before).
+    content: str
     model: NotRequired[str]
 
 
@@ -180,13 +194,23 @@ class ChatSession(Aggregate):
         client_message_id: str | None
         #: The model this message is to be answered by; None: the chat's.
         model: str | None = None
+        #: The message it follows (None: a first message); ``tree.LINE`` for messages
+        #: recorded before messages had parents: the chat's leaf at that point.
+        parent_seq: int | None = LINE
+        #: The user message this one edits (an alternative to it), or None.
+        edit_of: int | None = None
 
-        #: Version 1 had no ``model``: such events are read with None.
-        class_version = 2
+        #: Version 1 had no ``model``, version 2 no ``parent_seq`` nor ``edit_of``.
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, object]) -> None:
             state["model"] = None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, object]) -> None:
+            state["parent_seq"] = LINE
+            state["edit_of"] = None
 
         def apply_to(self, chat: ChatSession) -> None:
             seq = self.originator_version
@@ -194,13 +218,69 @@ class ChatSession(Aggregate):
                 # a chat created without a title is titled by its first message (the views
                 # derive the same title from the same event)
                 chat.title = auto_title(self.text)
-            entry: HistoryEntry = {"role": "user", "content": self.text, "seq": seq}
+            parent = chat.leaf if self.parent_seq == LINE else self.parent_seq
+            node: MessageNode = {"seq": seq, "role": "user", "parent": parent,
+                                 "content": self.text}
             if self.model is not None:
-                entry["model"] = self.model
-            chat.history.append(entry)
+                node["model"] = self.model
+            chat.add_node(node)
+            chat.leaf = seq
             if self.client_message_id is not None:
                 chat.client_message_ids[self.client_message_id] = seq
             chat.pending.append(seq)
+            chat.message_count += 1
+
+    class Regenerated(Event):
+        """User message ``message_seq`` is to be answered again (its reply ``reply_seq``
+        gets a new sibling); the branch through that message becomes the active one."""
+
+        message_seq: int
+        reply_seq: int
+        client_message_id: str | None
+
+        def apply_to(self, chat: ChatSession) -> None:
+            seq = self.originator_version
+            chat.leaf = self.message_seq
+            chat.requests[str(seq)] = self.message_seq
+            if self.client_message_id is not None:
+                chat.client_message_ids[self.client_message_id] = seq
+            chat.pending.append(seq)
+
+    class BranchSelected(Event):
+        """The branch through message ``seq`` became the active one, ending at ``leaf_seq``."""
+
+        seq: int
+        leaf_seq: int
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.leaf = self.leaf_seq
+
+    class Forked(Event):
+        """This chat began as a copy of ``chat_id``'s active branch at event ``seq``, whose
+        audit chain hash there was ``hash`` (hex); its ``MessageCopied`` events follow."""
+
+        chat_id: str
+        seq: int
+        hash: str
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.forked_from = {"chat_id": self.chat_id, "seq": self.seq, "hash": self.hash}
+
+    class MessageCopied(Event):
+        """A message of the chat this one was forked from, appended to the active branch."""
+
+        role: str
+        text: str
+        #: The source message's ``seq`` (and ``model``, when it named one).
+        source: dict[str, object]
+
+        def apply_to(self, chat: ChatSession) -> None:
+            node: MessageNode = {"seq": self.originator_version, "role": self.role,
+                                 "parent": chat.leaf, "content": self.text}
+            if isinstance(self.source.get("model"), str):
+                node["model"] = str(self.source["model"])
+            chat.add_node(node)
+            chat.leaf = node["seq"]
             chat.message_count += 1
 
     class ResponseStarted(Event):
@@ -210,8 +290,14 @@ class ChatSession(Aggregate):
         provider: str
 
         def apply_to(self, chat: ChatSession) -> None:
-            chat.pending.remove(self.reply_to_seq)
-            chat.replies[str(self.reply_to_seq)] = self.response_id
+            seq = self.originator_version
+            request = next(p for p in chat.pending if chat.answers(p) == self.reply_to_seq)
+            chat.pending.remove(request)
+            chat.replies[str(request)] = self.response_id
+            chat.add_node({"seq": seq, "role": "assistant", "parent": self.reply_to_seq,
+                           "content": ""})
+            if chat.leaf == self.reply_to_seq:
+                chat.leaf = seq
             chat.current = ActiveResponse(
                 response_id=self.response_id,
                 reply_to_seq=self.reply_to_seq,
@@ -278,19 +364,14 @@ class ChatSession(Aggregate):
         def apply_to(self, chat: ChatSession) -> None:
             assert chat.current is not None
             text = chat.current.text
-            # The answer goes right after the message it answers, before any queued ones.
             reply_to = chat.current.reply_to_seq
-            at = next(
-                (
-                    i + 1
-                    for i in range(len(chat.history) - 1, -1, -1)
-                    if chat.history[i]["seq"] == reply_to
-                ),
-                len(chat.history),
-            )
-            chat.history.insert(
-                at, {"role": "assistant", "content": text, "seq": self.originator_version}
-            )
+            reply = next((n for n in reversed(chat.messages)
+                          if n["role"] == "assistant" and n["parent"] == reply_to), None)
+            if reply is None:  # started before a snapshot of version 1 (no tree yet)
+                reply = {"seq": self.originator_version, "role": "assistant",
+                         "parent": reply_to, "content": ""}
+                chat.add_node(reply)
+            reply["content"] = text
             chat.outcomes[self.response_id] = Outcome(
                 self.response_id,
                 ending_status(self),
@@ -321,6 +402,25 @@ class ChatSession(Aggregate):
     #: Terminal event classes, for ``isinstance`` checks by readers.
     ENDINGS: ClassVar[tuple[type[Aggregate.Event], ...]] = ()
 
+    #: Set by ``Forked``: ``{"chat_id", "seq", "hash"}`` of the chat this one copies.
+    forked_from: dict[str, object] | None = None
+
+    #: Version 1 (snapshots) kept the active line only, as ``history``.
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        """A snapshot of a chat from before the tree: its one line."""
+        nodes: list[MessageNode] = []
+        for entry in state.pop("history", []):
+            node: MessageNode = {"seq": entry["seq"], "role": entry["role"],
+                                 "parent": nodes[-1]["seq"] if nodes else None,
+                                 "content": entry["content"]}
+            if "model" in entry:
+                node["model"] = entry["model"]
+            nodes.append(node)
+        state.update(messages=nodes, leaf=nodes[-1]["seq"] if nodes else None, requests={})
+
     #: Chats (and snapshots) recorded before chats had a ``max_tokens`` read it as None.
     max_tokens: int | None = None
     #: Set by ``Deleted`` (chats and snapshots from before it read it as False).
@@ -335,8 +435,15 @@ class ChatSession(Aggregate):
         self.model = model
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
-        self.history: list[HistoryEntry] = []
+        #: Every message of every branch, in the order they were recorded.
+        self.messages: list[MessageNode] = []
+        #: The last message of the active branch (None: no message yet).
+        self.leaf: int | None = None
+        #: seq of a ``Regenerated`` (as str) -> the user message it answers again
+        self.requests: dict[str, int] = {}
         self.client_message_ids: dict[str, int] = {}
+        #: What waits for an answer, oldest first: the seqs of user messages and of
+        #: ``Regenerated`` events (``answers`` gives the message each one answers).
         self.pending: list[int] = []
         #: user message seq (as str: JSON object keys) -> id of the response answering it
         self.replies: dict[str, str] = {}
@@ -386,16 +493,86 @@ class ChatSession(Aggregate):
 
     def receive_message(
         self, text: str, client_message_id: str | None = None, max_chars: int = 32_000,
-        model: str | None = None,
+        model: str | None = None, edit_of: int | None = None,
     ) -> int:
         """Records a user message and returns its seq; ``model`` answers it instead of the
-        chat's. The first message of a chat that has no title of its own (``New chat``)
+        chat's. It follows the active branch's leaf, or, with ``edit_of``, it is a new
+        alternative to that user message (its sibling), and its branch becomes the active
+        one. The first message of a chat that has no title of its own (``New chat``)
         titles it too: its first line, at most ``AUTO_TITLE_CHARS`` characters (see
         ``MessageReceived``).
 
         Raises ``DuplicateMessageError`` (carrying the original seq) for a
-        ``client_message_id`` already accepted, and the rule errors for bad text.
+        ``client_message_id`` already accepted, ``MessageNotFoundError`` for an
+        ``edit_of`` that is no user message, ``ResponseInProgressError`` for one still
+        waiting for its answer, and the rule errors for bad text.
         """
+        self._check_request(client_message_id)
+        self.check_message(text, max_chars)
+        if model is not None:
+            check_text(model, "model")
+        parent = self.leaf
+        if edit_of is not None:
+            self._require_answered(edit_of)
+            parent = self.tree().parent[edit_of]
+        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id,
+                           model=model, parent_seq=parent, edit_of=edit_of)
+        return self.version
+
+    def regenerate(self, reply_seq: int | None = None,
+                   client_message_id: str | None = None) -> int:
+        """Asks for a new answer to the user message that reply ``reply_seq`` (default: the
+        active branch's last reply) answers, as a new sibling of that reply; returns the
+        request's seq (what ``ack`` carries). Raises ``DuplicateMessageError``,
+        ``MessageNotFoundError`` (no such reply) or ``ResponseInProgressError`` (that
+        message waits for an answer already)."""
+        self._check_request(client_message_id)
+        tree = self.tree()
+        if reply_seq is None:
+            reply_seq = tree.last_reply(self.leaf)
+        node = tree.nodes.get(reply_seq) if reply_seq is not None else None
+        if node is None or node.role != "assistant" or node.parent is None:
+            raise MessageNotFoundError("there is no such reply to regenerate")
+        self._require_answered(node.parent)
+        self.trigger_event(self.Regenerated, message_seq=node.parent, reply_seq=node.seq,
+                           client_message_id=client_message_id)
+        return self.version
+
+    def select_branch(self, seq: int) -> int:
+        """Makes the branch through message ``seq`` the active one (its newest deepest
+        descendant becomes the leaf); returns the leaf. Recorded only if it changes.
+        Raises ``MessageNotFoundError`` and, while anything waits for an answer or is being
+        answered, ``ResponseInProgressError``."""
+        self._require_present()
+        tree = self.tree()
+        if seq not in tree.nodes:
+            raise MessageNotFoundError(f"message {seq} is not in this chat")
+        if self.pending or self.current is not None:
+            raise ResponseInProgressError("wait for the response to end to switch branches")
+        leaf = tree.deepest(seq)
+        if leaf != self.leaf:
+            self.trigger_event(self.BranchSelected, seq=seq, leaf_seq=leaf)
+        return leaf
+
+    def fork_from(self, chat: ChatSession, hash_hex: str) -> None:
+        """Copies ``chat``'s active branch (that chat as loaded: as it was at some seq)
+        into this new chat, recording where it came from."""
+        self._require_present()
+        if self.messages:
+            raise ChatRuleError("only a new chat can be forked into")
+        self.trigger_event(self.Forked, chat_id=str(chat.id), seq=chat.version, hash=hash_hex)
+        nodes = {n["seq"]: n for n in chat.messages}
+        for seq in chat.tree().path(chat.leaf):
+            node = nodes[seq]
+            if node["role"] == "assistant" and not chat.is_finished(seq):
+                continue  # still streaming at that seq
+            source: dict[str, object] = {"seq": seq}
+            if "model" in node:
+                source["model"] = node["model"]
+            self.trigger_event(self.MessageCopied, role=node["role"], text=node["content"],
+                               source=source)
+
+    def _check_request(self, client_message_id: str | None) -> None:
         if client_message_id is not None:
             check_text(client_message_id, "client_message_id")
         self._require_present()
@@ -403,12 +580,14 @@ class ChatSession(Aggregate):
             raise DuplicateMessageError(
                 client_message_id, self.client_message_ids[client_message_id]
             )
-        self.check_message(text, max_chars)
-        if model is not None:
-            check_text(model, "model")
-        self.trigger_event(self.MessageReceived, text=text, client_message_id=client_message_id,
-                           model=model)
-        return self.version
+
+    def _require_answered(self, seq: int) -> None:
+        node = self.tree().nodes.get(seq)
+        if node is None or node.role != "user":
+            raise MessageNotFoundError(f"message {seq} is no user message of this chat")
+        waiting = {self.answers(p) for p in self.pending}
+        if seq in waiting or (self.current is not None and self.current.reply_to_seq == seq):
+            raise ResponseInProgressError(f"message {seq} is still waiting for its answer")
 
     @staticmethod
     def check_message(text: str, max_chars: int = 32_000) -> None:
@@ -431,7 +610,7 @@ class ChatSession(Aggregate):
         self.trigger_event(
             self.ResponseStarted,
             response_id=response_id,
-            reply_to_seq=self.pending[0],
+            reply_to_seq=self.answers(self.pending[0]),
             model=model,
             provider=provider,
         )
@@ -538,17 +717,48 @@ class ChatSession(Aggregate):
     # -- queries --------------------------------------------------------------------------
 
     def reply_to(self, seq: int) -> tuple[str | None, Outcome | None]:
-        """The response answering user message ``seq`` (if started) and how it ended."""
+        """The response answering request ``seq`` (a user message or a ``Regenerated``),
+        if started, and how it ended."""
         response_id = self.replies.get(str(seq))
         return response_id, self.outcomes.get(response_id) if response_id else None
+
+    def answers(self, request: int) -> int:
+        """The user message that waiting request ``request`` asks to answer."""
+        return self.requests.get(str(request), request)
+
+    def add_node(self, node: MessageNode) -> None:
+        self.messages.append(node)
+
+    def tree(self) -> Tree:
+        """Every message of the chat, as a tree."""
+        return Tree(Node(n["seq"], n["role"], n["parent"]) for n in self.messages)
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """The active branch: its messages and its ended replies, in order."""
+        nodes = {n["seq"]: n for n in self.messages}
+        return [_entry(nodes[seq]) for seq in self.tree().path(self.leaf)
+                if nodes[seq]["role"] == "user" or self.is_finished(seq)]
+
+    def is_finished(self, seq: int) -> bool:
+        """Whether reply ``seq`` has ended (its text is final)."""
+        current = self.current
+        return not (current is not None and seq == self._current_seq())
+
+    def _current_seq(self) -> int | None:
+        current = self.current
+        if current is None:
+            return None
+        return next((n["seq"] for n in reversed(self.messages)
+                     if n["role"] == "assistant" and n["parent"] == current.reply_to_seq), None)
 
     def next_model(self) -> str | None:
         """The model the oldest waiting message asked for (None: the chat's)."""
         if not self.pending:
             return None
-        seq = self.pending[0]
-        entry = next((m for m in reversed(self.history) if m["seq"] == seq), None)
-        return entry.get("model") if entry is not None else None
+        seq = self.answers(self.pending[0])
+        node = next((m for m in reversed(self.messages) if m["seq"] == seq), None)
+        return node.get("model") if node is not None else None
 
     def tool_call(self, call_id: str) -> ToolCallState:
         assert self.current is not None
@@ -559,20 +769,19 @@ class ChatSession(Aggregate):
 
     def context(self, limit: int) -> list[dict[str, str]]:
         """What the model sees to answer the message being answered (or else the oldest
-        waiting one): the system prompt, then at most ``limit`` turns up to that message
-        (later queued messages wait their turn)."""
-        history = self.history
+        waiting one): the system prompt, then at most ``limit`` turns of the branch that
+        ends at that message (later queued messages wait their turn; other branches are
+        not seen)."""
         upto = (
             self.current.reply_to_seq
             if self.current
-            else (self.pending[0] if self.pending else None)
+            else (self.answers(self.pending[0]) if self.pending else self.leaf)
         )
-        if upto is not None:
-            end = next(i for i, m in enumerate(history) if m["seq"] == upto and m["role"] == "user")
-            history = history[: end + 1]
+        nodes = {n["seq"]: n for n in self.messages}
+        branch = [nodes[seq] for seq in self.tree().path(upto)]
         turns = [
             {"role": m["role"], "content": m["content"]}
-            for m in history[-limit:]
+            for m in branch[-limit:]
             if m["role"] == "user" or m["content"]
         ]
         if self.system_prompt:
@@ -618,6 +827,13 @@ class ChatSession(Aggregate):
             raise NoResponseInProgressError(f"tool call {call_id} was not invoked") from None
         if call.done:
             raise NoResponseInProgressError(f"tool call {call_id} has already ended")
+
+
+def _entry(node: MessageNode) -> HistoryEntry:
+    entry: HistoryEntry = {"role": node["role"], "content": node["content"], "seq": node["seq"]}
+    if "model" in node:
+        entry["model"] = node["model"]
+    return entry
 
 
 #: How each ending of a response is called (``status`` on the wire and in the views): the

@@ -8,6 +8,7 @@ EventsError
 │   ├── MessageTooLongError
 │   ├── ResponseInProgressError
 │   ├── NoResponseInProgressError  no such response (or tool call) is running
+│   ├── MessageNotFoundError  an edit, regenerate or branch names no message of the chat
 │   ├── NoMessageWaitingError  a response was started with no user message waiting
 │   └── DuplicateMessageError
 ├── ChatNotFoundError         no such chat (or not the caller's)
@@ -51,6 +52,12 @@ class ResponseInProgressError(ChatRuleError):
 
 class NoResponseInProgressError(ChatRuleError):
     code = "no_response_in_progress"
+
+
+class MessageNotFoundError(ChatRuleError):
+    """An edit, a regenerate or a branch names a message the chat does not have."""
+
+    code = "message_not_found"
 
 
 class NoMessageWaitingError(ChatRuleError):

@@ -172,10 +172,11 @@ def _replace(table: str, columns: tuple[str, ...], pg_types: str, key: str) -> U
 
 
 UPSERT_CHAT = _replace("view_chats", ChatRow.COLUMNS,
-                       "text text text text text text int int8 int8 int8 text int", "chat_id")
+                       "text text text text text text int int8 int8 int8 text int int text",
+                       "chat_id")
 UPSERT_MESSAGE = _replace("view_messages", MessageRow.COLUMNS,
-                          "text int text text text text text text text text text text text text",
-                          "chat_id, seq")
+                          "text int text text text text text text text text text text text text"
+                          " int", "chat_id, seq")
 ADD_COUNTER = Upsert("view_counters", ("scope", "name", "value"), ("text", "text", "int8"),
                      "ON CONFLICT (scope, name)"
                      " DO UPDATE SET value = view_counters.value + excluded.value")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..events.domain import DEFAULT_TITLE, ChatSession, auto_title, ending_status
+from ..events.tree import LINE
 from .batch import SEP, Rows
 from .rows import ChatRow, JSONObject, MessageRow
 
@@ -90,9 +91,12 @@ def on_message(b: Rows, e: ChatSession.MessageReceived, chat_id: str, at: str) -
     seq = e.originator_version
     if chat.message_count == 0 and chat.title == DEFAULT_TITLE:  # as the aggregate does
         chat.title = auto_title(e.text)
+    parent = chat.leaf_seq if e.parent_seq == LINE else e.parent_seq
     b.messages[(chat_id, seq)] = MessageRow(chat_id, seq, "user", e.text, at,
                                             client_message_id=e.client_message_id,
-                                            model=e.model)  # the model it asked for, if any
+                                            model=e.model,  # the model it asked for, if any
+                                            parent_seq=parent)
+    _move_leaf(chat, seq)
     chat.message_count += 1
     chat.last_message_preview = e.text[:PREVIEW_CHARS]
     b.search.append((e.text, chat.owner, chat_id, seq, "user"))
@@ -104,13 +108,54 @@ def on_response_started(b: Rows, e: ChatSession.ResponseStarted, chat_id: str, a
     seq = e.originator_version
     b.messages[(chat_id, seq)] = MessageRow(
         chat_id, seq, "assistant", "", at, response_id=e.response_id, status="streaming",
-        model=e.model, tool_calls=[],
+        model=e.model, tool_calls=[], parent_seq=e.reply_to_seq,
     )
+    if chat.leaf_seq == e.reply_to_seq:
+        chat.leaf_seq = seq
     chat.current_seq = seq
     chat.message_count += 1
     asked = b.messages.get((chat_id, e.reply_to_seq)) or b.source.message(chat_id, e.reply_to_seq)
     if chat.model is None and (asked is None or asked.model is None):
         chat.model = e.model  # the chat's model, not one a message asked for itself
+    b.count(chat, "messages")
+
+
+def _move_leaf(chat: ChatRow, seq: int) -> None:
+    """The active branch now ends at ``seq``; a chat whose views were made before the tree
+    (messages, no leaf) keeps reading as one line until the views are rebuilt."""
+    if chat.leaf_seq is not None or chat.message_count == 0:
+        chat.leaf_seq = seq
+
+
+def on_regenerated(b: Rows, e: ChatSession.Regenerated, chat_id: str, at: str) -> None:
+    _move_leaf(b.chat(chat_id), e.message_seq)
+
+
+def on_branch_selected(b: Rows, e: ChatSession.BranchSelected, chat_id: str, at: str) -> None:
+    chat = b.chat(chat_id)
+    _move_leaf(chat, e.leaf_seq)
+    text = b.message(chat_id, e.leaf_seq).text()
+    if text:
+        chat.last_message_preview = text[:PREVIEW_CHARS]
+
+
+def on_forked(b: Rows, e: ChatSession.Forked, chat_id: str, at: str) -> None:
+    b.chat(chat_id).forked_from = {"chat_id": e.chat_id, "seq": e.seq, "hash": e.hash}
+
+
+def on_message_copied(b: Rows, e: ChatSession.MessageCopied, chat_id: str, at: str) -> None:
+    chat = b.chat(chat_id)
+    seq = e.originator_version
+    model = e.source.get("model")
+    row = b.messages[(chat_id, seq)] = MessageRow(
+        chat_id, seq, e.role, e.text, at, model=model if isinstance(model, str) else None,
+        parent_seq=chat.leaf_seq)
+    if e.role == "assistant":
+        row.status, row.tool_calls = "complete", []
+    _move_leaf(chat, seq)
+    chat.message_count += 1
+    chat.last_message_preview = e.text[:PREVIEW_CHARS] or chat.last_message_preview
+    b.search.append((e.text, chat.owner, chat_id, seq, e.role))
     b.count(chat, "messages")
 
 
@@ -223,6 +268,10 @@ HANDLERS: dict[type[Any], Handler] = {
     ChatSession.ModelChanged: on_model_changed,
     ChatSession.SystemPromptChanged: on_changed,
     ChatSession.MessageReceived: on_message,
+    ChatSession.Regenerated: on_regenerated,
+    ChatSession.BranchSelected: on_branch_selected,
+    ChatSession.Forked: on_forked,
+    ChatSession.MessageCopied: on_message_copied,
     ChatSession.ResponseStarted: on_response_started,
     ChatSession.TokensGenerated: on_tokens,
     ChatSession.ToolInvoked: on_tool_invoked,

@@ -38,6 +38,8 @@ class ChatDict(TypedDict):
     message_count: int
     usage: TokenCounts
     last_message_preview: str | None
+    #: A fork's origin: ``{"chat_id", "seq", "hash"}``.
+    forked_from: NotRequired[JSONObject]
 
 
 class MessageDict(TypedDict):
@@ -56,6 +58,10 @@ class MessageDict(TypedDict):
     tool_calls: NotRequired[list[JSONObject]]
     error: NotRequired[JSONObject | None]
     finish_reason: NotRequired[str | None]
+    #: The message it follows (None: a first message).
+    parent_seq: int | None
+    #: Its alternatives, itself included, oldest first.
+    siblings: list[int]
 
 
 def _columns(cls: type[object], *, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -81,15 +87,21 @@ class ChatRow:
     total_tokens: int = 0
     last_message_preview: str | None = None
     current_seq: int | None = None
+    #: The last message of the active branch (None: no message yet, or views made before
+    #: the tree: read as one line until rebuilt).
+    leaf_seq: int | None = None
+    forked_from: JSONObject | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> ChatRow:
-        return cls(*row)
+        *columns, forked_from = row
+        return cls(*columns, _load(forked_from))
 
     def to_row(self) -> Row:
         return (self.chat_id, self.owner, self.title, self.created_at, self.updated_at,
                 self.model, self.message_count, self.prompt_tokens, self.completion_tokens,
-                self.total_tokens, self.last_message_preview, self.current_seq)
+                self.total_tokens, self.last_message_preview, self.current_seq, self.leaf_seq,
+                _dump(self.forked_from))
 
 
 @dataclass(slots=True)
@@ -113,6 +125,7 @@ class MessageRow:
     tool_calls: list[JSONObject] | None = None
     error: JSONObject | None = None
     finish_reason: str | None = None
+    parent_seq: int | None = None
     parts: list[str] = field(default_factory=list)
 
     def text(self) -> str:
@@ -124,16 +137,16 @@ class MessageRow:
     @classmethod
     def from_row(cls, row: Row) -> MessageRow:
         (chat_id, seq, role, content, created_at, client_message_id, response_id, status,
-         model, usage, timing, tool_calls, error, finish_reason) = row
+         model, usage, timing, tool_calls, error, finish_reason, parent_seq) = row
         return cls(chat_id, seq, role, content, created_at, client_message_id, response_id,
                    status, model, _load(usage), _load(timing), _load(tool_calls), _load(error),
-                   finish_reason)
+                   finish_reason, parent_seq)
 
     def to_row(self) -> Row:
         return (self.chat_id, self.seq, self.role, self.text(), self.created_at,
                 self.client_message_id, self.response_id, self.status, self.model,
                 _dump(self.usage), _dump(self.timing), _dump(self.tool_calls), _dump(self.error),
-                self.finish_reason)
+                self.finish_reason, self.parent_seq)
 
     def stored(self) -> MessageRow:
         """A copy of this row exactly as the views hold it (JSON values through JSON)."""
@@ -147,7 +160,7 @@ MessageRow.SELECT = f"SELECT {', '.join(MessageRow.COLUMNS)} FROM view_messages"
 
 
 def chat_dict(row: ChatRow) -> ChatDict:
-    return {
+    chat: ChatDict = {
         "id": row.chat_id, "title": row.title, "created_at": row.created_at,
         "updated_at": row.updated_at, "model": row.model, "message_count": row.message_count,
         "usage": {"prompt_tokens": row.prompt_tokens,
@@ -155,12 +168,18 @@ def chat_dict(row: ChatRow) -> ChatDict:
                   "total_tokens": row.total_tokens},
         "last_message_preview": row.last_message_preview,
     }
+    if row.forked_from is not None:
+        chat["forked_from"] = row.forked_from
+    return chat
 
 
-def message_dict(row: MessageRow) -> MessageDict:
+def message_dict(row: MessageRow, siblings: list[int] | None = None) -> MessageDict:
+    """The message as the contract has it; ``siblings`` default to the message alone."""
+    alternatives = siblings or [row.seq]
     if row.role == "user":
         message: MessageDict = {"seq": row.seq, "role": row.role, "content": row.content,
-                                "created_at": row.created_at}
+                                "created_at": row.created_at, "parent_seq": row.parent_seq,
+                                "siblings": alternatives}
         if row.client_message_id is not None:
             message["client_message_id"] = row.client_message_id
         if row.model is not None:
@@ -171,6 +190,7 @@ def message_dict(row: MessageRow) -> MessageDict:
         "response_id": row.response_id, "status": row.status, "model": row.model,
         "usage": row.usage, "timing": row.timing, "tool_calls": row.tool_calls or [],
         "error": row.error, "finish_reason": row.finish_reason,
+        "parent_seq": row.parent_seq, "siblings": alternatives,
     }
 
 

@@ -18,6 +18,7 @@ import trio
 from eventsourcing.persistence import Mapper, Notification
 
 from ..config import Settings
+from ..events.tree import Node, Tree
 from ..storage.database import Database, open_database
 from ..storage.errors import ViewStoreError
 from ..storage.sql import Tx
@@ -203,9 +204,11 @@ class Views:
     ) -> tuple[list[MessageDict], bool]:
         select = f"{MessageRow.SELECT} WHERE chat_id = ?"
         with self.db.read() as tx:
-            if tx.one("SELECT 1 FROM view_chats WHERE chat_id = ? AND owner = ?",
-                      (chat_id, owner)) is None:
+            chat = _chat_row(tx, owner, chat_id)
+            if chat is None:
                 return [], False
+            if chat.leaf_seq is not None:
+                return branch_page(tx, chat_id, chat.leaf_seq, limit, before, after)
             if after is not None:
                 rows = tx.all(f"{select} AND seq > ? ORDER BY seq LIMIT ?",
                               (chat_id, after, limit + 1))
@@ -267,6 +270,31 @@ def open_views(settings: Settings) -> Views:
     """Opens the views for ``settings``' store, creating their tables if needed (blocking)."""
     return Views(open_database(settings), trio.CapacityLimiter(max(2, settings.store_threads)),
                  settings.store_timeout_s)
+
+
+def branch_page(tx: Tx, chat_id: str, leaf: int, limit: int, before: int | None,
+                after: int | None) -> tuple[list[MessageDict], bool]:
+    """A page of the active branch that ends at ``leaf`` (as ``Views.messages`` pages),
+    each message with its siblings."""
+    tree = Tree(Node(seq, role, parent) for seq, role, parent in tx.all(
+        "SELECT seq, role, parent_seq FROM view_messages WHERE chat_id = ?", (chat_id,)))
+    path = tree.path(leaf)
+    if after is not None:
+        page = [seq for seq in path if seq > after]
+        more, page = len(page) > limit, page[:limit]
+    else:
+        bound = before if before is not None else 2**31 - 1
+        page = [seq for seq in path if seq < bound]
+        more, page = len(page) > limit, page[-limit:]
+    rows: dict[int, MessageRow] = {}
+    for start in range(0, len(page), 500):
+        chunk = page[start:start + 500]
+        marks = ", ".join("?" for _ in chunk)
+        for raw in tx.all(f"{MessageRow.SELECT} WHERE chat_id = ? AND seq IN ({marks})",
+                          (chat_id, *chunk)):
+            row = MessageRow.from_row(raw)
+            rows[row.seq] = row
+    return [message_dict(rows[seq], tree.siblings(seq)) for seq in page], more
 
 
 def _chat_row(tx: Tx, owner: str, chat_id: str) -> ChatRow | None:

@@ -116,10 +116,10 @@ class SQLiteDatabase(Database):
         with self.write() as tx:
             for statement in SQLITE_DDL:
                 tx.run(statement)
-            columns = {row[1] for row in tx.all("PRAGMA table_info(view_messages)")}
-            for column, kind in ADDED_COLUMNS:
+            for table, column, kind in ADDED_COLUMNS:
+                columns = {row[1] for row in tx.all(f"PRAGMA table_info({table})")}
                 if column not in columns:
-                    tx.run(f"ALTER TABLE view_messages ADD COLUMN {column} {kind}")
+                    tx.run(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         for conn in self._all:
@@ -157,8 +157,8 @@ class PostgresDatabase(Database):
             tx.run("SELECT pg_advisory_xact_lock(hashtext(current_schema() || 'views'))")
             for statement in POSTGRES_DDL:
                 tx.run(statement)
-            for column, kind in ADDED_COLUMNS:
-                tx.run(f"ALTER TABLE view_messages ADD COLUMN IF NOT EXISTS {column} {kind}")
+            for table, column, kind in ADDED_COLUMNS:
+                tx.run(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     def close(self) -> None:
         self._pool.close()

@@ -17,14 +17,14 @@ COMMON_DDL = [
     " created_at TEXT NOT NULL, updated_at TEXT NOT NULL, model TEXT,"
     " message_count INTEGER NOT NULL, prompt_tokens BIGINT NOT NULL,"
     " completion_tokens BIGINT NOT NULL, total_tokens BIGINT NOT NULL,"
-    " last_message_preview TEXT, current_seq INTEGER)",
+    " last_message_preview TEXT, current_seq INTEGER, leaf_seq INTEGER, forked_from TEXT)",
     "CREATE INDEX IF NOT EXISTS view_chats_by_activity"
     " ON view_chats (owner, updated_at DESC, chat_id DESC)",
     "CREATE TABLE IF NOT EXISTS view_messages ("
     " chat_id TEXT NOT NULL, seq INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,"
     " created_at TEXT NOT NULL, client_message_id TEXT, response_id TEXT, status TEXT,"
     " model TEXT, usage TEXT, timing TEXT, tool_calls TEXT, error TEXT, finish_reason TEXT,"
-    " PRIMARY KEY (chat_id, seq))",
+    " parent_seq INTEGER, PRIMARY KEY (chat_id, seq))",
     "CREATE TABLE IF NOT EXISTS view_counters ("
     " scope TEXT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL,"
     " PRIMARY KEY (scope, name))",
@@ -45,9 +45,12 @@ COMMON_DDL = [
     " ON CONFLICT (name) DO NOTHING",
 ]
 
-#: Columns added to ``view_messages`` since its first version: views made before get them
-#: empty (``eventchat projections rebuild`` fills them from the log).
-ADDED_COLUMNS = (("finish_reason", "TEXT"),)
+#: Columns added since the tables' first version, as (table, column, type): views made
+#: before get them empty (``eventchat projections rebuild`` fills them from the log).
+ADDED_COLUMNS = (("view_messages", "finish_reason", "TEXT"),
+                 ("view_messages", "parent_seq", "INTEGER"),
+                 ("view_chats", "leaf_seq", "INTEGER"),
+                 ("view_chats", "forked_from", "TEXT"))
 
 SQLITE_DDL = [
     *COMMON_DDL,

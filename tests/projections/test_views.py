@@ -27,7 +27,9 @@ async def test_plain_turn(store: EventStore, views: Views, runner: ViewUpdater) 
     messages, has_more = await views.messages("alice", chat.id)
     assert has_more is False
     user, assistant = messages
-    assert set(user) == {"seq", "role", "content", "created_at", "client_message_id"}
+    assert set(user) == {"seq", "role", "content", "created_at", "client_message_id",
+                         "parent_seq", "siblings"}
+    assert (user["parent_seq"], user["siblings"]) == (None, [2])
     assert (user["seq"], user["role"], user["content"], user["client_message_id"]) == (
         2, "user", "hi there", "c1")
     assert_iso_utc(user["created_at"])
@@ -35,7 +37,7 @@ async def test_plain_turn(store: EventStore, views: Views, runner: ViewUpdater) 
         "seq": 3, "role": "assistant", "content": "Hello",
         "created_at": assistant["created_at"], "response_id": rid, "status": "complete",
         "model": "m1", "usage": usage(), "timing": timing(), "tool_calls": [], "error": None,
-        "finish_reason": "stop",
+        "finish_reason": "stop", "parent_seq": 2, "siblings": [3],
     }
     assert_iso_utc(assistant["created_at"])
 
