@@ -102,6 +102,9 @@ class Settings:
     ws_connections_per_user: int = 32
     #: Chats one WebSocket connection may follow at once.
     follows_per_connection: int = 64
+    #: Seconds of silence after which an SSE follow (``GET /chat/{id}/stream``) sends a
+    #: ``: keep-alive`` comment, so that proxies do not close it.
+    sse_keepalive_s: float = 15.0
 
     #: Bearer token that ``/metrics`` asks for (scrapers only; user tokens are refused).
     metrics_token: str | None = None

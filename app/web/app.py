@@ -24,6 +24,7 @@ from .auth import install_auth
 from .bodies import Request
 from .catalog import catalog
 from .errors import register_error_handlers
+from .follow import follow
 from .rest import rest
 from .services import SHUTDOWN_GRACE_S, Services, build_services
 from .ws import watch_connections, ws
@@ -73,6 +74,7 @@ def create_app(
     install_auth(app, lambda: app.extensions["eventchat"].auth)
     app.register_blueprint(rest)
     app.register_blueprint(catalog)
+    app.register_blueprint(follow)
     app.register_blueprint(ws)
 
     @app.get("/")

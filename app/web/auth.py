@@ -1,7 +1,8 @@
 """Bearer-token authentication for every route but the public ones.
 
-``Authorization: Bearer <token>`` on every request; the WebSocket also accepts
-``?access_token=<token>`` (browsers cannot set headers on a WebSocket). A missing or unknown
+``Authorization: Bearer <token>`` on every request; the WebSocket and the SSE follow
+(``GET /chat/{id}/stream``) also accept ``?access_token=<token>`` (browsers cannot set
+headers on a WebSocket or an ``EventSource``). A missing or unknown
 token raises ``UnauthorizedError`` (401, and a refused WebSocket handshake). The user's name
 is put in ``g.user``; routes read it with ``current_user()``.
 
@@ -25,6 +26,8 @@ PUBLIC_ENDPOINTS = frozenset({"rest.health", "rest.live", "openapi", "static", "
 #: Endpoints that check a token of their own rather than a user's.
 OWN_TOKEN_ENDPOINTS = frozenset({"rest.metrics"})
 NO_USER_TOKEN = PUBLIC_ENDPOINTS | OWN_TOKEN_ENDPOINTS
+#: HTTP endpoints that also take the token as ``?access_token=`` (an ``EventSource``).
+QUERY_TOKEN_ENDPOINTS = frozenset({"follow.stream"})
 METRICS_OFF = (
     "/metrics is off on this port: set EVENTCHAT_METRICS_TOKEN and scrape with it as a bearer"
     " token, or set EVENTCHAT_METRICS_BIND to serve it on a listener of its own"
@@ -76,7 +79,9 @@ def install_auth(app: Quart, auth: Callable[[], Authenticator]) -> None:
     async def check_request() -> None:
         if request.endpoint in NO_USER_TOKEN or request.method == "OPTIONS":
             return
-        g.user = await authenticate(auth(), bearer_token(request))
+        g.user = await authenticate(
+            auth(), bearer_token(request, allow_query=request.endpoint in QUERY_TOKEN_ENDPOINTS)
+        )
 
     @app.before_websocket
     async def check_websocket() -> None:

@@ -294,6 +294,9 @@ def _register_gauges(s: Services) -> None:
             lambda: s.system.counts()["generating"])
     m.gauge("eventchat_mailbox_depth", "Commands waiting in actor mailboxes",
             lambda: s.system.counts()["queue_depth"])
+    m.gauge("eventchat_chat_subscriptions",
+            "Open subscriptions to chats (WebSocket follows, SSE follows and streams)",
+            lambda: s.system.hub.count())
     m.gauge("eventchat_projection_lag", "Events not yet in the views", lambda: s.updater.lag)
     m.gauge("eventchat_projection_position", "Log position the views include",
             lambda: s.updater.position)
