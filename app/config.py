@@ -136,6 +136,9 @@ class Settings:
     mcp_servers: tuple[McpServer, ...] = ()
     #: Tools whose calls wait for a person's approval.
     approval_tools: tuple[str, ...] = ()
+    #: A call waiting for approval with no decision after this many seconds is denied
+    #: (``timeout``), counted from its request, across restarts.
+    tool_approval_timeout_s: float = 300.0
     #: Per-user daily token budgets (none by default).
     budgets: Budgets = field(default_factory=Budgets)
 

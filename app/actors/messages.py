@@ -94,7 +94,18 @@ class Attach:
     reply: Reply[None] = field(default_factory=Reply)
 
 
-Command = SendMessage | StopGeneration | Attach
+@dataclass(frozen=True, slots=True)
+class DecideTool:
+    """A person's decision on a tool call that waits for approval; replies with its seq."""
+
+    owner: str
+    call_id: str
+    approve: bool
+    reason: str | None = None
+    reply: Reply[int] = field(default_factory=Reply)
+
+
+Command = SendMessage | StopGeneration | Attach | DecideTool
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +120,21 @@ class TokenDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalWait:
+    """A tool call of the running response that waits for a person's decision."""
+
+    call_id: str
+    tool: str
+    arguments: object
+
+
+@dataclass(frozen=True, slots=True)
 class LiveResponse:
     response_id: str
     reply_to_seq: int
     text: str
+    #: Its calls waiting for a decision (a new follower is asked again).
+    approvals: tuple[ApprovalWait, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

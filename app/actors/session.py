@@ -45,8 +45,10 @@ from .errors import ActorCrashedError, ActorStoppedError
 from .hub import Hub
 from .messages import (
     Accepted,
+    ApprovalWait,
     Attach,
     Command,
+    DecideTool,
     LiveResponse,
     LiveState,
     SendMessage,
@@ -184,8 +186,11 @@ class SessionActor:
         self._scope.cancel()
 
     async def _recover(self, reason: str) -> None:
-        """As the new owner: ends a response left open (text kept), answers what waits."""
-        if self.chat.current is not None:
+        """As the new owner: ends a response left open (text kept), answers what waits. A
+        response waiting for a person's decision is not ended: its turn goes on from the log
+        (``Turn._resume``)."""
+        current = self.chat.current
+        if current is not None and current.waiting_call() is None:
             await self.record(lambda chat: chat.interrupt_response(reason))
         self._work.set()
 
@@ -247,6 +252,8 @@ class SessionActor:
                     command.reply.set(accepted)
             elif isinstance(command, StopGeneration):
                 command.reply.set(await self._stop())
+            elif isinstance(command, DecideTool):
+                command.reply.set(await self._decide(command))
             elif isinstance(command, Attach):
                 if not self.owns:
                     async with self._lock:
@@ -344,6 +351,18 @@ class SessionActor:
         self.context.cluster.tell(StopAsked(self.chat_id))
         return True
 
+    async def _decide(self, command: DecideTool) -> int:
+        """Records a decision on a waiting tool call (the first one wins) and wakes the turn
+        that waits for it."""
+        if not self.owns:
+            async with self._lock:
+                await self._reload()
+        seq = await self.record(lambda chat: chat.decide_tool(
+            command.call_id, command.approve, command.reason, command.owner))
+        if self.turn is not None:
+            self.turn.decision_recorded()
+        return seq
+
     def stop_here(self) -> bool:
         if self.turn is None:
             return False
@@ -390,6 +409,8 @@ class SessionActor:
             ports, current.response_id, current.model, current.reply_to_seq,
             settled=self._early != current.response_id,
         )
+        turn.on_wait = lambda waiting: self.context.generating_changed(
+            self.chat.owner, -1 if waiting else +1)
         self.context.generating_changed(self.chat.owner, +1)
         try:
             await turn.run(messages)
@@ -498,4 +519,6 @@ class SessionActor:
         text = current.text
         if not self.owns:  # it runs in another process: its stored text, then live deltas
             text = self.context.cluster.remote_text(self.chat_id, current.response_id, text)
-        return LiveResponse(current.response_id, current.reply_to_seq, text)
+        approvals = tuple(ApprovalWait(c.call_id, c.tool, c.arguments)
+                          for c in current.tool_calls if c.approval == "waiting")
+        return LiveResponse(current.response_id, current.reply_to_seq, text, approvals)

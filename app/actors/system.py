@@ -47,6 +47,7 @@ from .messages import (
     Admission,
     Attach,
     Command,
+    DecideTool,
     SendMessage,
     StopGeneration,
 )
@@ -230,6 +231,13 @@ class ActorSystem:
         """Stops the running response of the chat; False if none was running."""
         return await self.ask(chat_id, StopGeneration(owner))
 
+    async def decide_tool(self, chat_id: UUID, owner: str, call_id: str, approve: bool,
+                          reason: str | None = None) -> int:
+        """Records ``owner``'s decision on the tool call ``call_id``, which waits for one;
+        returns its seq. Raises ``ChatNotFoundError``, ``ToolCallNotFoundError`` (no such
+        call waits), ``AlreadyDecidedError`` (the first decision won) or ``StoreError``."""
+        return await self.ask(chat_id, DecideTool(owner, call_id, approve, reason))
+
     async def change_chat(
         self, chat_id: UUID, owner: str, change: Callable[[ChatSession], None]
     ) -> None:
@@ -358,9 +366,11 @@ class ActorSystem:
     @overload
     async def ask(self, chat_id: UUID, command: StopGeneration) -> bool: ...
     @overload
-    async def ask(self, chat_id: UUID, command: Command) -> Accepted | bool | None: ...
+    async def ask(self, chat_id: UUID, command: DecideTool) -> int: ...
+    @overload
+    async def ask(self, chat_id: UUID, command: Command) -> Accepted | bool | int | None: ...
 
-    async def ask(self, chat_id: UUID, command: Command) -> Accepted | bool | None:
+    async def ask(self, chat_id: UUID, command: Command) -> Accepted | bool | int | None:
         """Puts ``command`` in the chat's mailbox (starting its actor if needed) and waits
         for the reply: the one way a command reaches an actor, one mailbox round trip.
         Raises ``MailboxFullError`` if the mailbox stays full for ``MAILBOX_WAIT_S``."""

@@ -22,18 +22,20 @@ appended a second time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 import trio
 
 from ..config import Settings
-from ..events.domain import ChatSession, ResponseTiming, ResponseUsage
-from ..events.errors import FencedError
+from ..events.domain import ChatSession, ResponseTiming, ResponseUsage, ToolCallState
+from ..events.errors import AlreadyDecidedError, FencedError
 from ..events.text import clean_text
 from ..llm.base import (
     Finish,
@@ -53,6 +55,8 @@ from .writeahead import Group, Phase, WriteAhead
 
 #: A change to a chat (its result, if any, is the caller's).
 Mutation = Callable[[ChatSession], object]
+#: Who denies a call no one decided on in time (``ToolDecided.decided_by``).
+TIMEOUT_DECIDER = "eventchat"
 
 
 class Record(Protocol):
@@ -175,7 +179,10 @@ class Turn:
         self.stop_scope.cancel()
 
     def interrupt(self, reason: str) -> None:
-        """Ends the response early as interrupted (server shutdown), keeping its text."""
+        """Ends the response early as interrupted (server shutdown), keeping its text; a
+        response waiting for a person's decision is left open (it waits across the restart)."""
+        if self.awaiting_decision:
+            return
         self.interrupted = reason
         self.stop_scope.cancel()
 
@@ -198,6 +205,7 @@ class Turn:
     async def _rounds(self, messages: list[dict[str, Any]]) -> None:
         settings, chat = self.ports.settings, self.ports.chat()
         tools = self.ports.tools.specs()
+        messages = messages + await self._resume()
         for round_number in range(settings.max_tool_rounds + 1):
             offered = tools if round_number < settings.max_tool_rounds else ()
             request = ModelRequest(messages=messages, model=chat.model, tools=offered,
@@ -333,6 +341,7 @@ class Turn:
         # the model gets its own id back.
         current = self.ports.chat().current
         used = {c.call_id for c in current.tool_calls} if current else set()
+        used |= set(self.ports.chat().decided or ())  # a decision names its call alone
         call_id = (
             call.call_id
             if call.call_id and call.call_id not in used
@@ -343,6 +352,15 @@ class Turn:
             lambda chat: chat.invoke_tool(self.response_id, call_id, call.name, arguments)
         )
         await trio.lowlevel.checkpoint()  # abandoned: the stop scope ends the turn here
+        if call.name in self.ports.settings.approval_tools:
+            await self._record(lambda chat: chat.request_tool_approval(self.response_id, call_id))
+            denied = await self._await_decision(call_id)
+            if denied is not None:
+                return await self._denied(call.call_id or call_id, call_id, denied)
+        return await self._execute(call, call_id)
+
+    async def _execute(self, call: ToolCallRequest, call_id: str) -> dict[str, Any]:
+        """Runs the invoked call ``call_id`` and records its result or its error."""
         context = ToolContext(owner=self.ports.chat().owner, chat_id=str(self.ports.chat_id))
         started = time.perf_counter()
         record: Mutation
@@ -359,6 +377,86 @@ class Turn:
             content = json.dumps(result, default=str)
         await self._record(record)
         return {"role": "tool", "tool_call_id": call.call_id or call_id, "content": content}
+
+    # -- tools that need a person's approval ------------------------------------------------
+
+    #: True while the turn waits for a decision (the response then outlives a shutdown).
+    awaiting_decision = False
+    #: Told ``True`` when the turn begins to wait for a decision, ``False`` when it ends:
+    #: a waiting response is not generating.
+    on_wait: Callable[[bool], None] | None = None
+    _decision: trio.Event | None = None
+
+    def decision_recorded(self) -> None:
+        """A decision on a call of this response was recorded: the waiting call reads it."""
+        if self._decision is not None:
+            self._decision.set()
+
+    async def _await_decision(self, call_id: str) -> str | None:
+        """Waits, without holding the chat, for the decision on ``call_id``: None if
+        approved, else why it was denied. With no decision within
+        ``tool_approval_timeout_s`` of its request (across restarts) the call is denied
+        (``timeout``), recorded with its failure. A stop cancels the wait."""
+        timeout = self.ports.settings.tool_approval_timeout_s
+        self.awaiting_decision = True
+        if self.on_wait is not None:
+            self.on_wait(True)
+        try:
+            while True:
+                call = self.ports.chat().tool_call(call_id)
+                if call.approval == "approved":
+                    return None
+                if call.approval == "denied":
+                    return call.reason or "denied"
+                waited = (datetime.now(UTC) - (call.requested_at or datetime.now(UTC)))
+                self._decision = trio.Event()
+                with trio.move_on_after(max(0.0, timeout - waited.total_seconds())) as expiry:
+                    await self._decision.wait()
+                if expiry.cancelled_caught:
+                    await self._time_out(call_id)
+        finally:
+            self.awaiting_decision, self._decision = False, None
+            if self.on_wait is not None:
+                self.on_wait(False)
+
+    async def _time_out(self, call_id: str) -> None:
+        """Denies ``call_id`` for want of a decision, unless a person decided first."""
+        message = _denial("timeout")
+
+        def deny(chat: ChatSession) -> None:
+            chat.decide_tool(call_id, False, "timeout", TIMEOUT_DECIDER)
+            chat.fail_tool(self.response_id, call_id, message, 0.0)
+
+        with contextlib.suppress(AlreadyDecidedError):
+            await self._record(deny)
+        await trio.lowlevel.checkpoint()  # abandoned: the stop scope ends the turn here
+
+    async def _denied(self, model_call_id: str, call_id: str, reason: str) -> dict[str, Any]:
+        """The tool is not run: its denial is recorded as the call's error (unless the
+        timeout recorded it already) and the model is told."""
+        message = _denial(reason)
+        if not self.ports.chat().tool_call(call_id).done:
+            await self._record(lambda chat: chat.fail_tool(self.response_id, call_id, message, 0.0))
+        return {"role": "tool", "tool_call_id": model_call_id,
+                "content": json.dumps({"error": message})}
+
+    async def _resume(self) -> list[dict[str, Any]]:
+        """The tool messages of a response that waits for a decision (it was begun before
+        a restart): its calls so far as the log holds them, then the waiting call's outcome
+        once decided. Nothing for a response that waits for nothing."""
+        current = self.ports.chat().current
+        waiting = current.waiting_call() if current is not None else None
+        if current is None or waiting is None:
+            return []
+        calls = [ToolCallRequest(c.call_id, c.tool, c.arguments if isinstance(c.arguments, str)
+                                 else json.dumps(c.arguments)) for c in current.tool_calls]
+        results = [_tool_message(c) for c in current.tool_calls if c.done]
+        denied = await self._await_decision(waiting.call_id)
+        if denied is not None:
+            results.append(await self._denied(waiting.call_id, waiting.call_id, denied))
+        else:
+            results.append(await self._execute(calls[-1], waiting.call_id))
+        return [assistant_tool_calls(calls), *results]
 
     async def _end(self, error: LLMError | None) -> None:
         """Records the ending; shielded so that a stop or shutdown cannot lose it."""
@@ -383,6 +481,17 @@ def _decode_arguments(raw: str) -> Any:
         return json.loads(raw) if raw else {}
     except (ValueError, RecursionError):  # kept as the model wrote it
         return raw
+
+
+def _denial(reason: str) -> str:
+    return f"denied: {reason}"
+
+
+def _tool_message(call: ToolCallState) -> dict[str, Any]:
+    """A finished call's result as the model is given it."""
+    content = {"error": call.error} if call.error is not None else call.result
+    return {"role": "tool", "tool_call_id": call.call_id,
+            "content": json.dumps(content, default=str)}
 
 
 def _ms_since(started: float) -> float:

@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 from eventsourcing.domain import Aggregate
 
 from .errors import (
+    AlreadyDecidedError,
     ChatDeletedError,
     ChatRuleError,
     DuplicateMessageError,
@@ -27,6 +28,7 @@ from .errors import (
     NoMessageWaitingError,
     NoResponseInProgressError,
     ResponseInProgressError,
+    ToolCallNotFoundError,
 )
 from .text import check_text, clean_json, clean_text
 from .tree import LINE, Node, Tree
@@ -108,6 +110,12 @@ class ToolCallState:
     error: str | None = None
     duration_ms: float | None = None
     done: bool = False
+    #: A person's approval: None (not needed), ``waiting``, ``approved`` or ``denied``.
+    approval: str | None = None
+    #: When the approval was asked for (its timeout counts from then, across restarts).
+    requested_at: datetime | None = None
+    #: Why it was denied (``timeout`` when no one decided in time).
+    reason: str | None = None
 
 
 @dataclass
@@ -122,6 +130,14 @@ class ActiveResponse:
     text: str = ""
     tokens: int = 0
     tool_calls: list[ToolCallState] = field(default_factory=list)
+
+    def waiting_call(self) -> ToolCallState | None:
+        """The call this response waits on for a person's decision, or whose denial is
+        recorded but not yet told to the model (the response can go on from the log)."""
+        last = self.tool_calls[-1] if self.tool_calls else None
+        if last is not None and not last.done and last.approval in ("waiting", "denied"):
+            return last
+        return None
 
 
 @dataclass(frozen=True)
@@ -356,6 +372,34 @@ class ChatSession(Aggregate):
             call = chat.tool_call(self.call_id)
             call.error, call.duration_ms, call.done = self.error, self.duration_ms, True
 
+    class ToolApprovalRequested(Event):
+        """The call ``call_id`` waits for a person's decision before its tool runs."""
+
+        response_id: str
+        call_id: str
+        tool: str
+        arguments: object
+
+        def apply_to(self, chat: ChatSession) -> None:
+            call = chat.tool_call(self.call_id)
+            call.approval, call.requested_at = "waiting", self.timestamp
+
+    class ToolDecided(Event):
+        """A person (``decided_by``), or the timeout, approved or denied the call."""
+
+        response_id: str
+        call_id: str
+        approve: bool
+        reason: str | None
+        decided_by: str
+
+        def apply_to(self, chat: ChatSession) -> None:
+            chat.decided = {**(chat.decided or {}), self.call_id: self.approve}
+            if chat.current is not None and chat.current.response_id == self.response_id:
+                call = chat.tool_call(self.call_id)
+                call.approval = "approved" if self.approve else "denied"
+                call.reason = self.reason
+
     class ResponseEnded(Event):
         """Base of the four ways a response ends; never recorded itself."""
 
@@ -425,6 +469,9 @@ class ChatSession(Aggregate):
     max_tokens: int | None = None
     #: Set by ``Deleted`` (chats and snapshots from before it read it as False).
     deleted: bool = False
+    #: Tool calls decided (call id -> approved), so that a late decision is told it came
+    #: too late even after its response ended (None: none yet, as older chats read it).
+    decided: dict[str, bool] | None = None
 
     def __init__(
         self, owner: str, title: str, model: str | None, system_prompt: str | None,
@@ -642,6 +689,33 @@ class ChatSession(Aggregate):
             tool=clean_text(tool),
             arguments=clean_json(arguments),
         )
+
+    def request_tool_approval(self, response_id: str, call_id: str) -> None:
+        """Makes the invoked call ``call_id`` wait for a person's decision."""
+        self._require_open_call(response_id, call_id)
+        call = self.tool_call(call_id)
+        self.trigger_event(self.ToolApprovalRequested, response_id=response_id,
+                           call_id=call_id, tool=call.tool, arguments=call.arguments)
+
+    def decide_tool(self, call_id: str, approve: bool, reason: str | None,
+                    decided_by: str) -> int:
+        """Records the decision on a waiting call and returns its seq. The first decision
+        wins: raises ``AlreadyDecidedError`` for a call decided before, and
+        ``ToolCallNotFoundError`` for one that does not wait for a decision."""
+        self._require_present()
+        check_text(call_id, "call_id")
+        if reason is not None:
+            check_text(reason, "reason")
+        if call_id in (self.decided or {}):
+            raise AlreadyDecidedError(f"tool call {call_id} was already decided")
+        current = self.current
+        call = next((c for c in current.tool_calls if c.call_id == call_id), None) \
+            if current is not None else None
+        if current is None or call is None or call.approval != "waiting":
+            raise ToolCallNotFoundError(f"no tool call {call_id} waits for a decision")
+        self.trigger_event(self.ToolDecided, response_id=current.response_id, call_id=call_id,
+                           approve=approve, reason=reason, decided_by=decided_by)
+        return self.version
 
     def complete_tool(
         self, response_id: str, call_id: str, result: object, duration_ms: float

@@ -10,6 +10,8 @@ EventsError
 │   ├── NoResponseInProgressError  no such response (or tool call) is running
 │   ├── MessageNotFoundError  an edit, regenerate or branch names no message of the chat
 │   ├── NoMessageWaitingError  a response was started with no user message waiting
+│   ├── ToolCallNotFoundError  no tool call of that id waits for a person's decision
+│   ├── AlreadyDecidedError   a decision on a tool call that was already decided
 │   └── DuplicateMessageError
 ├── ChatNotFoundError         no such chat (or not the caller's)
 │   └── ChatDeletedError      the chat was deleted (its key destroyed: its events unreadable)
@@ -62,6 +64,14 @@ class MessageNotFoundError(ChatRuleError):
 
 class NoMessageWaitingError(ChatRuleError):
     code = "no_message_waiting"
+
+
+class ToolCallNotFoundError(ChatRuleError):
+    code = "tool_call_not_found"
+
+
+class AlreadyDecidedError(ChatRuleError):
+    code = "already_decided"
 
 
 class DuplicateMessageError(ChatRuleError):

@@ -36,6 +36,7 @@ from ..actors.errors import (
     SubscriberDroppedError,
 )
 from ..events.errors import (
+    AlreadyDecidedError,
     ChatNotFoundError,
     ChatRuleError,
     ConcurrencyError,
@@ -43,6 +44,7 @@ from ..events.errors import (
     FencedError,
     ResponseInProgressError,
     StoreError,
+    ToolCallNotFoundError,
 )
 from ..llm.errors import LLMError, ProviderRateLimitedError, ProviderRequestError
 from ..storage.errors import ViewStoreError
@@ -149,6 +151,10 @@ def web_error(exc: BaseException) -> WebError | None:
     if isinstance(exc, DuplicateMessageError | ResponseInProgressError):
         return ConflictError(message, exc.code)
     if isinstance(exc, ConcurrencyError):
+        return ConflictError(message, exc.code)
+    if isinstance(exc, ToolCallNotFoundError):
+        return NotFoundError(message, exc.code)
+    if isinstance(exc, AlreadyDecidedError):
         return ConflictError(message, exc.code)
     if isinstance(exc, ChatRuleError):
         return BadRequestError(message, exc.code)

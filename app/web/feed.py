@@ -73,7 +73,9 @@ class ChatFeed:
         self.replies[response.response_id] = response.reply_to_seq
         self.sent.setdefault(response.response_id, 0)
         self.texts.setdefault(response.response_id, "")
-        return self._text(response.response_id, response.text, 0)
+        frames = self._text(response.response_id, response.text, 0)
+        return frames + [self._approval(response.response_id, wait.call_id, wait.tool,
+                                        wait.arguments) for wait in response.approvals]
 
     # -- live -------------------------------------------------------------------------------
 
@@ -98,6 +100,12 @@ class ChatFeed:
             self.sent[item.response_id], self.texts[item.response_id] = 0, ""
         elif isinstance(item, ToolEvent):
             yield self._tool(item)
+        elif isinstance(item, ChatSession.ToolApprovalRequested):
+            yield self._approval(item.response_id, item.call_id, item.tool, item.arguments)
+        elif isinstance(item, ChatSession.ToolDecided):
+            yield {"event": "tool_decided", "chat_id": self.cid, "response_id": item.response_id,
+                   "call_id": item.call_id, "approve": item.approve, "reason": item.reason,
+                   "decided_by": item.decided_by}
         elif isinstance(item, ChatSession.ResponseEnded):
             async with aclosing(self._ended(item)) as frames:
                 async for frame in frames:
@@ -128,6 +136,10 @@ class ChatFeed:
             frame.update(tool=self.tools.get(item.call_id, ""), status="failed",
                          error=item.error, duration_ms=item.duration_ms)
         return frame
+
+    def _approval(self, response_id: str, call_id: str, tool: str, arguments: object) -> Frame:
+        return {"event": "tool_approval", "chat_id": self.cid, "response_id": response_id,
+                "call_id": call_id, "tool": tool, "arguments": arguments}
 
     async def _ended(self, event: ChatSession.ResponseEnded) -> AsyncGenerator[Frame, None]:
         response_id, seq = event.response_id, event.originator_version

@@ -33,6 +33,7 @@ from ..projections.projector import iso
 from ..storage.errors import ViewStoreError
 from . import schemas as s
 from .auth import current_user, require_metrics_token
+from .decisions import Decided, ToolDecision, decide
 from .errors import BadRequestError, NotFoundError
 from .generate import check_model, generate_json, generate_stream
 from .metrics import CONTENT_TYPE
@@ -188,6 +189,15 @@ async def stop(chat_id: UUID) -> tuple[dict[str, object], int]:
     await svc.require_chat(owner, chat_id)
     stopped = await svc.system.stop_generation(chat_id, owner)
     return {"chat_id": str(chat_id), "stopped": stopped}, 202
+
+
+@rest.post("/chat/<uuid:chat_id>/tool-decision")
+@validate_request(ToolDecision)
+@documented(Decided, 200, 404, 409)
+async def tool_decision(chat_id: UUID, data: ToolDecision) -> dict[str, object]:
+    """Approves or denies a tool call that waits for a person's decision (the first
+    decision wins: 409 ``already_decided``; 404 ``tool_call_not_found``)."""
+    return await decide(services(), current_user(), chat_id, data)
 
 
 @rest.get("/chat/<uuid:chat_id>/events")

@@ -27,6 +27,7 @@ from quart import Blueprint, current_app, websocket
 
 from ..actors.errors import SubscriberDroppedError
 from ..config import Settings
+from . import decisions
 from .auth import current_user
 from .bodies import loads
 from .errors import BadRequestError, ForbiddenError, RateLimitedError, WebError, web_error
@@ -244,6 +245,13 @@ class Connection:
             event = "user_message"
         if event == "user_message":
             self._queue_message(_parse(UserMessage, data))
+        elif event == "tool_decision":
+            decision = _parse(decisions.ToolDecisionFrame, data)
+            try:
+                await decisions.decide(self.svc, self.owner, decision.chat_id, decision)
+            except Exception as exc:  # refused: an error frame naming the call
+                self.put(_mapped(exc).frame(chat_id=str(decision.chat_id),
+                                            call_id=decision.call_id))
         elif event == "subscribe":
             subscribe = _parse(Subscribe, data)
             await self._follow(subscribe.chat_id, subscribe.after_seq, history=True)
