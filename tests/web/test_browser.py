@@ -651,3 +651,32 @@ def stored_chat(server: Server, chat_id: str) -> dict[str, Any]:
     r = httpx.get(f"{server.base_url}/chat/{chat_id}", headers=server.headers(), timeout=10)
     r.raise_for_status()
     return dict(r.json()["chat"])
+
+
+@pytest.mark.parametrize("server_changes", [{"approval_tools": ("calculator",)}])
+def test_a_tool_call_asks_for_approval_again_after_a_reload(
+    browser_server: Server, page: Any, artifacts: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    open_client(page, browser_server)
+    send(page, "what is 6*7")
+    ask = page.locator(".message.assistant .tool .approval")
+    expect(ask).to_contain_text("Run calculator?")
+    expect(page.locator(".message.assistant .tool")).to_contain_text('{"expression":"6*7"}')
+    screenshot(page, artifacts, "tool-approval")
+
+    page.reload()  # asked again on subscribe, while the call waits
+    expect(ask).to_be_visible()
+    ask.get_by_role("button", name="Approve").click()
+    reply = page.locator(".message.assistant").first
+    expect(reply.locator(".tool")).to_have_attribute("data-status", "completed")
+    expect(reply.locator(".text")).to_contain_text("42")
+    expect(ask).to_have_count(0)
+
+    send(page, "what is 2*3")
+    second = page.locator(".message.assistant").nth(1)
+    second.locator(".approval-reason").fill("not now")
+    second.get_by_role("button", name="Deny").click()
+    expect(second.locator(".tool")).to_contain_text("denied: not now")
+    expect(second.locator(".state")).to_have_text("complete")

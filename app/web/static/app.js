@@ -194,6 +194,8 @@ function handleFrame(frame) {
   if (frame.chat_id !== state.chatId) return; // a chat this page no longer shows
   if (frame.event === "ai_response") return frame.done ? onDone(frame) : onDelta(frame);
   if (frame.event === "tool_activity") return onTool(frame);
+  if (frame.event === "tool_approval") return onApproval(frame);
+  if (frame.event === "tool_decided") return onDecided(frame);
   if (frame.event === "backend_status") return onStatus(frame);
   if (frame.event === "chat_history") return onHistory(frame);
 }
@@ -242,6 +244,45 @@ function onDone(frame) {
 function onTool(frame) {
   const reply = replyView(frame.response_id);
   renderTool(reply, frame);
+}
+
+/** A tool call waits for a person: its arguments, and Approve / Deny (with a reason). */
+function onApproval(frame) {
+  const reply = replyView(frame.response_id);
+  renderTool(reply, { ...frame, status: "waiting for approval" });
+  const node = reply.calls.get(frame.call_id);
+  if (node.querySelector(".approval")) return; // asked again (a resubscribe)
+  const box = el("form", "approval");
+  box.setAttribute("aria-label", `Approve ${frame.tool}?`);
+  const reason = el("input", "approval-reason");
+  reason.placeholder = "Reason (optional)";
+  reason.maxLength = 500;
+  const approve = el("button", "approve", "Approve");
+  const deny = el("button", "deny", "Deny");
+  approve.type = deny.type = "button";
+  const decide = (yes) => {
+    approve.disabled = deny.disabled = true;
+    const decision = { event: "tool_decision", chat_id: frame.chat_id, call_id: frame.call_id,
+      approve: yes };
+    if (reason.value.trim()) decision.reason = reason.value.trim();
+    wsSend(decision);
+  };
+  approve.addEventListener("click", () => decide(true));
+  deny.addEventListener("click", () => decide(false));
+  box.append(el("span", "approval-question", `Run ${frame.tool}?`), reason, approve, deny);
+  pinned(() => node.append(box));
+}
+
+/** A decision was recorded (here, in another tab or by the timeout). */
+function onDecided(frame) {
+  const reply = replyView(frame.response_id);
+  const node = reply.calls.get(frame.call_id);
+  if (!node) return;
+  node.querySelector(".approval")?.remove();
+  const why = frame.reason ? `: ${frame.reason}` : "";
+  const status = frame.approve ? "approved" : `denied${why}`;
+  node.dataset.status = frame.approve ? "approved" : "failed";
+  node.querySelector(".tool-status").textContent = `${status} by ${frame.decided_by}`;
 }
 
 function onStatus(frame) {
