@@ -22,6 +22,7 @@ from ..projections.views import Views
 from ..storage.users import UserStore
 from .auth import install_auth
 from .bodies import Request
+from .branches import branches
 from .catalog import catalog
 from .errors import register_error_handlers
 from .follow import follow
@@ -73,6 +74,7 @@ def create_app(
     register_error_handlers(app)
     install_auth(app, lambda: app.extensions["eventchat"].auth)
     app.register_blueprint(rest)
+    app.register_blueprint(branches)
     app.register_blueprint(catalog)
     app.register_blueprint(follow)
     app.register_blueprint(ws)

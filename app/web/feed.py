@@ -49,6 +49,8 @@ class ChatFeed:
         self.replies: dict[str, int] = {}  # response_id -> seq of the user message it answers
         self.tools: dict[str, str] = {}  # call_id -> tool name
         self.rows = LiveRows(self.cid, owner)  # the running turn's messages, as the views'
+        #: Edits seen live: their siblings are read from the views, which know them all.
+        self.edits: set[int] = set()
 
     # -- joining ----------------------------------------------------------------------------
 
@@ -98,6 +100,10 @@ class ChatFeed:
         elif isinstance(item, ChatSession.ResponseStarted):
             self.replies[item.response_id] = item.reply_to_seq
             self.sent[item.response_id], self.texts[item.response_id] = 0, ""
+        elif isinstance(item, ChatSession.MessageReceived) and item.edit_of is not None:
+            self.edits.add(item.originator_version)
+        elif isinstance(item, ChatSession.BranchSelected):  # another branch is shown
+            yield await self._branch_history(item.originator_version)
         elif isinstance(item, ToolEvent):
             yield self._tool(item)
         elif isinstance(item, ChatSession.ToolApprovalRequested):
@@ -160,7 +166,7 @@ class ChatFeed:
         """The result of a turn that ended before a duplicate re-send asked for it."""
         outcome = accepted.outcome
         assert outcome is not None
-        self.replies[outcome.response_id] = accepted.seq
+        self.replies[outcome.response_id] = accepted.answers or accepted.seq
         turn = await self._turn_messages(outcome.response_id, outcome.seq)
         return [
             self._done(outcome.response_id, outcome.text, outcome.status, outcome.seq, None),
@@ -179,7 +185,7 @@ class ChatFeed:
         events when this feed saw the whole turn, else from the views once caught up."""
         first = self.replies.pop(response_id, seq)
         rows = self.rows.turn(first, response_id, seq)
-        if rows is not None:
+        if rows is not None and first not in self.edits:
             return [message_dict(row) for row in rows]
         await self.services.caught_up(chat_id=self.chat_id)
         messages, _ = await self.services.views.messages(
@@ -187,6 +193,13 @@ class ChatFeed:
         )
         return [m for m in messages
                 if m["seq"] == first or m.get("response_id") == response_id]
+
+    async def _branch_history(self, seq: int) -> Frame:
+        """The active branch's latest page, once the views include event ``seq``."""
+        await self.services.caught_up(chat_id=self.chat_id)
+        messages, more = await self.services.views.messages(self.owner, self.chat_id,
+                                                            HISTORY_PAGE)
+        return self._history_frame(messages, more, seq)
 
     def _status(self, response_id: str, turn: list[MessageDict],
                 event: ChatSession.ResponseEnded | None) -> Frame:

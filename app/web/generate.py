@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, aclosing
+from typing import Any
 from uuid import UUID
 
 import trio
@@ -89,14 +90,16 @@ async def send(
     client_message_id: str | None,
     admission: Admission,
     model: str | None = None,
+    **branching: Any,
 ) -> Accepted:
     """Records the message (durable on return), to be answered by ``model`` (None: the
-    chat's). Its actor admits it if it is new; a message that opened its chat, admitted
-    already, is given back if it is not recorded."""
+    chat's); ``branching`` makes it an edit or a regenerate (``ActorSystem.send_message``).
+    Its actor admits it if it is new; a message that opened its chat, admitted already, is
+    given back if it is not recorded."""
     opened = admission.admitted
     try:
         return await svc.system.send_message(chat_id, owner, text, client_message_id,
-                                             admission, model)
+                                             admission, model, **branching)
     except BaseException:
         if opened:
             admission.undo()
@@ -128,7 +131,8 @@ async def answer_frames(
             for frame in feed.in_progress(sub.state):
                 yield frame
     async for item in sub:
-        if isinstance(item, ChatSession.ResponseStarted) and item.reply_to_seq == accepted.seq:
+        answered = accepted.answers or accepted.seq  # a regenerate answers an older message
+        if isinstance(item, ChatSession.ResponseStarted) and item.reply_to_seq == answered:
             response_id = item.response_id
         async with aclosing(feed.frames(item)) as produced:
             frames = [frame async for frame in produced]

@@ -30,6 +30,7 @@ from ..config import Settings
 from . import decisions
 from .auth import current_user
 from .bodies import loads
+from .branches import Edit, Regenerate, Request, admit_request, send_request
 from .errors import BadRequestError, ForbiddenError, RateLimitedError, WebError, web_error
 from .feed import ChatFeed, Frame, open_feed
 from .generate import ack_frame, admit, open_chat, send
@@ -61,6 +62,10 @@ class Subscribe(BaseModel):
 
 class ChatCommand(BaseModel):
     chat_id: UUID
+
+
+#: What a connection's sender task takes, in arrival order.
+Queued = UserMessage | ChatCommand | Request
 
 
 @ws.websocket("/ws/chat")
@@ -181,7 +186,7 @@ class Connection:
         # its reader.
         self.out_send: trio.MemorySendChannel[Frame] | None = None
         #: Messages to record, in arrival order, and the stops sent after them.
-        self.pending_send: trio.MemorySendChannel[UserMessage | ChatCommand] | None = None
+        self.pending_send: trio.MemorySendChannel[Queued] | None = None
         self.following: dict[UUID, trio.CancelScope] = {}
         self.gates: dict[UUID, Gate] = {}
         self.close_reason: tuple[int, str] | None = None
@@ -266,8 +271,19 @@ class Connection:
                 await self._stop(command.chat_id)
             else:  # after the messages sent before it: a stop right after a message stops
                 self._enqueue(command)  # that message's answer
+        elif event in ("regenerate", "edit"):
+            self._queue_request(_parse(Regenerate if event == "regenerate" else Edit, data))
         else:
             raise BadRequestError(f"unknown event {event!r}", "unknown_event")
+
+    def _queue_request(self, request: Request) -> None:
+        """A regenerate or an edit waits its turn with the messages sent before it."""
+        try:
+            admit_request(self.svc, request)
+            self._enqueue(request)
+        except WebError as error:
+            self.put(error.frame(chat_id=str(request.chat_id),
+                                 client_message_id=request.client_message_id))
 
     def _queue_message(self, message: UserMessage) -> None:
         extra = {"chat_id": _str(message.chat_id), "client_message_id": message.client_message_id}
@@ -277,9 +293,9 @@ class Connection:
         except WebError as error:
             self.put(error.frame(**extra))
 
-    def _enqueue(self, command: UserMessage | ChatCommand) -> None:
+    def _enqueue(self, command: Queued) -> None:
         if self.pending_send is None:
-            self.pending_send, waiting = trio.open_memory_channel[UserMessage | ChatCommand](
+            self.pending_send, waiting = trio.open_memory_channel[Queued](
                 PENDING_MESSAGES
             )
             self.nursery.start_soon(self._send_messages, waiting)
@@ -299,12 +315,14 @@ class Connection:
                       "message": "no response is being generated", "chat_id": str(chat_id)})
 
     async def _send_messages(
-        self, waiting: trio.MemoryReceiveChannel[UserMessage | ChatCommand]
+        self, waiting: trio.MemoryReceiveChannel[Queued]
     ) -> None:
         async for command in waiting:
             try:
                 if isinstance(command, UserMessage):
                     await self._send_one(command)
+                elif isinstance(command, Regenerate | Edit):
+                    await self._send_request(command)
                 else:
                     await self._stop(command.chat_id)
             except Exception as exc:  # noqa: BLE001 - reported to the client, then go on
@@ -326,6 +344,18 @@ class Connection:
         with self.gates.setdefault(chat_id, Gate()).hold():
             accepted = await send(self.svc, self.owner, chat_id, message.message,
                                   message.client_message_id, counted, message.model)
+            self.put(ack_frame(accepted))
+            if accepted.outcome is not None:
+                feed = ChatFeed(self.svc, self.owner, chat_id)
+                for frame in await feed.outcome_frames(accepted):
+                    self.put(frame)
+
+    async def _send_request(self, request: Request) -> None:
+        chat_id = request.chat_id
+        if chat_id not in self.following:
+            await self._follow(chat_id, None, history=False)
+        with self.gates.setdefault(chat_id, Gate()).hold():
+            accepted = await send_request(self.svc, self.owner, request)
             self.put(ack_frame(accepted))
             if accepted.outcome is not None:
                 feed = ChatFeed(self.svc, self.owner, chat_id)

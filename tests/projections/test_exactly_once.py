@@ -48,6 +48,14 @@ async def test_rebuild_equals_live_views(settings: Settings) -> None:
             nursery.cancel_scope.cancel()
         live = await trio.to_thread.run_sync(dump, views)
         assert len(live["messages"]) > 100
+        alternatives = 0
+        for chat in chats:  # the views read the active branch the aggregate answers from
+            page, _ = await views.messages(chat.owner, chat.id, 1000)
+            assert [m["seq"] for m in page] == chat.tree().path(chat.leaf)
+            assert [m["content"] for m in page if m["role"] == "user"] == [
+                m["content"] for m in chat.history if m["role"] == "user"]
+            alternatives += sum(len(m["siblings"]) > 1 for m in page)
+        assert alternatives > 5  # the workload branched
         assert {row[2] for row in live["usage"]} == {"m1", "m2"}  # as started, not "m-late"
     finally:
         views.close()

@@ -21,8 +21,7 @@ def random_turn(chat: ChatSession, rng: random.Random, n: int) -> None:
             return
     if rng.random() < 0.1:
         chat.rename(f"renamed {n}")
-    chat.receive_message(f"message {n} about {rng.choice(['cats', 'trains', 'soup'])}",
-                         f"c{n}" if rng.random() < 0.5 else None)
+    branch(chat, rng, n)
     rid = chat.start_response(rng.choice(["m1", "m2"]), "offline")
     for k in range(rng.randint(0, 4)):
         chat.record_tokens(rid, f"tok{k} ", 1)
@@ -43,6 +42,24 @@ def random_turn(chat: ChatSession, rng: random.Random, n: int) -> None:
     elif ending < 0.9:
         chat.interrupt_response("crash")
     # else: left streaming
+
+
+def branch(chat: ChatSession, rng: random.Random, n: int) -> None:
+    """Asks for an answer: a new message, or an edit of a user message, or a regenerate of
+    a reply, anywhere in the tree, sometimes after switching to another branch."""
+    tree = chat.tree()
+    users = sorted(s for s, node in tree.nodes.items() if node.role == "user")
+    replies = sorted(s for s, node in tree.nodes.items() if node.role == "assistant")
+    kind = rng.random()
+    if users and kind < 0.15:
+        chat.receive_message(f"edit {n} of soup", None, edit_of=rng.choice(users))
+    elif replies and kind < 0.3:
+        chat.regenerate(rng.choice(replies), f"r{n}" if rng.random() < 0.5 else None)
+    else:
+        if replies and kind < 0.4:
+            chat.select_branch(rng.choice(sorted(tree.nodes)))
+        chat.receive_message(f"message {n} about {rng.choice(['cats', 'trains', 'soup'])}",
+                             f"c{n}" if rng.random() < 0.5 else None)
 
 
 def make_chats(rng: random.Random, count: int) -> list[ChatSession]:
