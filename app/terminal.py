@@ -57,7 +57,8 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 3.0
 #: Without a terminal to leave from, reconnecting stops after this long.
 GIVE_UP_S = 60.0
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-HELP = "/stop or Ctrl-C: stop the reply · /quit, Ctrl-D or Ctrl-C when idle: leave · /help"
+HELP = ("/stop or Ctrl-C: stop the reply · /approve or /deny [reason]: decide on a tool call"
+        " · /quit, Ctrl-D or Ctrl-C when idle: leave · /help")
 
 
 class UsageError(Exception):
@@ -252,6 +253,7 @@ class Conversation:
         self.finished: set[str] = set()  # response ids shown to their end
         self.shown: set[int] = set()  # user message seqs shown
         self.calls: set[str] = set()  # tool call ids shown
+        self.asking: dict[str, dict[str, Any]] = {}  # call id -> tool_approval, undecided
         self.stopping = False
         self.joined = chat_id is None  # the first chat_history of --chat-id not seen yet
         self.fatal: str | None = None
@@ -381,6 +383,33 @@ class Conversation:
                          frame.get("result"), frame.get("error"))
         reply.tools.append((len(reply.text), line))
         self.view.tool_line(reply, line)
+
+    def _on_tool_approval(self, frame: dict[str, Any]) -> None:
+        call_id = frame.get("call_id") or ""
+        if call_id in self.asking:  # asked again on a new connection
+            return
+        self.asking[call_id] = frame
+        arguments = json.dumps(frame.get("arguments"), ensure_ascii=False)
+        self.view.notice(f"approve {frame.get('tool')}({arguments})? "
+                         "/approve or /deny [reason]")
+
+    def _on_tool_decided(self, frame: dict[str, Any]) -> None:
+        if self.asking.pop(frame.get("call_id") or "", None) is None:
+            return
+        reason = f": {frame['reason']}" if frame.get("reason") else ""
+        verdict = "approved" if frame.get("approve") else f"denied{reason}"
+        self.view.notice(f"{verdict} (by {frame.get('decided_by')})")
+
+    def decide(self, approve: bool, reason: str) -> dict[str, Any] | None:
+        """The ``tool_decision`` frame for the oldest call waiting (None: none waits)."""
+        if not self.asking or self.chat_id is None:
+            return None
+        call_id = next(iter(self.asking))
+        frame: dict[str, Any] = {"event": "tool_decision", "chat_id": self.chat_id,
+                                 "call_id": call_id, "approve": approve}
+        if reason:
+            frame["reason"] = reason
+        return frame
 
     def _on_backend_status(self, frame: dict[str, Any]) -> None:
         self.view.stats(stats_line(frame))
@@ -862,6 +891,13 @@ class ChatClient:
             self.stop()
         elif command == "/help":
             self.view.notice(HELP)
+        elif command.split(" ", 1)[0] in ("/approve", "/deny"):
+            verb, _, reason = command.partition(" ")
+            frame = self.conversation.decide(verb == "/approve", reason.strip())
+            if frame is None:
+                self.view.notice("no tool call waits for a decision")
+            else:
+                self._send(frame)
         else:
             self.conversation.message(text)
             if self.interactive:  # shown as typed; else as sent, in turn

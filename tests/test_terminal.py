@@ -427,3 +427,24 @@ def test_a_reply_cut_by_the_token_limit_says_so() -> None:
     lines = out.getvalue().splitlines()
     assert lines.count(CUT_NOTE) == 2
     assert lines[-1] == "fine"
+
+
+def test_a_tool_call_waiting_for_approval_is_shown_and_decided() -> None:
+    view = Recorder()
+    conversation = Conversation(view, chat_id="c")
+    assert conversation.decide(True, "") is None  # nothing waits
+    ask = {"event": "tool_approval", "chat_id": "c", "response_id": "r1", "call_id": "k1",
+           "tool": "calculator", "arguments": {"expression": "6*7"}}
+    conversation.receive(ask)
+    conversation.receive(ask)  # asked again after a reconnect: shown once
+    notices = [args[0] for name, args in view.calls if name == "notice"]
+    assert notices == ['approve calculator({"expression": "6*7"})? /approve or /deny [reason]']
+    assert conversation.decide(False, "not now") == {
+        "event": "tool_decision", "chat_id": "c", "call_id": "k1", "approve": False,
+        "reason": "not now"}
+    conversation.receive({"event": "tool_decided", "chat_id": "c", "response_id": "r1",
+                          "call_id": "k1", "approve": False, "reason": "not now",
+                          "decided_by": "alice"})
+    assert [args[0] for name, args in view.calls if name == "notice"][-1] == (
+        "denied: not now (by alice)")
+    assert conversation.decide(True, "") is None
