@@ -125,6 +125,12 @@ class Settings:
     #: The secret that signs audit checkpoints (HMAC-SHA256; ``eventchat audit checkpoint``).
     audit_key: str | None = None
 
+    #: OpenTelemetry's standard variable: traces of the turns go to this OTLP/HTTP
+    #: collector (``<endpoint>/v1/traces``); unset, nothing of OpenTelemetry is loaded.
+    otel_exporter_otlp_endpoint: str | None = None
+    #: Puts message content (messages, replies, tool arguments and results) in the spans.
+    otel_content: bool = False
+
     #: The configuration file read (``--config``, ``EVENTCHAT_CONFIG``), if any.
     config_file: Path | None = None
     #: The model servers of the configuration file; none: the one upstream of ``provider``,
@@ -217,7 +223,7 @@ class Settings:
         return "postgres" if self.database_url else "sqlite"
 
 
-_UNPREFIXED = {"openai_base_url", "openai_api_key"}
+_UNPREFIXED = {"openai_base_url", "openai_api_key", "otel_exporter_otlp_endpoint"}
 
 
 def _unique(names: tuple[str, ...]) -> tuple[str, ...]:

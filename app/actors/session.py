@@ -40,6 +40,7 @@ from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.router import for_model, upstream_name
 from ..llm.tools import ToolRegistry
+from ..telemetry import Telemetry, turn_span
 from .cluster import Cluster, Lease
 from .errors import ActorCrashedError, ActorStoppedError
 from .hub import Hub
@@ -83,6 +84,8 @@ class ActorContext:
     redeliver: Callable[[UUID, Command], None]
     #: Counts the responses generating for a user (``+1`` / ``-1``).
     generating_changed: Callable[[str, int], None]
+    #: Traces each turn (``app.telemetry``); None: off.
+    telemetry: Telemetry | None = None
 
 
 class SessionActor:
@@ -370,9 +373,16 @@ class SessionActor:
         return True
 
     def refresh_soon(self) -> None:
-        """Another process wrote this chat: reload it before the next answer."""
+        """Another process wrote this chat: reload it before the next answer (and at once
+        if the running turn waits for a decision, which may be among what was written)."""
         self._stale = True
         self._work.set()
+        if self.turn is not None:
+            self.turn.refresh()
+
+    async def _reload_now(self) -> None:
+        async with self._lock:
+            await self._reload()
 
     # -- generation ---------------------------------------------------------------------
 
@@ -411,9 +421,12 @@ class SessionActor:
         )
         turn.on_wait = lambda waiting: self.context.generating_changed(
             self.chat.owner, -1 if waiting else +1)
+        turn.on_refresh = self._reload_now
         self.context.generating_changed(self.chat.owner, +1)
         try:
-            await turn.run(messages)
+            with turn_span(self.context.telemetry, self.chat_id, current.response_id,
+                           current.model):
+                await turn.run(messages)
         finally:
             self.turn = None
             self.context.generating_changed(self.chat.owner, -1)

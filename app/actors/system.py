@@ -39,6 +39,7 @@ from ..events.fork import chat_at
 from ..events.store import EventStore
 from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
+from ..telemetry import Telemetry
 from .cluster import Cluster
 from .errors import ActorError, ActorStoppedError, MailboxFullError
 from .hub import Hub, Subscription
@@ -89,7 +90,8 @@ def claim_data_dir(data_dir: Path) -> IO[str]:
 
 class ActorSystem:
     def __init__(
-        self, settings: Settings, store: EventStore, provider: Provider, tools: ToolRegistry
+        self, settings: Settings, store: EventStore, provider: Provider, tools: ToolRegistry,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -112,7 +114,7 @@ class ActorSystem:
         #: What every actor of this system is given.
         self.context = ActorContext(
             settings, store, provider, tools, self.hub, self.cluster, self.redeliver,
-            self.generating_changed,
+            self.generating_changed, telemetry,
         )
         self._unfinished = UnfinishedChats(store.app)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -361,7 +361,8 @@ class Turn:
 
     async def _execute(self, call: ToolCallRequest, call_id: str) -> dict[str, Any]:
         """Runs the invoked call ``call_id`` and records its result or its error."""
-        context = ToolContext(owner=self.ports.chat().owner, chat_id=str(self.ports.chat_id))
+        context = ToolContext(owner=self.ports.chat().owner, chat_id=str(self.ports.chat_id),
+                              call_id=call_id)
         started = time.perf_counter()
         record: Mutation
         try:
@@ -385,11 +386,20 @@ class Turn:
     #: Told ``True`` when the turn begins to wait for a decision, ``False`` when it ends:
     #: a waiting response is not generating.
     on_wait: Callable[[bool], None] | None = None
+    #: Reloads the chat from the log (a decision may have been recorded by another process).
+    on_refresh: Callable[[], Awaitable[None]] | None = None
     _decision: trio.Event | None = None
+    _refresh = False
 
     def decision_recorded(self) -> None:
         """A decision on a call of this response was recorded: the waiting call reads it."""
         if self._decision is not None:
+            self._decision.set()
+
+    def refresh(self) -> None:
+        """Another process wrote the chat: a waiting call reloads it and reads it again."""
+        if self._decision is not None:
+            self._refresh = True
             self._decision.set()
 
     async def _await_decision(self, call_id: str) -> str | None:
@@ -414,6 +424,9 @@ class Turn:
                     await self._decision.wait()
                 if expiry.cancelled_caught:
                     await self._time_out(call_id)
+                elif self._refresh and self.on_refresh is not None:
+                    self._refresh = False
+                    await self.on_refresh()
         finally:
             self.awaiting_decision, self._decision = False, None
             if self.on_wait is not None:

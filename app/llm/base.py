@@ -139,6 +139,8 @@ class ToolContext:
 
     owner: str
     chat_id: str
+    #: The call's id as the chat records it (None when a call is made outside a turn).
+    call_id: str | None = None
 
 
 #: Characters counted by class for ``estimate_tokens``: ASCII punctuation and digits, the

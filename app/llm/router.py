@@ -10,7 +10,8 @@ to one model, for a turn that answers with the model recorded when it started.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import copy
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 
@@ -55,6 +56,13 @@ class ModelRouter:
         model = request.model or self._default
         provider = self._providers[self.provider_of(model)]
         return provider.stream(replace(request, model=model))
+
+    def wrapped(self, wrap: Callable[[Provider], Provider]) -> ModelRouter:
+        """This router with each upstream's provider seen through ``wrap`` (telemetry);
+        closing either router closes the same providers."""
+        router = copy.copy(self)
+        router._providers = {name: wrap(p) for name, p in self._providers.items()}
+        return router
 
     async def aclose(self) -> None:
         """Closes every upstream's provider."""

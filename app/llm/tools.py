@@ -35,6 +35,10 @@ from app.llm.errors import (
 )
 
 ToolFunction = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]
+#: The registry's own call: ``(name, raw_arguments, context) -> result``.
+ToolCall = Callable[[str, str, ToolContext], Awaitable[Any]]
+#: Runs a call around the registry's own (telemetry): ``(name, raw_arguments, context, call)``.
+ToolCallWrapper = Callable[[str, str, ToolContext, ToolCall], Awaitable[Any]]
 
 
 class ToolSource(Protocol):
@@ -53,6 +57,8 @@ class ToolRegistry:
         self.timeout_s = timeout_s
         self._tools: dict[str, tuple[ToolSpec, ToolFunction]] = {}
         self.sources: list[ToolSource] = []
+        #: Wraps every call (None: none); it must call through and let errors pass.
+        self.wrapper: ToolCallWrapper | None = None
 
     def register(self, spec: ToolSpec, fn: ToolFunction) -> None:
         """Adds a tool; a second tool with the same name is a programming error (ValueError)."""
@@ -112,6 +118,11 @@ class ToolRegistry:
         ``ToolExecutionError`` for anything else the tool raised (or a result that is not
         JSON-able); a ``ToolError`` the tool raises itself passes through unchanged.
         """
+        if self.wrapper is not None:
+            return await self.wrapper(name, raw_arguments, context, self._call)
+        return await self._call(name, raw_arguments, context)
+
+    async def _call(self, name: str, raw_arguments: str, context: ToolContext) -> Any:
         arguments = self.parse_arguments(name, raw_arguments)
         _, fn = self._lookup(name)
         try:

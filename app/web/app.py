@@ -20,6 +20,7 @@ from ..llm.base import Provider
 from ..llm.tools import ToolRegistry
 from ..projections.views import Views
 from ..storage.users import UserStore
+from ..telemetry import Telemetry
 from .auth import install_auth
 from .bodies import Request
 from .branches import branches
@@ -51,6 +52,7 @@ def create_app(
     tools: ToolRegistry | None = None,
     users: UserStore | None = None,
     grace_s: float = SHUTDOWN_GRACE_S,
+    telemetry: Telemetry | None = None,
 ) -> QuartTrio:
     app = QuartTrio(__name__)
     app.request_class = Request
@@ -89,7 +91,7 @@ def create_app(
     async def start() -> None:
         services = await build_services(
             settings, store=store, views=views, provider=provider, tools=tools, users=users,
-            grace_s=grace_s,
+            grace_s=grace_s, telemetry=telemetry,
         )
         try:
             await app.nursery.start(services.run)

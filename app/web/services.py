@@ -38,6 +38,7 @@ from ..projections.updater import ViewUpdater
 from ..projections.views import Views, open_views
 from ..storage.errors import ViewStoreError
 from ..storage.users import UserStore
+from ..telemetry import Telemetry
 from .budgets import Budgeter
 from .limits import MessageLimiter
 from .metrics import Metrics, ResponseObserver
@@ -251,8 +252,10 @@ async def build_services(
     tools: ToolRegistry | None = None,
     users: UserStore | None = None,
     grace_s: float = SHUTDOWN_GRACE_S,
+    telemetry: Telemetry | None = None,
 ) -> Services:
-    """Opens what is not given (blocking parts in worker threads) and wires it all."""
+    """Opens what is not given (blocking parts in worker threads) and wires it all;
+    ``telemetry`` (else the OTLP exporter that the settings name, if any) traces the turns."""
     owned: list[object] = []
     if store is None:
         store = await trio.to_thread.run_sync(EventStore.open, settings)
@@ -266,7 +269,13 @@ async def build_services(
     if tools is None:
         tools = default_registry(settings)
         register_search_tool(tools, views)
-    system = ActorSystem(settings, store, provider, tools)
+    if telemetry is None:
+        telemetry = Telemetry.from_settings(settings)
+        if telemetry is not None:
+            owned.append(telemetry)
+    if telemetry is not None:
+        provider = telemetry.instrument(provider, tools)
+    system = ActorSystem(settings, store, provider, tools, telemetry)
     metrics = Metrics((settings.model, provider.default_model, *settings.metrics_models))
     updater = ViewUpdater(settings, store, views, max_backoff=UPDATER_MAX_BACKOFF_S)
     updater.observers.append(ResponseObserver(metrics))
