@@ -155,12 +155,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="stop at event N and show the chat as it was then (0: before it "
                              "existed)")
     replay.add_argument("--json", action="store_true", help="one JSON record a line")
+    replay.add_argument("--live", action="store_true",
+                        help="print the chat as it streamed, with its original pacing")
+    replay.add_argument("--speed", type=float, default=1.0, metavar="S",
+                        help="--live: S times the original pace (0: at once; default 1)")
 
     export = command("export", _export, "export event logs as JSON Lines")
     export.add_argument("chat_id", type=UUID, nargs="?", help="one chat (default: every chat)")
     export.add_argument("--format", default="jsonl",
                         help="jsonl (default): the event log with each event's audit hash and "
-                             "stored bytes")
+                             "stored bytes; openai: {\"messages\": [...]} in the OpenAI chat "
+                             "format, one chat a line; markdown: a readable transcript")
 
     audit = command("audit", _audit, "verify the chats' audit chains, or sign their heads")
     audit.add_argument("action", choices=["verify", "checkpoint"],
@@ -327,12 +332,19 @@ def _open_app(settings: Settings) -> Any:
 
 
 def _replay(settings: Settings, args: argparse.Namespace) -> None:
-    from .events.replay import chat_at, chat_records, describe
+    from .events.replay import chat_at, chat_events, chat_records, describe
 
     if args.until_seq is not None and args.until_seq < 0:
         raise CommandError("--until-seq counts events: 0 or more", 2)
+    if not 0 <= args.speed <= 1000:
+        raise CommandError("--speed is between 0 (at once) and 1000", 2)
     _existing_data_dir(settings)
     app = _open_app(settings)
+    if args.live:
+        from .replay_cli import replay_live
+
+        replay_live(chat_events(app, args.chat_id, args.until_seq or None), args.speed)
+        return
     if args.until_seq == 0:
         chat_records(app, args.chat_id, limit=1)  # the chat exists (else: no chat)
         if not args.json:

@@ -5,7 +5,9 @@ Each format renders one chat (blocking: the web layer runs it in a worker thread
 iterator of text chunks. ``jsonl`` is the event log as ``GET /chat/{id}/events`` gives it,
 one event a line, each with its ``chat_id`` and the bytes its audit link covers
 (``stored``: the topic and the base64 of the state as stored), so that the chain can be
-checked without eventchat (docs/audit.md, docs/verify_chain.py).
+checked without eventchat (docs/audit.md, docs/verify_chain.py). ``openai`` is
+``{"messages": [...]}`` of the chat in the OpenAI chat format and ``markdown`` a readable
+transcript (``app.projections.transcript``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from uuid import UUID
 
+from ..projections import transcript
 from .application import ChatApplication
 from .replay import chat_records
 
@@ -37,6 +40,8 @@ def jsonl(app: ChatApplication, chat_id: UUID) -> Iterator[str]:
 #: Every export format, by the name ``format=`` takes.
 FORMATS: dict[str, Format] = {
     "jsonl": Format("application/x-ndjson", "jsonl", jsonl),
+    "openai": Format("application/json", "json", transcript.openai),
+    "markdown": Format("text/markdown; charset=utf-8", "md", transcript.markdown),
 }
 
 

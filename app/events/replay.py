@@ -89,6 +89,17 @@ def chat_records(
     return records
 
 
+def chat_events(
+    app: ChatApplication, chat_id: UUID, until_seq: int | None = None
+) -> list[ChatSession.Event]:
+    """The chat's events up to ``until_seq`` (every one if None), oldest first, as domain
+    events. Raises ``ChatNotFoundError`` if the chat has no events at all."""
+    events = app.recorder.select_events(chat_id, lte=until_seq)
+    if not events and not app.recorder.select_events(chat_id, limit=1):
+        raise ChatNotFoundError(f"no chat {chat_id}")
+    return [cast(ChatSession.Event, app.mapper.to_domain_event(item)) for item in events]
+
+
 def chat_at(app: ChatApplication, chat_id: UUID, seq: int | None = None) -> ChatSession:
     """The chat exactly as it was after event ``seq`` (the latest state if None)."""
     chat: object = app.repository.get(chat_id, version=seq)

@@ -278,14 +278,7 @@ def branch_page(tx: Tx, chat_id: str, leaf: int, limit: int, before: int | None,
     each message with its siblings."""
     tree = Tree(Node(seq, role, parent) for seq, role, parent in tx.all(
         "SELECT seq, role, parent_seq FROM view_messages WHERE chat_id = ?", (chat_id,)))
-    path = tree.path(leaf)
-    if after is not None:
-        page = [seq for seq in path if seq > after]
-        more, page = len(page) > limit, page[:limit]
-    else:
-        bound = before if before is not None else 2**31 - 1
-        page = [seq for seq in path if seq < bound]
-        more, page = len(page) > limit, page[-limit:]
+    page, more = branch_seqs(tree, leaf, limit, before, after)
     rows: dict[int, MessageRow] = {}
     for start in range(0, len(page), 500):
         chunk = page[start:start + 500]
@@ -295,6 +288,20 @@ def branch_page(tx: Tx, chat_id: str, leaf: int, limit: int, before: int | None,
             row = MessageRow.from_row(raw)
             rows[row.seq] = row
     return [message_dict(rows[seq], tree.siblings(seq)) for seq in page], more
+
+
+def branch_seqs(tree: Tree, leaf: int, limit: int, before: int | None = None,
+                after: int | None = None) -> tuple[list[int], bool]:
+    """The seqs of a page of the branch that ends at ``leaf`` (after ``after``, else the
+    latest before ``before``), and whether more remain beyond it (also used by
+    ``timetravel``, over rows in memory)."""
+    path = tree.path(leaf)
+    if after is not None:
+        page = [seq for seq in path if seq > after]
+        return page[:limit], len(page) > limit
+    bound = before if before is not None else 2**31 - 1
+    page = [seq for seq in path if seq < bound]
+    return page[-limit:], len(page) > limit
 
 
 def _chat_row(tx: Tx, owner: str, chat_id: str) -> ChatRow | None:

@@ -30,6 +30,7 @@ from ..events.errors import StoreError
 from ..events.export import FORMATS, render
 from ..events.replay import chat_records
 from ..projections.projector import iso
+from ..projections.timetravel import SeqOutOfRangeError, chat_page_at
 from ..storage.errors import ViewStoreError
 from . import schemas as s
 from .auth import current_user, require_metrics_token
@@ -113,8 +114,11 @@ async def list_chats(query_args: s.ChatsQuery) -> dict[str, object]:
 @validate_querystring(s.ChatQuery)
 @documented(s.ChatPage, 200, 404)
 async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, object]:
-    """A chat and a page of its messages, oldest first."""
+    """A chat and a page of its messages, oldest first; with ``at_seq``, as they were right
+    after that event (rebuilt from the log by the views' own handlers)."""
     owner, svc = current_user(), services()
+    if query_args.at_seq is not None:
+        return await _chat_at(svc, owner, chat_id, query_args)
     views = svc.views
     await svc.seen_own_writes()
     chat = await views.get_chat(owner, chat_id)
@@ -122,6 +126,18 @@ async def get_chat(chat_id: UUID, query_args: s.ChatQuery) -> dict[str, object]:
         raise NotFoundError("chat not found", "chat_not_found")
     messages, more = await views.messages(owner, chat_id, query_args.limit,
                                           before_seq=query_args.before_seq)
+    return {"chat": chat, "messages": messages, "has_more": more}
+
+
+async def _chat_at(svc: Services, owner: str, chat_id: UUID,
+                   query: s.ChatQuery) -> dict[str, object]:
+    assert query.at_seq is not None
+    await svc.require_chat(owner, chat_id)
+    try:
+        chat, messages, more = await svc.store.read(
+            chat_page_at, svc.store.app, chat_id, query.at_seq, query.limit, query.before_seq)
+    except SeqOutOfRangeError as exc:
+        raise BadRequestError(str(exc), "invalid_seq_range") from None
     return {"chat": chat, "messages": messages, "has_more": more}
 
 

@@ -77,6 +77,8 @@ class ChatsQuery(BaseModel):
 class ChatQuery(BaseModel):
     limit: int = Field(100, ge=1, le=500)
     before_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
+    #: The chat as it was right after this event (time travel), rebuilt from the log.
+    at_seq: int | None = Field(None, ge=1, le=MAX_SEQ)
 
 
 class EventsQuery(BaseModel):
@@ -190,12 +192,15 @@ class Audit(BaseModel):
 
 
 class ExportQuery(BaseModel):
-    #: ``jsonl``: the event log, one event a line, with the bytes each audit link covers.
+    #: ``jsonl``: the event log, one event a line, with the bytes each audit link covers;
+    #: ``openai``: ``{"messages": [...]}`` in the OpenAI chat format; ``markdown``: a
+    #: readable transcript.
     format: str = "jsonl"
 
 
 class ExportText(RootModel[str]):
-    """The export in the format asked for (``jsonl``: ``application/x-ndjson``)."""
+    """The export in the format asked for (``jsonl``: ``application/x-ndjson``; ``openai``:
+    ``application/json``; ``markdown``: ``text/markdown``)."""
 
 
 class Percentiles(BaseModel):

@@ -34,6 +34,7 @@ from .branches import Edit, Regenerate, Request, admit_request, send_request
 from .errors import BadRequestError, ForbiddenError, RateLimitedError, WebError, web_error
 from .feed import ChatFeed, Frame, open_feed
 from .generate import ack_frame, admit, open_chat, send
+from .player import Replay, done_frame, play, replay_cues
 from .schemas import MAX_ID, MAX_SEQ, Text
 from .services import Services
 
@@ -189,6 +190,7 @@ class Connection:
         self.pending_send: trio.MemorySendChannel[Queued] | None = None
         self.following: dict[UUID, trio.CancelScope] = {}
         self.gates: dict[UUID, Gate] = {}
+        self.replays: dict[UUID, trio.CancelScope] = {}
         self.close_reason: tuple[int, str] | None = None
         self.nursery: trio.Nursery
         self.last_activity = trio.current_time()
@@ -218,6 +220,14 @@ class Connection:
             self.out_send.send_nowait(frame)
         except trio.WouldBlock:
             self.close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")
+
+    async def send(self, frame: Frame) -> None:
+        """Queues a frame, waiting while the queue is full (a replay goes at the client's
+        pace; live frames keep ``put``'s rule)."""
+        if self.out_send is None:
+            self.put(frame)
+            return
+        await self.out_send.send(frame)
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -265,6 +275,16 @@ class Connection:
             scope = self.following.pop(chat_id, None)
             if scope is not None:
                 scope.cancel()
+        elif event == "replay":
+            replay = _parse(Replay, data)
+            try:
+                await self._replay(replay)
+            except WebError as error:
+                self.put(error.frame(chat_id=str(replay.chat_id)))
+        elif event == "replay_stop":
+            scope = self.replays.pop(_parse(ChatCommand, data).chat_id, None)
+            if scope is not None:
+                scope.cancel()
         elif event == "stop":
             command = _parse(ChatCommand, data)
             if self.pending_send is None:
@@ -272,7 +292,9 @@ class Connection:
             else:  # after the messages sent before it: a stop right after a message stops
                 self._enqueue(command)  # that message's answer
         elif event in ("regenerate", "edit"):
-            self._queue_request(_parse(Regenerate if event == "regenerate" else Edit, data))
+            request: Request = (_parse(Regenerate, data) if event == "regenerate"
+                                else _parse(Edit, data))
+            self._queue_request(request)
         else:
             raise BadRequestError(f"unknown event {event!r}", "unknown_event")
 
@@ -412,6 +434,32 @@ class Connection:
                     raise
                 self.put(error.frame(chat_id=str(chat_id)))
                 self.following.pop(chat_id, None)
+
+    # -- replaying --------------------------------------------------------------------------
+
+    async def _replay(self, request: Replay) -> None:
+        """Starts a replay of the chat, in place of any running one; raises (nothing sent)
+        if the chat or the range is refused."""
+        old = self.replays.pop(request.chat_id, None)
+        if old is not None:
+            old.cancel()
+        try:
+            scope = await self.nursery.start(self._replayer, request)
+        except Exception as exc:
+            raise _mapped(exc) from exc
+        self.replays[request.chat_id] = scope
+
+    async def _replayer(
+        self, request: Replay,
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.CancelScope() as scope:
+            cues, last_seq = await replay_cues(self.svc, self.owner, request)
+            task_status.started(scope)
+            await play(cues, request.speed, self.send)
+            await self.send(done_frame(request.chat_id, last_seq))
+        if self.replays.get(request.chat_id) is scope:
+            del self.replays[request.chat_id]
 
 
 def _parse(model: type[Parsed], data: dict[str, object]) -> Parsed:

@@ -16,7 +16,9 @@ Every ``POST /v1/chat/completions`` takes the next behaviour from the script (``
 appends more). When the script is empty, ``default`` answers: a behaviour, or a function of the
 request body that returns one; the built-in default, :func:`echo_reply`, streams
 ``You said: <last user message>``, so end-to-end tests and benchmarks need no script at all.
-``GET /v1/models`` lists ``fake-model``.
+``GET /v1/models`` lists ``fake-model``. A request whose ``messages`` OpenAI would refuse
+(``messages_problem``: an unknown role, a tool result that answers no call, a call left
+unanswered...) gets a 400 error and is not counted in ``requests``.
 
 Behaviours:
 
@@ -256,6 +258,10 @@ class _Connection:
         except ValueError:
             await self._send_json(400, _error_body("the body is not JSON", 400))
             return True
+        problem = messages_problem(request["messages"]) if "messages" in request else None
+        if problem is not None:  # as OpenAI answers a malformed conversation
+            await self._send_json(400, _error_body(problem, 400))
+            return True
         self._server.requests.append(request)
         self._server.request_headers.append(headers)
         behaviour = self._server.next_behaviour(request)
@@ -364,6 +370,43 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+def messages_problem(messages: Any) -> str | None:
+    """What OpenAI's chat API would refuse in ``messages`` (None: nothing): each message has
+    a known role; content is text (or parts), and may be null only for an assistant message
+    with ``tool_calls``; each tool call has an id, ``type: function`` and a function name
+    with JSON-text arguments; each ``tool`` message answers a call of the assistant message
+    before it, and every such call is answered before the next other message."""
+    if not isinstance(messages, list) or not messages:
+        return "messages: a non-empty array is required"
+    waiting: set[str] = set()
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            return f"messages[{i}].role: {role!r} is not a role"
+        if role != "tool" and waiting:
+            return f"messages[{i}]: tool calls {sorted(waiting)} have no tool message"
+        content = m.get("content")
+        if not isinstance(content, str | list) and not (
+                role == "assistant" and content is None and m.get("tool_calls")):
+            return f"messages[{i}].content: text is required"
+        if role == "assistant" and "tool_calls" in m:
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                if (call.get("type") != "function" or not isinstance(call.get("id"), str)
+                        or not isinstance(function.get("name"), str)):
+                    return f"messages[{i}].tool_calls: malformed call {call!r}"
+                try:
+                    json.loads(function.get("arguments"))
+                except (TypeError, ValueError):
+                    return f"messages[{i}].tool_calls: arguments must be JSON text"
+                waiting.add(call["id"])
+        if role == "tool":
+            if m.get("tool_call_id") not in waiting:
+                return f"messages[{i}].tool_call_id: answers no pending tool call"
+            waiting.discard(m["tool_call_id"])
+    return None
 
 
 def _chunked(data: bytes) -> bytes:
