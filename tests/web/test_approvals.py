@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+import trio
 from trio_websocket import WebSocketConnection
 
 from app.config import Settings
@@ -190,3 +192,23 @@ async def test_a_waiting_call_survives_restarts_and_times_out_as_denied(
         assert [(d["call_id"], d["approve"], d["reason"], d["decided_by"]) for d in decisions] \
             == [(call_id, True, None, "alice"), (late["call_id"], False, "timeout", "eventchat")]
         assert tool_result_sent(upstream.requests[3]) == {"error": "denied: timeout"}
+
+
+@pytest.mark.parametrize("store_kind", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_decision_sent_to_another_server_continues_the_turn(settings: Settings) -> None:
+    s = web_settings(settings, approval_tools=("calculator",))  # the offline model's tool
+    async with running_server(s) as one, running_server(s) as two, \
+            one.websocket() as driver, two.websocket() as follower:
+        await send(driver, {"message": "what is 12*7"})
+        asked = await wait_for_approval(driver)
+        await send(follower, {"event": "subscribe", "chat_id": asked["chat_id"]})
+        assert (await wait_for_approval(follower))["call_id"] == asked["call_id"]
+        async with two.client() as rest:
+            answer = await rest.post(f"/chat/{asked['chat_id']}/tool-decision",
+                                     json={"call_id": asked["call_id"], "approve": True})
+            assert answer.status_code == 200, answer.text
+        with trio.fail_after(15):  # long before the timeout (300 s)
+            driven = await receive_until(driver, done)
+            followed = await receive_until(follower, done)
+        assert "84" in driven[-1]["message"] and driven[-1]["status"] == "complete"
+        assert followed[-1]["message"] == driven[-1]["message"]
