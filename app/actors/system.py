@@ -215,7 +215,10 @@ class ActorSystem:
         """Makes the branch through message ``seq`` the active one, through the chat's
         actor (recorded and published as its own events are). Raises what
         ``change_chat`` raises (``ResponseInProgressError`` while anything is answered)."""
-        await self.change_chat(chat_id, owner, lambda chat: chat.select_branch(seq))
+        def select(chat: ChatSession) -> None:
+            chat.select_branch(seq)
+
+        await self.change_chat(chat_id, owner, select)
 
     async def fork_chat(self, chat_id: UUID, owner: str, at_seq: int,
                         title: str | None = None) -> UUID:

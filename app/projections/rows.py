@@ -94,8 +94,11 @@ class ChatRow:
 
     @classmethod
     def from_row(cls, row: Row) -> ChatRow:
-        *columns, forked_from = row
-        return cls(*columns, _load(forked_from))
+        (chat_id, owner, title, created_at, updated_at, model, message_count, prompt_tokens,
+         completion_tokens, total_tokens, preview, current_seq, leaf_seq, forked_from) = row
+        return cls(chat_id, owner, title, created_at, updated_at, model, message_count,
+                   prompt_tokens, completion_tokens, total_tokens, preview, current_seq,
+                   leaf_seq, _load(forked_from))
 
     def to_row(self) -> Row:
         return (self.chat_id, self.owner, self.title, self.created_at, self.updated_at,

@@ -143,7 +143,7 @@ async def edit(chat_id: UUID, data: EditBody) -> dict[str, object]:
     """A new user message as a sibling of user message ``seq``, made active and answered;
     answers with its reply."""
     request = Edit(chat_id=chat_id, seq=data.seq, message=data.message,
-                   client_message_id=data.client_message_id)
+                   client_message_id=data.client_message_id, model=None)
     return await answer_json(services(), current_user(), request)
 
 
