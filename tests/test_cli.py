@@ -3,9 +3,11 @@ projections."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ import trio
 from app.config import Settings
 from app.events.application import ChatApplication
 from app.events.domain import ChatSession
+from app.events.replay import chat_events
+from app.replay_cli import replay_live
 from app.storage.recorder import persistence_env
 from app.storage.users import UserStore, hash_token
 
@@ -63,7 +67,8 @@ async def test_replay_shows_the_log_and_the_chat_at_any_seq(tmp_path: Path) -> N
     assert "ToolInvoked" in lines[3] and "calculator" in lines[3]
     assert "ToolCompleted" in lines[4] and "84" in lines[4]
     assert "ResponseCompleted" in lines[6]
-    assert "  [2] user: what is 12*7" in lines and "  [7] assistant: 12*7 = 84." in lines
+    # (a reply is numbered by its ResponseStarted, as in GET /chat/{id})
+    assert "  [2] user: what is 12*7" in lines and "  [3] assistant: 12*7 = 84." in lines
 
     earlier = await eventchat("replay", str(chat.id), "--until-seq", "5", data_dir=tmp_path)
     assert "ResponseCompleted" not in earlier
@@ -267,3 +272,59 @@ async def test_export_passes_over_deleted_chats_and_purge_runs(tmp_path: Path) -
     assert [line.split(":")[0] for line in purged.splitlines()] == [
         str(tmp_path / "views.sqlite"), str(tmp_path / "events.sqlite")]
     assert all("rebuilt, log truncated" in line for line in purged.splitlines())
+
+
+def paced_chat(data_dir: Path) -> ChatSession:
+    """A chat whose reply streamed in two chunks, 0.6 s apart."""
+    settings = Settings(data_dir=data_dir)
+    app = ChatApplication(env=persistence_env(settings))
+    chat = ChatSession.start("alice", "paced")
+    chat.receive_message("what is 12*7", "c-1")
+    rid = chat.start_response("offline", "offline")
+    chat.invoke_tool(rid, "call-1", "calculator", {"expression": "12*7"})
+    chat.complete_tool(rid, "call-1", 84, 0.2)
+    chat.record_tokens(rid, "12*7 = 84.", 6, chunks=[(5, 0), (5, 600)])
+    chat.complete_response(rid, "offline", "stop", {"total_tokens": 6}, {"ttft_ms": 1.0})
+    app.save(chat)
+    app.close()
+    return chat
+
+
+class Timed(io.StringIO):
+    """A text stream that notes when each write came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((time.monotonic(), text))
+        return super().write(text)
+
+
+async def test_replay_live_prints_the_chat_as_it_streamed_and_export_formats(
+    tmp_path: Path,
+) -> None:
+    chat = await trio.to_thread.run_sync(paced_chat, tmp_path)
+    app = ChatApplication(env=persistence_env(Settings(data_dir=tmp_path)))
+    try:
+        events = chat_events(app, chat.id)
+    finally:
+        app.close()
+    out = Timed()
+    await trio.to_thread.run_sync(replay_live, events, 2.0, out)
+    texts = [text for _, text in out.writes]
+    first, second = texts.index("12*7 "), texts.index("= 84.")
+    assert 'tool calculator({"expression": "12*7"}) -> 84' in "".join(texts[:first])
+    assert 0.25 <= out.writes[second][0] - out.writes[first][0] < 0.45  # 0.6 s at speed 2
+
+    live = await eventchat("replay", str(chat.id), "--live", "--speed", "0", data_dir=tmp_path)
+    assert live == out.getvalue()
+    refused = await run_eventchat("replay", str(chat.id), "--live", "--speed", "-1",
+                                  data_dir=tmp_path, check=False)
+    assert refused.returncode == 2 and b"--speed" in refused.stderr
+    exported = json.loads(await eventchat("export", str(chat.id), "--format", "openai",
+                                          data_dir=tmp_path))
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant", "tool",
+                                                         "assistant"]
+    assert exported["messages"][-1]["content"] == "12*7 = 84."
