@@ -14,6 +14,7 @@ Screenshots go to ``$EVENTCHAT_ARTIFACTS`` (else the test's ``tmp_path``) and ar
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -105,9 +106,16 @@ def failing_once(trigger: str) -> Callable[[dict[str, Any]], Behaviour]:
     return answer
 
 
+def numbered() -> Callable[[dict[str, Any]], Behaviour]:
+    """Answers "answer 1", "answer 2", ... in turn (a regenerate shows a new text)."""
+    count = itertools.count(1)
+    return lambda body: StreamReply([f"answer {next(count)}"])
+
+
 UPSTREAMS: dict[str, Callable[[], Any]] = {
     "markdown": lambda: markdown_reply,
     "fails_once": lambda: failing_once("please fail"),
+    "numbered": numbered,
 }
 
 
@@ -680,3 +688,50 @@ def test_a_tool_call_asks_for_approval_again_after_a_reload(
     second.get_by_role("button", name="Deny").click()
     expect(second.locator(".tool")).to_contain_text("denied: not now")
     expect(second.locator(".state")).to_have_text("complete")
+
+
+@pytest.mark.parametrize("upstream", ["numbered"])
+def test_edit_regenerate_alternatives_and_fork(browser_server: Server, page: Any,
+                                               artifacts: Path) -> None:
+    from playwright.sync_api import expect
+
+    server = browser_server
+    open_client(page, server)
+    send(page, "first question")
+    replies = page.locator(".message.assistant .text")
+    expect(replies).to_have_text(["answer 1"])
+    send(page, "second question")
+    expect(replies).to_have_text(["answer 1", "answer 2"])
+    chat_id = page.url.rsplit("#", 1)[1]
+
+    last = page.locator(".message.assistant").nth(1)
+    last.get_by_role("button", name="Answer again").click()
+    expect(replies).to_have_text(["answer 1", "answer 3"])
+    expect(last.locator(".siblings span")).to_have_text("2/2")
+    last.get_by_role("button", name="Previous alternative").click()
+    expect(replies).to_have_text(["answer 1", "answer 2"])
+    expect(last.locator(".siblings span")).to_have_text("1/2")
+    expect(last.get_by_role("button", name="Previous alternative")).to_be_disabled()
+
+    page.locator(".message.user").first.get_by_role("button", name="Edit this message").click()
+    expect(page.locator("#composer-input")).to_have_value("first question")
+    send(page, "first question, edited")
+    expect(page.locator(".message.user .text")).to_have_text(["first question, edited"])
+    expect(replies).to_have_text(["answer 4"])
+    expect(page.locator(".message.user .siblings span")).to_have_text("2/2")
+    screenshot(page, artifacts, "branches")
+    assert [m["content"] for m in stored_messages(server, chat_id)] == [
+        "first question, edited", "answer 4"]
+
+    page.locator(".message.user .siblings").get_by_role("button", name="Previous alternative"
+                                                         ).click()
+    expect(replies).to_have_text(["answer 1", "answer 3"])  # its newest deepest descendant
+    page.locator(".message.assistant").first.get_by_role(
+        "button", name="Continue from here in a new chat").click()
+    expect(page.locator("#chat-list button")).to_have_count(2)
+    expect(page).not_to_have_url(re.compile(chat_id))
+    expect(page.locator(".message.user .text")).to_have_text(["first question"])
+    expect(replies).to_have_text(["answer 1"])
+    send(page, "only in the fork")
+    expect(replies).to_have_text(["answer 1", "answer 5"])
+    assert len(stored_messages(server, chat_id)) == 4  # the original: untouched

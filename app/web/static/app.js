@@ -9,6 +9,7 @@
 
 import { copyCode, renderMarkdown, snippetNodes } from "./render.js";
 import { codePointCount, placeDelta, shortTitle } from "./text.js";
+import { branchControls, diverges, forkPoint } from "./tree.js";
 
 const TOKEN_KEY = "eventchat.token";
 const PAGE_SIZE = 50;
@@ -57,6 +58,7 @@ const state = {
   ws: null,
   attempts: 0,
   retryTimer: null,
+  editing: null, // the user message the composer's text is to replace (an edit), or null
 };
 
 // -- token -------------------------------------------------------------------------------
@@ -295,6 +297,10 @@ function onStatus(frame) {
 }
 
 function onHistory(frame) {
+  if (diverges(frame.messages, ui.list, ui.loadOlder.hidden)) {
+    loadChat(state.chatId, { push: false }); // another branch: show it from the views
+    return;
+  }
   for (const message of frame.messages) renderMessage(message);
   state.lastSeq = Math.max(state.lastSeq, frame.last_seq);
 }
@@ -591,6 +597,7 @@ function renderMessage(message) {
       && ui.list.querySelector(`[data-client-id="${CSS.escape(message.client_message_id)}"]`);
     const node = renderUserMessage(message, pending ? message.client_message_id : null);
     setState(node, "sent");
+    showBranch(node, message);
     return;
   }
   const reply = replyView(message.response_id);
@@ -612,6 +619,48 @@ function renderMessage(message) {
     });
   }
   if (message.error) showReplyError(reply, message.error);
+  showBranch(reply.node, message);
+}
+
+// -- branches ----------------------------------------------------------------------------
+
+const branchActions = {
+  branch: (seq) => request(`/chat/${state.chatId}/branch`, { seq },
+    () => loadChat(state.chatId, { push: false })),
+  regenerate: (seq) => wsSend({ event: "regenerate", chat_id: state.chatId, seq,
+    client_message_id: newClientId() }),
+  edit: (message) => {
+    state.editing = message.seq;
+    ui.input.value = message.content;
+    ui.input.dataset.placeholder ??= ui.input.placeholder;
+    ui.input.placeholder = "Edit the message (Esc cancels)";
+    ui.input.focus();
+  },
+  fork: (seq) => {
+    const node = ui.list.querySelector(`[data-seq="${seq}"]`);
+    request(`/chat/${state.chatId}/fork`, { at_seq: forkPoint(node, state.lastSeq) }, (chat) => {
+      refreshChats();
+      openChat(chat.id);
+    });
+  },
+};
+
+function showBranch(node, message) {
+  node.querySelector(".branch")?.remove();
+  if (message.seq != null) node.append(branchControls(message, branchActions));
+}
+
+async function request(path, body, then) {
+  try {
+    then(await api(path, { method: "POST", body }));
+  } catch (error) {
+    showAlert(error.message);
+  }
+}
+
+function stopEditing() {
+  state.editing = null;
+  ui.input.placeholder = ui.input.dataset.placeholder ?? ui.input.placeholder;
 }
 
 function rejectMessage(item, clientId, reason) {
@@ -956,6 +1005,12 @@ async function submitComposer(event) {
   const text = ui.input.value;
   if (!text.trim()) return;
   ui.input.value = "";
+  if (state.editing != null) { // the edited message and its answer replace the branch shown
+    wsSend({ event: "edit", chat_id: state.chatId, seq: state.editing, message: text,
+      client_message_id: newClientId() });
+    stopEditing();
+    return;
+  }
   if (!(await sendMessage(text))) ui.input.value = text;
   ui.input.focus();
 }
@@ -1127,6 +1182,9 @@ function onEscape(event) {
     ui.toggleSidebar.focus();
   } else if (!ui.stop.hidden) {
     stopResponse();
+  } else if (state.editing != null) {
+    stopEditing();
+    ui.input.value = "";
   } else {
     return;
   }

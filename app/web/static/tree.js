@@ -1,0 +1,78 @@
+// The message tree on the page: "‹ 2/3 ›" between a message's alternatives, and the edit,
+// regenerate and fork buttons. app.js sends the requests; this module builds the controls and
+// tells when a history frame continues another branch than the one shown.
+
+function button(label, title, onClick) {
+  const node = document.createElement("button");
+  node.type = "button";
+  node.className = "link";
+  node.textContent = label;
+  node.title = title;
+  node.setAttribute("aria-label", title);
+  if (onClick) node.addEventListener("click", onClick);
+  else node.disabled = true;
+  return node;
+}
+
+/**
+ * The controls of one stored message; `actions` has `branch(seq)`, `edit(message)`,
+ * `regenerate(seq)` and `fork(seq)`.
+ */
+export function branchControls(message, actions) {
+  const bar = document.createElement("div");
+  bar.className = "branch";
+  const siblings = message.siblings || [message.seq];
+  if (siblings.length > 1) {
+    const at = siblings.indexOf(message.seq);
+    const nav = document.createElement("span");
+    nav.className = "siblings";
+    const count = document.createElement("span");
+    count.textContent = `${at + 1}/${siblings.length}`;
+    nav.append(
+      button("‹", "Previous alternative", at > 0 ? () => actions.branch(siblings[at - 1]) : null),
+      count,
+      button("›", "Next alternative",
+        at < siblings.length - 1 ? () => actions.branch(siblings[at + 1]) : null),
+    );
+    bar.append(nav);
+  }
+  if (message.role === "user") {
+    bar.append(button("Edit", "Edit this message", () => actions.edit(message)));
+  } else {
+    bar.append(button("Regenerate", "Answer again", () => actions.regenerate(message.seq)),
+      button("Fork", "Continue from here in a new chat", () => actions.fork(message.seq)));
+  }
+  return bar;
+}
+
+/** The next shown message after `node` that has a seq (streaming replies have none yet). */
+function nextStored(node) {
+  let next = node.nextElementSibling;
+  while (next && !next.dataset.seq) next = next.nextElementSibling;
+  return next;
+}
+
+/**
+ * Whether `messages` (of a history frame) belong to another branch than the one `list`
+ * shows: one of them follows a shown message that another message already follows.
+ * `complete` says the list starts at the chat's first message.
+ */
+export function diverges(messages, list, complete) {
+  for (const message of messages) {
+    if (list.querySelector(`[data-seq="${message.seq}"]`)) continue;
+    if (message.parent_seq == null) {
+      const first = list.querySelector("[data-seq]");
+      if (complete && first) return true;
+      continue;
+    }
+    const parent = list.querySelector(`[data-seq="${message.parent_seq}"]`);
+    if (parent && nextStored(parent)) return true;
+  }
+  return false;
+}
+
+/** The event a fork from the message shown as `node` copies up to: that message's turn. */
+export function forkPoint(node, lastSeq) {
+  const next = nextStored(node);
+  return next ? Number(next.dataset.seq) - 1 : lastSeq;
+}
