@@ -417,7 +417,7 @@ class Turn:
                 if call.approval == "approved":
                     return None
                 if call.approval == "denied":
-                    return call.reason or "denied"
+                    return call.reason or ""
                 waited = (datetime.now(UTC) - (call.requested_at or datetime.now(UTC)))
                 self._decision = trio.Event()
                 with trio.move_on_after(max(0.0, timeout - waited.total_seconds())) as expiry:
@@ -497,7 +497,8 @@ def _decode_arguments(raw: str) -> Any:
 
 
 def _denial(reason: str) -> str:
-    return f"denied: {reason}"
+    """The error a denied call is recorded with, and the model told."""
+    return f"denied: {reason}" if reason else "denied"
 
 
 def _tool_message(call: ToolCallState) -> dict[str, Any]:
