@@ -191,6 +191,17 @@ async def test_sse_follow_resume_and_websocket_turn(settings: Settings) -> None:
                [e["event"] for e in whole if "frame" in e and e["event"] != "ai_response"][1:]
         assert whole[-1]["frame"]["messages"] == ws_frames[-1]["messages"]
         assert any(e.get("comment") == "keep-alive" for e in seen + whole)
+        # resumed from the middle of the reply once it has ended: the rest, from the log
+        middle = next(e for e in seen if e.get("event") == "ai_response")
+        later: list[dict[str, Any]] = []
+        async with SseClient(server, url, {**bearer, "Last-Event-ID": middle["id"]}) as late:
+            await read_turn(late, later)
+        start = int(middle["id"].split(":")[1])
+        assert text_of(later, start)[0] == text[start:]
+        assert [e["event"] for e in later if not e["event"] == "ai_response"] == \
+               ["backend_status", "chat_history"]
+        assert later[-1]["frame"]["messages"] == whole[-1]["frame"]["messages"]
+        assert [e["frame"]["message"] for e in later if e["frame"].get("done")] == [text]
 
         async def none_left() -> bool:
             return await subscriptions(server) == 0
