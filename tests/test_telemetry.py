@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import h11
+import pytest
 import trio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -21,9 +22,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from app.config import Settings
 from app.llm.base import ModelRequest, TextDelta, ToolContext
+from app.llm.errors import LLMError, ToolError
 from app.llm.offline import OfflineProvider
 from app.llm.tools import default_registry
 from app.telemetry import Telemetry
@@ -191,3 +194,27 @@ def test_the_settings_read_the_standard_variable() -> None:
     assert s.otel_exporter_otlp_endpoint == "http://collector:4318" and s.otel_content
     assert settings_of({}).otel_exporter_otlp_endpoint is None
     assert not settings_of({}).otel_content
+
+
+async def test_failures_are_recorded_on_their_spans(tmp_path: Path) -> None:
+    telemetry, exporter = in_memory()
+    settings = base_settings(tmp_path)
+    tools = default_registry(settings)
+    provider = telemetry.instrument(OfflineProvider(settings), tools)
+    with telemetry.turn("chat-1", "r-1", "offline"):
+        with pytest.raises(LLMError) as model_error:
+            async with provider.stream(ModelRequest([{"role": "user", "content": "/fail"}])
+                                       ) as items:
+                async for _ in items:
+                    pass
+        with pytest.raises(ToolError) as tool_error:
+            await tools.call("calculator", '{"expression": "1/0"}',
+                             ToolContext("alice", "chat-1", "call-1"))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    for name, error in (("chat offline", model_error.value),
+                        ("execute_tool calculator", tool_error.value)):
+        span = spans[name]
+        assert span.attributes is not None
+        assert span.attributes["error.type"] == error.code
+        assert span.status.status_code is StatusCode.ERROR
+    assert spans["invoke_agent eventchat"].status.status_code is StatusCode.UNSET
