@@ -735,3 +735,61 @@ def test_edit_regenerate_alternatives_and_fork(browser_server: Server, page: Any
     send(page, "only in the fork")
     expect(replies).to_have_text(["answer 1", "answer 5"])
     assert len(stored_messages(server, chat_id)) == 4  # the original: untouched
+
+
+def test_the_replay_player_and_the_exports(browser_server: Server, page: Any,
+                                           artifacts: Path) -> None:
+    from playwright.sync_api import expect
+
+    server = browser_server
+    with httpx.Client(base_url=server.base_url, headers=server.headers(), timeout=20) as c:
+        chat_id = c.post("/generate", json={"message": "what is 12*7"}).json()["chat_id"]
+        c.post("/generate", json={"message": "/fail", "chat_id": chat_id})
+        log = c.get(f"/chat/{chat_id}/events").json()["events"]
+    head = log[-1]["seq"]
+    batch = next(e for e in log if e["type"] == "TokensGenerated")
+    page.goto(f"{server.base_url}/?token={server.tokens['alice']}#{chat_id}")
+    expect(page.locator(".message.assistant")).to_have_count(2)
+    page.click("#replay-chat")
+    player = page.locator("#player")
+    expect(page.locator("#player-at")).to_have_text(f"seq {head} of {head}: ResponseFailed")
+    expect(player.locator(".player-message.assistant").last).to_have_attribute(
+        "data-status", "failed")
+
+    # the scrubber: the chat as it was right after the first batch of text
+    page.eval_on_selector("#player-scrub", """(el, seq) => {
+        el.value = String(seq); el.dispatchEvent(new Event("input")); }""", batch["seq"])
+    expect(page.locator("#player-at")).to_have_text(
+        f"seq {batch['seq']} of {head}: TokensGenerated")
+    streaming = player.locator(".player-message.assistant")
+    expect(streaming).to_have_count(1)
+    expect(streaming).to_have_attribute("data-status", "streaming")
+    expect(streaming.locator(".player-text")).to_have_text(batch["data"]["text"])
+    expect(streaming.locator(".player-tools")).to_contain_text(
+        '⚙ calculator({"expression":"12*7"}) → 84')
+
+    # play from the start, paced as the model streamed it; the live view is untouched
+    page.eval_on_selector("#player-scrub", """el => {
+        el.value = "0"; el.dispatchEvent(new Event("input")); }""")
+    page.select_option("#player-speed", "2")
+    page.click("#player-play")
+    expect(page.locator("#player-play")).to_have_text("Pause")
+    expect(player.locator(".player-message.user").first).to_contain_text("what is 12*7")
+    screenshot(page, artifacts, "replay-player")
+    expect(page.locator("#player-play")).to_have_text("Play")
+    expect(page.locator("#player-at")).to_have_text(f"seq {head} of {head}: ResponseFailed")
+    replies = player.locator(".player-message.assistant")
+    expect(replies).to_have_count(2)
+    expect(replies.first).to_have_attribute("data-status", "complete")
+    expect(replies.first.locator(".player-text")).to_have_text("12*7 = 84.")
+    expect(replies.last).to_have_attribute("data-status", "failed")
+    expect(page.locator(".message.assistant")).to_have_count(2)
+
+    page.click("#export-menu summary")
+    with page.expect_download() as download:
+        page.click("[data-export='markdown']")
+    text = Path(download.value.path()).read_text()
+    assert download.value.suggested_filename == f"chat-{chat_id}.md"
+    assert "## User · seq 2" in text and "calculator" in text and "**failed**" in text
+    page.click("#player-close")
+    expect(player).to_be_hidden()

@@ -7,6 +7,7 @@
 // REST pages, `chat_history` frames and a resumed stream can overlap in any order without
 // doubling or losing anything.
 
+import { createPlayer, download } from "./player.js";
 import { copyCode, renderMarkdown, snippetNodes } from "./render.js";
 import { codePointCount, placeDelta, shortTitle } from "./text.js";
 import { branchControls, diverges, forkPoint } from "./tree.js";
@@ -60,6 +61,8 @@ const state = {
   retryTimer: null,
   editing: null, // the user message the composer's text is to replace (an edit), or null
 };
+
+const player = createPlayer({ api, send: wsSend });
 
 // -- token -------------------------------------------------------------------------------
 
@@ -191,6 +194,7 @@ function setConnection(kind, text) {
 // -- frames ------------------------------------------------------------------------------
 
 function handleFrame(frame) {
+  if (frame.replay) return player.onFrame(frame); // the replay player's, not the live view's
   if (frame.event === "ack") return onAck(frame);
   if (frame.event === "error") return onError(frame);
   if (frame.chat_id !== state.chatId) return; // a chat this page no longer shows
@@ -718,6 +722,7 @@ function formatWhen(iso) {
 
 function clearChatView() {
   state.view += 1;
+  player.close();
   ui.logCheck.hidden = true;
   ui.chatActions.hidden = true;
   state.responses.clear();
@@ -1234,6 +1239,16 @@ function wire() {
   });
   window.addEventListener("online", () => { if (!state.ws) { state.attempts = 0; connect(); } });
   ui.renameChat.addEventListener("click", askRename);
+  $("replay-chat").addEventListener("click", () => {
+    if (state.chatId) player.open(state.chatId).catch((error) => showAlert(error.message));
+  });
+  for (const button of document.querySelectorAll("[data-export]")) {
+    button.addEventListener("click", () => {
+      $("export-menu").open = false;
+      download(state.chatId, button.dataset.export, state.token)
+        .catch((error) => showAlert(error.message));
+    });
+  }
   ui.deleteChat.addEventListener("click", askDelete);
   ui.renameForm.addEventListener("submit", rename);
   ui.deleteForm.addEventListener("submit", deleteChat);
