@@ -90,7 +90,8 @@ async def test_ack_means_durable(server: Server) -> None:
         log = (await c.get(f"/chat/{ack['chat_id']}/events")).json()["events"]
         stored = [e for e in log if e["seq"] == ack["seq"]]
         assert stored[0]["type"] == "MessageReceived"
-        assert stored[0]["data"] == {"text": "keep this", "client_message_id": "k", "model": None}
+        assert stored[0]["data"] == {"text": "keep this", "client_message_id": "k", "model": None,
+                                     "parent_seq": None, "edit_of": None}
 
 
 async def test_resending_a_client_message_id_creates_nothing(server: Server) -> None:
