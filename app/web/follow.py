@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from uuid import UUID
@@ -182,15 +182,12 @@ class Follower:
         if resume is None:
             chunk = self.encode([await self.feed.history(state, after_seq)])
             return chunk + self.encode(self.feed.in_progress(state))
-        chunks = []
-        async for frames in self._missed(resume, state):
-            chunks.append(self.encode(frames))
+        chunk = await self._missed(resume, state)
         if state.response is not None:
-            chunks.append(self.encode(self.feed.in_progress(state)))
-        return b"".join(chunks)
+            chunk += self.encode(self.feed.in_progress(state))
+        return chunk
 
-    async def _missed(self, resume: Position, state: LiveState
-                      ) -> AsyncIterator[list[Frame]]:
+    async def _missed(self, resume: Position, state: LiveState) -> bytes:
         """The frames of the events after ``resume.seq`` up to the subscription's start,
         the reply running at ``resume.seq`` taken up at ``resume.offset``."""
         store = self.svc.store
@@ -203,8 +200,8 @@ class Follower:
         if current is not None:
             self.running = current.response_id
             self._take_up(current, events, state, resume.offset)
-        for event in events:
-            yield await self.frames(event)
+        chunks = [self.encode(await self.frames(event)) for event in events]
+        return b"".join(chunks)
 
     def _take_up(self, current: ActiveResponse, events: list[ChatSession.Event],
                  state: LiveState, offset: int) -> None:
@@ -245,7 +242,8 @@ class Follower:
     async def chunks(self, opening: bytes) -> AsyncGenerator[bytes, None]:
         """The body: the opening, then live frames and keep-alive comments until the client
         leaves, the follower is dropped, the chat is deleted or the server stops."""
-        yield opening
+        if opening:
+            yield opening
         stop, wait_s = self.svc.disconnect, self.svc.settings.sse_keepalive_s
         while not stop.is_set():
             try:
