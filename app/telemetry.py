@@ -23,6 +23,7 @@ recorded on the span (``error.type``: the error's ``code``).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
@@ -53,6 +54,9 @@ from .llm.tools import ToolCall, ToolRegistry
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
+log = logging.getLogger(__name__)
+#: Longest wait for the last spans' export at shutdown.
+FLUSH_S = 3.0
 #: ``gen_ai.agent.name`` of the turn spans.
 AGENT = "eventchat"
 #: The chat whose turn runs in this task (``gen_ai.conversation.id`` of the model calls).
@@ -72,7 +76,7 @@ class Telemetry:
     @classmethod
     def from_settings(cls, settings: Settings) -> Telemetry | None:
         """An OTLP exporter to ``settings.otel_exporter_otlp_endpoint``, or None (nothing
-        imported) when it is not set."""
+        imported) when it is not set. Blocking (imports): run it in a worker thread."""
         endpoint = settings.otel_exporter_otlp_endpoint
         if not endpoint:
             return None
@@ -87,12 +91,16 @@ class Telemetry:
         provider = TracerProvider(resource=resource)
         exporter = OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")
         provider.add_span_processor(BatchSpanProcessor(exporter))
+        log.info("traces: OTLP/HTTP to %s/v1/traces%s", endpoint.rstrip("/"),
+                 ", with message content" if settings.otel_content else "")
         return cls(provider.get_tracer("eventchat"), settings.otel_content, provider.shutdown)
 
     async def aclose(self) -> None:
-        """Exports the spans still waiting (in a worker thread: the exporter blocks)."""
+        """Exports the spans still waiting, for at most ``FLUSH_S`` (in a worker thread,
+        left behind after that: a collector that is down never holds a shutdown up)."""
         if self._shutdown is not None:
-            await trio.to_thread.run_sync(self._shutdown)
+            with trio.move_on_after(FLUSH_S):
+                await trio.to_thread.run_sync(self._shutdown, abandon_on_cancel=True)
 
     # -- hooks ------------------------------------------------------------------------------
 

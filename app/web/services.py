@@ -270,7 +270,7 @@ async def build_services(
         tools = default_registry(settings)
         register_search_tool(tools, views)
     if telemetry is None:
-        telemetry = Telemetry.from_settings(settings)
+        telemetry = await trio.to_thread.run_sync(Telemetry.from_settings, settings)
         if telemetry is not None:
             owned.append(telemetry)
     if telemetry is not None:
