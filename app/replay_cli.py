@@ -59,7 +59,9 @@ def _line(beat: Beat, tools: dict[str, str]) -> str | None:
     if isinstance(e, ChatSession.ToolFailed):
         return f" !! {e.error} ({e.duration_ms:g} ms)\n"
     if isinstance(e, ChatSession.ResponseEnded):
-        error = getattr(e, "error", None) or getattr(e, "reason", None)
-        detail = f": {error}" if error else ""
+        error = getattr(e, "error", None)
+        if isinstance(error, dict):
+            error = f"{error.get('code')} ({error.get('message')})"
+        detail = f": {error or getattr(e, 'reason', '')}".rstrip(": ")
         return f"\n  [{seq}] {ending_status(e)}{detail}\n"
     return None
