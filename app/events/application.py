@@ -86,10 +86,11 @@ class UnfinishedChats:
     def __init__(self, app: ChatApplication) -> None:
         self.app = app
         self.position = 0
-        self._received = _topic(ChatSession.MessageReceived)
+        #: what asks for an answer: a message, or a regenerate of one
+        self._received = {_topic(ChatSession.MessageReceived), _topic(ChatSession.Regenerated)}
         self._endings = {_topic(cls) for cls in ChatSession.ENDINGS}
         self._deleted = _topic(ChatSession.Deleted)
-        self._topics = [self._received, _topic(ChatSession.ResponseStarted), *self._endings,
+        self._topics = [*self._received, _topic(ChatSession.ResponseStarted), *self._endings,
                         self._deleted]
         #: chat -> waiting messages + open responses, for chats where that is not zero
         self._owed: dict[UUID | str, int] = {}
@@ -104,7 +105,7 @@ class UnfinishedChats:
                     self._owed.pop(n.originator_id, None)
                     continue
                 # received +1, started 0 (+1 open response, -1 waiting message), ended -1
-                step = 1 if n.topic == self._received else (-1 if n.topic in self._endings else 0)
+                step = 1 if n.topic in self._received else (-1 if n.topic in self._endings else 0)
                 owed = self._owed.get(n.originator_id, 0) + step
                 if owed:
                     self._owed[n.originator_id] = owed

@@ -91,6 +91,9 @@ async def test_unfinished_chats_are_followed_incrementally(settings: Settings) -
     await store.save(answered)
     assert await store.run(unfinished.scan) == [waiting.id]
     assert unfinished.position == await store.max_position() > position
+    answered.regenerate()  # asks for an answer again, as a message does
+    await store.save(answered)
+    assert set(await store.run(unfinished.scan)) == {waiting.id, answered.id}
     store.close()
 
 
@@ -118,5 +121,40 @@ async def test_a_chat_recorded_before_max_tokens_existed_loads_with_none(
         loaded.receive_message("still works")
         await store.save(loaded)
         assert (await store.get(chat.id)).history[0]["content"] == "still works"
+    finally:
+        store.close()
+
+
+async def test_messages_recorded_before_the_tree_read_as_one_line(settings: Settings) -> None:
+    """``MessageReceived`` of version 2 (no ``parent_seq``): each message follows the chat's
+    leaf when it was recorded, and the chat branches from there on."""
+    from dataclasses import replace
+
+    from eventsourcing.persistence import Mapper
+
+    store = await open_store(settings)
+    try:
+        mapper = Mapper(store.app.mapper.transcoder)  # as they wrote it: no chat keys
+        chat = ChatSession.start("alice", "old")
+        for text in ("q1", "q2"):
+            chat.receive_message(text)
+            rid = chat.start_response("m", "offline")
+            chat.record_tokens(rid, f"answer to {text}", 1)
+            chat.complete_response(rid, "m", "stop", {}, {})
+        old = []
+        for event in chat.collect_events():
+            stored = mapper.to_stored_event(event)
+            if isinstance(event, ChatSession.MessageReceived):
+                state = mapper.transcoder.decode(stored.state)
+                del state["parent_seq"], state["edit_of"]
+                state["class_version"] = 2
+                stored = replace(stored, state=mapper.transcoder.encode(state))
+            old.append(stored)
+        await trio.to_thread.run_sync(store.app.recorder.insert_events, old)
+        loaded = await store.get(chat.id)
+        assert [m["content"] for m in loaded.history] == [
+            "q1", "answer to q1", "q2", "answer to q2"]
+        loaded.receive_message("q2 again", edit_of=loaded.history[2]["seq"])
+        assert [m["content"] for m in loaded.context(10)] == ["q1", "answer to q1", "q2 again"]
     finally:
         store.close()
