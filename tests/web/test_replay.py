@@ -132,7 +132,7 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
                 # that cannot be replayed get errors in the contract's shape
                 await send(viewer, {"event": "replay", "chat_id": chat_id, "speed": 1})
                 short = await replayed(viewer, {"chat_id": chat_id, "to_seq": 3, "speed": 0})
-                with trio.move_on_after(1.0):
+                with trio.move_on_after(0.6):
                     extra = await receive(viewer)
                     raise AssertionError(f"the replaced replay went on: {extra}")
                 assert short == [{"event": "replay_done", "chat_id": chat_id, "last_seq": 3,
@@ -162,7 +162,7 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
                     while (await receive(both)).get("code") != "unknown_event":
                         pass
                     after_stop = []
-                    with trio.move_on_after(1.0):
+                    with trio.move_on_after(0.6):
                         while True:
                             after_stop.append(await receive(both))
             assert calls == len(upstream.requests) - 1  # only the live turn's call
