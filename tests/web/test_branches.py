@@ -15,6 +15,8 @@ from tests.fakes.openai_server import FakeOpenAIServer, StreamReply, fake_openai
 from .conftest import receive, receive_until, running_server, send, web_settings
 
 Frames = list[dict[str, Any]]
+#: The messages, edits and regenerates the test has admitted by its end: the user's limit.
+ADMITTED = 11
 
 
 def numbered_replies() -> Any:
@@ -52,7 +54,8 @@ async def branch(http: httpx.AsyncClient, chat_id: str) -> list[tuple[str, str, 
 async def test_edit_regenerate_branch_and_fork(settings: Any) -> None:
     async with fake_openai_server(default=numbered_replies()) as upstream:
         s = web_settings(settings, provider="openai", openai_base_url=upstream.base_url,
-                         openai_api_key="test-key", model="fake-model", max_retries=0)
+                         openai_api_key="test-key", model="fake-model", max_retries=0,
+                         messages_per_minute=ADMITTED)
         async with running_server(s) as server, server.websocket() as ws, \
                 server.client() as http:
             await check_branches(ws, http, server.client("bob"), upstream)
@@ -187,3 +190,10 @@ async def check_branches(ws: Any, http: httpx.AsyncClient, stranger: httpx.Async
     assert json.dumps(await events(http, cid)).count("in the fork") == 0
     with trio.fail_after(5):
         assert (await http.get(f"/chat/{cid}/audit")).json()["valid"] is True
+
+    # edits and regenerates count as messages against the user's per-minute limit
+    await send(ws, {"event": "regenerate", "chat_id": cid})
+    assert (await receive(ws))["code"] == "rate_limited"
+    limited = await http.post(f"/chat/{cid}/edit", json={"seq": seqs["q1"], "message": "more"})
+    assert limited.status_code == 429 and limited.headers["Retry-After"]
+    assert len(await events(http, cid)) == count
