@@ -183,8 +183,9 @@ class Follower:
             chunk = self.encode([await self.feed.history(state, after_seq)])
             return chunk + self.encode(self.feed.in_progress(state))
         chunk = await self._missed(resume, state)
-        if state.response is not None:
-            chunk += self.encode(self.feed.in_progress(state))
+        if state.response is not None:  # its waiting tool calls were sent with their events
+            chunk += self.encode([f for f in self.feed.in_progress(state)
+                                  if f["event"] != "tool_approval"])
         return chunk
 
     async def _missed(self, resume: Position, state: LiveState) -> bytes:

@@ -91,6 +91,18 @@ class SseClient:
                        "frame": json.loads(fields["data"])}
 
 
+async def events_until(events: AsyncIterator[dict[str, Any]], name: str
+                       ) -> list[dict[str, Any]]:
+    """Events up to and including the first one named ``name``."""
+    seen = []
+    with trio.fail_after(10):
+        async for event in events:
+            seen.append(event)
+            if event.get("event") == name:
+                return seen
+    raise AssertionError(f"the stream ended before {name}")
+
+
 def is_turn_end(event: dict[str, Any]) -> bool:
     return "frame" in event and turn_done(event["frame"])
 
@@ -126,8 +138,8 @@ def text_of(events: list[dict[str, Any]], start: int = 0) -> tuple[str, list[int
 
 
 async def test_sse_follow_resume_and_websocket_turn(settings: Settings) -> None:
-    async with running_server(web_settings(settings, sse_keepalive_s=0.2)) as server, \
-            server.client() as c:
+    s = web_settings(settings, sse_keepalive_s=0.2, approval_tools=("calculator",))
+    async with running_server(s) as server, server.client() as c:
         chat_id = (await c.post("/chat", json={})).json()["id"]
         url = f"/chat/{chat_id}/stream"
         # the rules of the other routes: the token, someone else's chat, a bad id
@@ -202,6 +214,29 @@ async def test_sse_follow_resume_and_websocket_turn(settings: Settings) -> None:
                ["backend_status", "chat_history"]
         assert later[-1]["frame"]["messages"] == whole[-1]["frame"]["messages"]
         assert [e["frame"]["message"] for e in later if e["frame"].get("done")] == [text]
+
+        # a tool call waiting for approval: shown to a follower that joins, not again to one
+        # that resumes after it
+        async with server.websocket() as ws, SseClient(server, url, bearer) as watcher:
+            async with aclosing(watcher.events()) as events:
+                await send(ws, {"event": "user_message", "chat_id": chat_id,
+                                "message": "what is 6*7", "client_message_id": "w2"})
+                asked = await events_until(events, "tool_approval")
+            async with SseClient(server, url, bearer) as joining:
+                async with aclosing(joining.events()) as events:
+                    opening = [await events.__anext__(), await events.__anext__()]
+            assert [e["event"] for e in opening] == ["chat_history", "tool_approval"]
+            assert opening[1]["frame"] == asked[-1]["frame"]
+            after: list[dict[str, Any]] = []
+            headers = {**bearer, "Last-Event-ID": asked[-1]["id"]}
+            async with SseClient(server, url, headers) as back, trio.open_nursery() as nursery:
+                nursery.start_soon(read_turn, back, after)
+                await trio.sleep(0.2)
+                decision = {"call_id": asked[-1]["frame"]["call_id"], "approve": True}
+                r = await c.post(f"/chat/{chat_id}/tool-decision", json=decision)
+                assert r.status_code == 200, r.text
+        assert "tool_approval" not in [e.get("event") for e in after]
+        assert "42" in after[-1]["frame"]["messages"][-1]["content"]
 
         async def none_left() -> bool:
             return await subscriptions(server) == 0
