@@ -229,6 +229,8 @@ class Follower:
         async with aclosing(self.feed.frames(item)) as produced:
             frames = [frame async for frame in produced]
         if isinstance(item, TokenDelta):
+            if self.running is None:  # a reply whose start this follower did not see
+                self.running = item.response_id
             return frames
         if isinstance(item, ChatSession.ResponseStarted):
             self.running = item.response_id
