@@ -340,16 +340,16 @@ def _replay(settings: Settings, args: argparse.Namespace) -> None:
         raise CommandError("--speed is between 0 (at once) and 1000", 2)
     _existing_data_dir(settings)
     app = _open_app(settings)
-    if args.live:
-        from .replay_cli import replay_live
-
-        replay_live(chat_events(app, args.chat_id, args.until_seq or None), args.speed)
-        return
     if args.until_seq == 0:
         chat_records(app, args.chat_id, limit=1)  # the chat exists (else: no chat)
         if not args.json:
             print(f"chat {args.chat_id} at seq 0: not created yet (its first event, seq 1, "
                   "creates it)")
+        return
+    if args.live:
+        from .replay_cli import replay_live
+
+        replay_live(chat_events(app, args.chat_id, args.until_seq), args.speed)
         return
     for record in chat_records(app, args.chat_id, until_seq=args.until_seq):
         print(json.dumps(record) if args.json else describe(record))

@@ -43,6 +43,8 @@ Parsed = TypeVar("Parsed", bound=BaseModel)
 ws = Blueprint("ws", __name__)
 
 OUTBOUND_FRAMES = 1024
+#: How often a replay waiting for room in the outbound queue looks again.
+REPLAY_BACKOFF_S = 0.01
 PENDING_MESSAGES = 32
 CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN = 1001, 1013
 #: Queued after the last frames on shutdown: the writer closes the connection on reaching it.
@@ -222,12 +224,15 @@ class Connection:
             self.close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")
 
     async def send(self, frame: Frame) -> None:
-        """Queues a frame, waiting while the queue is full (a replay goes at the client's
-        pace; live frames keep ``put``'s rule)."""
-        if self.out_send is None:
-            self.put(frame)
-            return
-        await self.out_send.send(frame)
+        """Queues a frame once the queue is less than half full: a replay goes at the
+        client's pace and leaves the other half to live frames (which keep ``put``'s rule)."""
+        while self._crowded():  # noqa: ASYNC110 - a channel tells no one that it has room
+            await trio.sleep(REPLAY_BACKOFF_S)
+        self.put(frame)
+
+    def _crowded(self) -> bool:
+        queue = self.out_send
+        return queue is not None and queue.statistics().current_buffer_used >= OUTBOUND_FRAMES // 2
 
     # -- tasks ------------------------------------------------------------------------------
 
