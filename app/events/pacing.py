@@ -67,7 +67,8 @@ def _pieces(event: ChatSession.TokensGenerated, began: datetime | None,
     if began is None or sum(size for size, _ in chunks) != len(event.text) or not chunks:
         yield Piece(_since(event.timestamp, start), event.offset, event.text)
         return
-    cut, origin = 0, _since(began, start)
+    # the reply may have begun before the replay's first event (a replay from its middle)
+    cut, origin = 0, (began - start).total_seconds()
     previous = 0.0
     for size, at_ms in chunks:
         previous = max(previous, origin + at_ms / 1000)
