@@ -120,6 +120,17 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
                 assert signature(whole[:-1]) == signature(frames)
                 assert offsets_hold(whole) and len(whole) > len(frames)  # chunks, not batches
 
+                # from the middle of a reply: the rest of its text, at its offsets
+                batch = next(e for e in log if e["type"] == "TokensGenerated"
+                             and e["data"]["offset"] > 0)
+                middle = await replayed(viewer, {"chat_id": chat_id, "speed": 0,
+                                                 "from_seq": batch["seq"] - 1})
+                rest = [f for f in middle if is_delta(f)
+                        and f["response_id"] == batch["data"]["response_id"]]
+                done = next(f for f in middle if f["event"] == "ai_response" and f["done"])
+                assert rest[0]["offset"] == batch["data"]["offset"]
+                assert done["message"][rest[0]["offset"]:] == "".join(f["delta"] for f in rest)
+
                 # the first reply alone, at speed 1: its pacing
                 first_end = next(e["seq"] for e in log if e["type"] == "ResponseCompleted")
                 paced = []
