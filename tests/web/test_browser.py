@@ -726,7 +726,7 @@ def test_edit_regenerate_alternatives_and_fork(browser_server: Server, page: Any
     page.locator(".message.user .siblings").get_by_role("button", name="Previous alternative"
                                                          ).click()
     expect(replies).to_have_text(["answer 1", "answer 3"])  # its newest deepest descendant
-    page.locator(".message.assistant").first.get_by_role(
+    page.locator(".message.user").first.get_by_role(  # the question and its answer
         "button", name="Continue from here in a new chat").click()
     expect(page.locator("#chat-list button")).to_have_count(2)
     expect(page).not_to_have_url(re.compile(chat_id))

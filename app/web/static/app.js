@@ -640,9 +640,18 @@ const branchActions = {
     ui.input.placeholder = "Edit the message (Esc cancels)";
     ui.input.focus();
   },
-  fork: (seq) => {
+  fork: async (seq) => {
     const node = ui.list.querySelector(`[data-seq="${seq}"]`);
-    request(`/chat/${state.chatId}/fork`, { at_seq: forkPoint(node, state.lastSeq) }, (chat) => {
+    const chatId = state.chatId;
+    const events = (after) => api(`/chat/${chatId}/events?after_seq=${after}&limit=500`);
+    let atSeq;
+    try {
+      atSeq = await forkPoint(node, events);
+    } catch (error) {
+      showAlert(error.message);
+      return;
+    }
+    request(`/chat/${chatId}/fork`, { at_seq: atSeq }, (chat) => {
       refreshChats();
       openChat(chat.id);
     });

@@ -39,9 +39,9 @@ export function branchControls(message, actions) {
   if (message.role === "user") {
     bar.append(button("Edit", "Edit this message", () => actions.edit(message)));
   } else {
-    bar.append(button("Regenerate", "Answer again", () => actions.regenerate(message.seq)),
-      button("Fork", "Continue from here in a new chat", () => actions.fork(message.seq)));
+    bar.append(button("Regenerate", "Answer again", () => actions.regenerate(message.seq)));
   }
+  bar.append(button("Fork", "Continue from here in a new chat", () => actions.fork(message.seq)));
   return bar;
 }
 
@@ -71,8 +71,24 @@ export function diverges(messages, list, complete) {
   return false;
 }
 
-/** The event a fork from the message shown as `node` copies up to: that message's turn. */
-export function forkPoint(node, lastSeq) {
-  const next = nextStored(node);
-  return next ? Number(next.dataset.seq) - 1 : lastSeq;
+const ENDINGS = new Set(["ResponseCompleted", "ResponseFailed", "ResponseStopped",
+  "ResponseInterrupted"]);
+
+/**
+ * The event a fork from the message shown as `node` is taken at: the end of that message's
+ * turn (its reply's ending event, read from the log with `events(afterSeq)`), where the
+ * branch shown up to that turn was the active one. A question with no reply: itself.
+ */
+export async function forkPoint(node, events) {
+  const reply = node.classList.contains("user") ? nextStored(node) : node;
+  if (!reply || !reply.dataset.responseId) return Number(node.dataset.seq);
+  let after = Number(reply.dataset.seq);
+  for (;;) {
+    const page = await events(after);
+    const end = page.events.find((e) => ENDINGS.has(e.type)
+      && e.data.response_id === reply.dataset.responseId);
+    if (end) return end.seq;
+    if (!page.events.length) return Number(node.dataset.seq);
+    after = page.next_after_seq;
+  }
 }
