@@ -295,10 +295,10 @@ class SessionActor:
         if self.owns and self.turn is None and self.chat.current is None and not self.chat.pending:
             # Nothing to wait for: its response starts in the same transaction, and the
             # model is called while that transaction commits (``_settle``).
-            model, early = command.model or self._model(), uuid4().hex
-            provider = upstream_name(self.provider, model)
-            mutations.append(lambda chat: chat.start_response(model, provider, early))
+            early = uuid4().hex
+            mutations.append(lambda chat: self._start_early(chat, early))
             self._early = early
+
         def receive(chat: ChatSession) -> int:
             if command.regenerate:
                 return chat.regenerate(command.reply_seq, cmid)
@@ -320,6 +320,12 @@ class SessionActor:
                 self._settle(early)
         self._work.set()
         return Accepted(self.chat_id, seq, cmid, answers=self.chat.answers(seq))
+
+    def _start_early(self, chat: ChatSession, response_id: str) -> None:
+        """Starts answering the request just applied, with the model it asked for (a
+        regenerate: the one its message asked for), else the chat's."""
+        model = chat.next_model() or chat.model or self.provider.default_model
+        chat.start_response(model, upstream_name(self.provider, model), response_id)
 
     def _settle(self, response_id: str) -> None:
         """The transaction that started ``response_id`` has ended: a turn begun early may now

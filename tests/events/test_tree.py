@@ -119,3 +119,11 @@ async def test_fifty_edits_store_a_constant_number_of_bytes_each(settings: Setti
         assert len(reloaded.tree().siblings(first)) == len(reloaded.tree().siblings(deep)) == 26
     finally:
         store.close()
+
+
+def test_a_regenerate_is_answered_by_the_model_its_message_asked_for() -> None:
+    chat = ChatSession.start("u", model="m1")
+    chat.receive_message("q", model="m2")
+    answer(chat, "a")
+    chat.regenerate()
+    assert chat.next_model() == "m2"
