@@ -444,10 +444,15 @@ class Connection:
 
     async def _replay(self, request: Replay) -> None:
         """Starts a replay of the chat, in place of any running one; raises (nothing sent)
-        if the chat or the range is refused."""
+        if the chat or the range is refused, or the connection replays as many chats at once
+        as it may follow."""
         old = self.replays.pop(request.chat_id, None)
         if old is not None:
             old.cancel()
+        limit = self.svc.settings.follows_per_connection
+        if len(self.replays) >= limit:
+            raise RateLimitedError(f"a connection replays at most {limit} chats at once: "
+                                   "stop one first")
         try:
             scope = await self.nursery.start(self._replayer, request)
         except Exception as exc:

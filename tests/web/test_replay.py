@@ -77,7 +77,8 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
         StreamReply(["This ", "reply ", "breaks"], error_after=3, delay_s=0.05),
     ) as upstream:
         s = web_settings(settings, provider="openai", openai_base_url=upstream.base_url,
-                         openai_api_key="test-key", model="fake-model", max_retries=0)
+                         openai_api_key="test-key", model="fake-model", max_retries=0,
+                         follows_per_connection=1)
         async with running_server(s) as server, server.client() as client:
             chat = await client.post("/chat", json={"title": "Replay",
                                                     "system_prompt": "Be brief."})
@@ -156,6 +157,12 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
                             {"chat_id": UNKNOWN}):
                     await send(viewer, {"event": "replay", **bad})
                     errors.append(await receive(viewer))
+                # one chat at a time here (follows_per_connection=1): another is refused
+                await send(viewer, {"event": "replay", "chat_id": chat_id, "speed": 1})
+                await send(viewer, {"event": "replay", "chat_id": UNKNOWN, "speed": 0})
+                while (crowded := await receive(viewer))["event"] != "error":
+                    assert crowded["replay"] is True
+                await send(viewer, {"event": "replay_stop", "chat_id": chat_id})
 
             # replay_stop ends a replay; the chat's live frames keep flowing, unmarked
             async with server.websocket() as both:
@@ -205,6 +212,7 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
     assert [f["code"] for f in errors] == ["invalid_seq_range", "invalid_request",
                                            "invalid_request", "chat_not_found"]
     assert errors[0]["chat_id"] == chat_id and errors[3]["chat_id"] == UNKNOWN
+    assert crowded["code"] == "rate_limited" and crowded["chat_id"] == UNKNOWN
     rid = whole[0]["response_id"]
     assert signature([f for _, f in paced if f.get("response_id") == rid]) == signature(
         [f for f in frames if f.get("response_id") == rid])
