@@ -723,9 +723,13 @@ def test_edit_regenerate_alternatives_and_fork(browser_server: Server, page: Any
     assert [m["content"] for m in stored_messages(server, chat_id)] == [
         "first question, edited", "answer 4"]
 
-    page.locator(".message.user .siblings").get_by_role("button", name="Previous alternative"
-                                                         ).click()
+    page.fill("#search-input", "second")  # a hit on the other branch switches to it
+    page.locator("#chat-list .chat-snippet").first.click()
+    expect(page.locator(".message.user .text")).to_have_text(["first question",
+                                                             "second question"])
     expect(replies).to_have_text(["answer 1", "answer 3"])  # its newest deepest descendant
+    expect(page.locator(".message.user.hit .text")).to_have_text("second question")
+    page.fill("#search-input", "")
     page.locator(".message.user").first.get_by_role(  # the question and its answer
         "button", name="Continue from here in a new chat").click()
     expect(page.locator("#chat-list button")).to_have_count(2)

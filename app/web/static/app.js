@@ -935,19 +935,37 @@ function snippetLink(chatId, hit) {
   return link;
 }
 
-/** Opens a chat at message `seq`, loading older pages until it is there, and highlights it. */
+/** The shown message `seq`, loading older pages to reach it; null if the branch shown does
+ * not hold it, undefined if the chat was left meanwhile. */
+async function findShown(seq) {
+  const view = state.view;
+  const find = () => ui.list.querySelector(`.message[data-seq="${Number(seq)}"]`);
+  for (let pages = 0; !find() && !ui.loadOlder.hidden && pages < JUMP_MAX_PAGES; pages += 1) {
+    if (!(await loadOlder()) || view !== state.view) return undefined;
+  }
+  return find();
+}
+
+/** Opens a chat at message `seq` (on its branch), loading older pages until it is there,
+ * and highlights it. */
 async function jumpTo(chatId, seq) {
   if (state.chatId !== chatId) await openChat(chatId);
   else {
     closeSidebar();
     await state.opening;
   }
-  const view = state.view;
-  const find = () => ui.list.querySelector(`.message[data-seq="${Number(seq)}"]`);
-  for (let pages = 0; !find() && !ui.loadOlder.hidden && pages < JUMP_MAX_PAGES; pages += 1) {
-    if (!(await loadOlder()) || view !== state.view) return;
+  let node = await findShown(seq);
+  if (node === undefined) return;
+  if (!node) { // on another branch of the chat: make it the active one, then look again
+    try {
+      await api(`/chat/${chatId}/branch`, { method: "POST", body: { seq: Number(seq) } });
+      await loadChat(chatId, { push: false });
+      node = await findShown(seq);
+    } catch (error) {
+      if (error.status !== 400) { showAlert(error.message); return; }
+    }
   }
-  const node = find();
+  if (node === undefined) return;
   if (!node) { showAlert("That message is no longer in this chat."); return; }
   node.scrollIntoView({ block: "center" });
   node.tabIndex = -1;
