@@ -239,7 +239,7 @@ class ChatSession(Aggregate):
                                  "content": self.text}
             if self.model is not None:
                 node["model"] = self.model
-            chat.add_node(node)
+            chat.messages.append(node)
             chat.leaf = seq
             if self.client_message_id is not None:
                 chat.client_message_ids[self.client_message_id] = seq
@@ -295,7 +295,7 @@ class ChatSession(Aggregate):
                                  "parent": chat.leaf, "content": self.text}
             if isinstance(self.source.get("model"), str):
                 node["model"] = str(self.source["model"])
-            chat.add_node(node)
+            chat.messages.append(node)
             chat.leaf = node["seq"]
             chat.message_count += 1
 
@@ -310,8 +310,8 @@ class ChatSession(Aggregate):
             request = next(p for p in chat.pending if chat.answers(p) == self.reply_to_seq)
             chat.pending.remove(request)
             chat.replies[str(request)] = self.response_id
-            chat.add_node({"seq": seq, "role": "assistant", "parent": self.reply_to_seq,
-                           "content": ""})
+            chat.messages.append({"seq": seq, "role": "assistant",
+                                  "parent": self.reply_to_seq, "content": ""})
             if chat.leaf == self.reply_to_seq:
                 chat.leaf = seq
             chat.current = ActiveResponse(
@@ -414,7 +414,7 @@ class ChatSession(Aggregate):
             if reply is None:  # started before a snapshot of version 1 (no tree yet)
                 reply = {"seq": self.originator_version, "role": "assistant",
                          "parent": reply_to, "content": ""}
-                chat.add_node(reply)
+                chat.messages.append(reply)
             reply["content"] = text
             chat.outcomes[self.response_id] = Outcome(
                 self.response_id,
@@ -800,9 +800,6 @@ class ChatSession(Aggregate):
         """The user message that waiting request ``request`` asks to answer."""
         return self.requests.get(str(request), request)
 
-    def add_node(self, node: MessageNode) -> None:
-        self.messages.append(node)
-
     def tree(self) -> Tree:
         """Every message of the chat, as a tree."""
         return Tree(Node(n["seq"], n["role"], n["parent"]) for n in self.messages)
@@ -816,8 +813,7 @@ class ChatSession(Aggregate):
 
     def is_finished(self, seq: int) -> bool:
         """Whether reply ``seq`` has ended (its text is final)."""
-        current = self.current
-        return not (current is not None and seq == self._current_seq())
+        return self.current is None or seq != self._current_seq()
 
     def _current_seq(self) -> int | None:
         current = self.current
