@@ -185,3 +185,26 @@ async def test_views_made_before_finish_reason_get_the_column(settings: Settings
     finally:
         views.close()
         store.close()
+
+
+async def test_chats_in_views_made_before_the_tree_read_as_one_line_until_rebuilt(
+    store: EventStore, views: Views, runner: ViewUpdater
+) -> None:
+    """Views projected before messages had parents (no leaf, no parents) show a chat as its
+    line, in seq order, also once it goes on (``eventchat projections rebuild`` gives it its
+    tree, as every rebuild test checks)."""
+    chat = ChatSession.start("alice", "older")
+    plain_turn(chat, "q1", ("a1",))
+    await save_and_wait(store, views, chat)
+
+    def forget_the_tree() -> None:
+        with views.db.write() as tx:
+            tx.run("UPDATE view_chats SET leaf_seq = NULL")
+            tx.run("UPDATE view_messages SET parent_seq = NULL")
+
+    await trio.to_thread.run_sync(forget_the_tree)
+    plain_turn(chat, "q2", ("a2",))
+    await save_and_wait(store, views, chat)
+    messages, _ = await views.messages("alice", chat.id)
+    assert [m["content"] for m in messages] == ["q1", "a1", "q2", "a2"]
+    assert [m["siblings"] for m in messages] == [[m["seq"]] for m in messages]
