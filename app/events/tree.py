@@ -56,9 +56,11 @@ class Tree:
     def path(self, leaf: int | None) -> list[int]:
         """The seqs from a first message to ``leaf``, in order (empty for None or unknown)."""
         path: list[int] = []
+        seen: set[int] = set()
         seq = leaf
-        while seq is not None and seq in self.nodes and seq not in path:
+        while seq is not None and seq in self.nodes and seq not in seen:
             path.append(seq)
+            seen.add(seq)
             seq = self.parent[seq]
         path.reverse()
         return path
