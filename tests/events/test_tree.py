@@ -127,3 +127,23 @@ def test_a_regenerate_is_answered_by_the_model_its_message_asked_for() -> None:
     answer(chat, "a")
     chat.regenerate()
     assert chat.next_model() == "m2"
+
+
+def test_edits_and_regenerates_sent_while_a_reply_streams_wait_their_turn() -> None:
+    chat = ChatSession.start("u")
+    q1 = chat.receive_message("q1")
+    a1 = answer(chat, "a1")
+    chat.receive_message("q2")
+    rid = chat.start_response("m", "p")  # q2 is being answered...
+    chat.receive_message("q1 edited", edit_of=q1)  # ...when these arrive
+    with pytest.raises(MessageNotFoundError):
+        chat.regenerate()  # the edit's branch (now the active one) has no reply yet
+    chat.regenerate(a1)
+    chat.record_tokens(rid, "a2", 1)
+    chat.complete_response(rid, "m", "stop", {}, {})
+    assert said(chat) == ["q1 edited"]
+    answer(chat, "a1 for the edit")
+    assert said(chat) == ["q1"] and [m["content"] for m in chat.history] == ["q1"]
+    answer(chat, "a1 again")
+    assert [m["content"] for m in chat.history] == ["q1", "a1 again"]
+    assert len(chat.tree().siblings(q1)) == 2 and not chat.pending
