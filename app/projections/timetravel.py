@@ -65,16 +65,38 @@ def chat_page_at(
 
 
 def page_of(chat: ChatRow, rows: Sequence[MessageRow], limit: int,
-            before_seq: int | None = None) -> tuple[list[MessageDict], bool]:
-    """A page of the chat's messages as ``Views.messages`` cuts it: of the active branch
-    (``branch_seqs``, each message with its siblings) once the chat has a leaf."""
+            before_seq: int | None = None, after_seq: int | None = None,
+            ) -> tuple[list[MessageDict], bool]:
+    """A page of the chat's messages (``rows``, oldest first) as ``Views.messages`` cuts it:
+    of the active branch (``branch_seqs``, each message with its siblings) once the chat has
+    a leaf."""
     if chat.leaf_seq is None:
+        if after_seq is not None:
+            kept = [row for row in rows if row.seq > after_seq]
+            return [message_dict(row) for row in kept[:limit]], len(kept) > limit
         kept = [row for row in rows if before_seq is None or row.seq < before_seq]
         return [message_dict(row) for row in kept[-limit:]], len(kept) > limit
     tree = tree_of(rows)
     by_seq = {row.seq: row for row in rows}
-    seqs, more = branch_seqs(tree, chat.leaf_seq, limit, before_seq)
+    seqs, more = branch_seqs(tree, chat.leaf_seq, limit, before_seq, after_seq)
     return [message_dict(by_seq[seq], tree.siblings(seq)) for seq in seqs], more
+
+
+class RowsSoFar:
+    """One chat's rows, built event by event (a replay's views as they were at each
+    event): ``apply`` each event in order, ``page`` reads them as ``page_of`` does."""
+
+    def __init__(self) -> None:
+        self.rows = Rows(Unseen(), counting=False)
+
+    def apply(self, event: ChatSession.Event) -> None:
+        apply(self.rows, event)
+
+    def page(self, chat_id: str, limit: int, after_seq: int | None = None
+             ) -> tuple[list[MessageDict], bool]:
+        chat = self.rows.chat(chat_id)
+        messages = sorted(self.rows.messages.values(), key=lambda row: row.seq)
+        return page_of(chat, [row.stored() for row in messages], limit, after_seq=after_seq)
 
 
 def tree_of(rows: Iterable[MessageRow]) -> Tree:

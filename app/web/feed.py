@@ -187,19 +187,23 @@ class ChatFeed:
         rows = self.rows.turn(first, response_id, seq)
         if rows is not None and first not in self.edits:
             return [message_dict(row) for row in rows]
-        await self.services.caught_up(chat_id=self.chat_id)
-        messages, _ = await self.services.views.messages(
-            self.owner, self.chat_id, HISTORY_PAGE, after_seq=first - 1
-        )
+        messages, _ = await self.page(HISTORY_PAGE, after_seq=first - 1)
         return [m for m in messages
                 if m["seq"] == first or m.get("response_id") == response_id]
 
     async def _branch_history(self, seq: int) -> Frame:
         """The active branch's latest page, once the views include event ``seq``."""
-        await self.services.caught_up(chat_id=self.chat_id)
-        messages, more = await self.services.views.messages(self.owner, self.chat_id,
-                                                            HISTORY_PAGE)
+        messages, more = await self.page(HISTORY_PAGE)
         return self._history_frame(messages, more, seq)
+
+    async def page(self, limit: int, after_seq: int | None = None
+                   ) -> tuple[list[MessageDict], bool]:
+        """A page of the chat's messages (after ``after_seq``, else the latest), as the views
+        hold it once they include what this feed has seen. A replay's feed reads it as it was
+        at the event being replayed instead (``app.web.player``)."""
+        await self.services.caught_up(chat_id=self.chat_id)
+        return await self.services.views.messages(self.owner, self.chat_id, limit,
+                                                  after_seq=after_seq)
 
     def _status(self, response_id: str, turn: list[MessageDict],
                 event: ChatSession.ResponseEnded | None) -> Frame:

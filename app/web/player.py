@@ -3,7 +3,8 @@
 A replay reads the chat's events from the log and runs them through a fresh ``ChatFeed``,
 the code that makes the live frames, from the chat's first event: so a replayed frame is the
 frame a follower got (less what only the moment knew: the ``active_chats`` and
-``queue_depth`` of ``backend_status`` are the server's at the replay). Events up to
+``queue_depth`` of ``backend_status`` are the server's at the replay). Where the live feed
+reads the views, the replay's reads them as they were at that event (``ReplayFeed``). Events up to
 ``from_seq`` only bring the feed up to date. The frames are timed by ``app.events.pacing``:
 a text batch is cut back into the chunks the model streamed, at their recorded times; every
 other frame goes at its event's time. Nothing calls a model.
@@ -22,6 +23,8 @@ from pydantic import BaseModel, Field, model_validator
 from ..events.domain import ChatSession
 from ..events.pacing import Beat, beats
 from ..events.replay import chat_events
+from ..projections.rows import MessageDict
+from ..projections.timetravel import RowsSoFar
 from .errors import BadRequestError
 from .feed import ChatFeed, Frame
 from .schemas import MAX_SEQ
@@ -54,6 +57,26 @@ class Cue:
     frame: Frame
 
 
+class ReplayFeed(ChatFeed):
+    """A ``ChatFeed`` over the log: where the live feed reads the views (a turn's messages
+    after an edit, the history of a branch switch), it reads them as they were right after
+    the event it replays (the views' own handlers over the events so far)."""
+
+    def __init__(self, svc: Services, owner: str, chat_id: UUID) -> None:
+        super().__init__(svc, owner, chat_id)
+        self.so_far = RowsSoFar()
+
+    async def page(self, limit: int, after_seq: int | None = None
+                   ) -> tuple[list[MessageDict], bool]:
+        return self.so_far.page(self.cid, limit, after_seq)
+
+    async def replayed(self, event: ChatSession.Event) -> list[Frame]:
+        """The frames followers got for ``event``."""
+        self.so_far.apply(event)
+        async with aclosing(self.frames(event)) as frames:
+            return [frame async for frame in frames]
+
+
 async def replay_cues(svc: Services, owner: str, request: Replay) -> tuple[list[Cue], int]:
     """The frames of the replay ``request`` asks for, and the last seq it covers.
 
@@ -66,14 +89,14 @@ async def replay_cues(svc: Services, owner: str, request: Replay) -> tuple[list[
     if request.from_seq >= last:
         raise BadRequestError(f"from_seq must be below the chat's last seq ({last})",
                               "invalid_seq_range")
-    feed = ChatFeed(svc, owner, request.chat_id)
+    feed = ReplayFeed(svc, owner, request.chat_id)
     for event in events:
         if event.originator_version > request.from_seq:
             break
-        await _frames(feed, event)  # the feed's state as it was at from_seq
+        await feed.replayed(event)  # the feed's state as it was at from_seq
     cues: list[Cue] = []
     for beat in beats(events, request.from_seq):
-        cues.extend(_cued(beat, await _frames(feed, beat.event)))
+        cues.extend(_cued(beat, await feed.replayed(beat.event)))
     return cues, last
 
 
@@ -93,11 +116,6 @@ async def play(cues: Sequence[Cue], speed: float,
 def done_frame(chat_id: UUID, last_seq: int) -> Frame:
     return {"event": "replay_done", "chat_id": str(chat_id), "last_seq": last_seq,
             "replay": True}
-
-
-async def _frames(feed: ChatFeed, event: ChatSession.Event) -> list[Frame]:
-    async with aclosing(feed.frames(event)) as frames:
-        return [frame async for frame in frames]
 
 
 def _cued(beat: Beat, frames: list[Frame]) -> list[Cue]:

@@ -89,8 +89,7 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
                 await send(follower, {"event": "subscribe", "chat_id": chat_id})
                 assert (await receive(follower))["event"] == "chat_history"
 
-                async def turn(message: str, stop_after: int | None = None) -> None:
-                    await send(sender, {"message": message, "chat_id": chat_id})
+                async def record(until: Any, stop_after: int | None = None) -> None:
                     deltas = 0
                     while True:
                         frame = await receive(follower)
@@ -99,12 +98,23 @@ async def test_a_chat_replays_as_it_streamed_and_reads_as_it_was_at_every_seq(
                         deltas += is_delta(frame)
                         if deltas == stop_after:
                             await client.post(f"/chat/{chat_id}/stop")
-                        if turn_done(frame):
+                        if until(frame):
                             return
+
+                async def turn(message: str, stop_after: int | None = None) -> None:
+                    await send(sender, {"message": message, "chat_id": chat_id})
+                    await record(turn_done, stop_after)
 
                 await turn("what is 12*7")
                 await turn("count slowly", stop_after=3)
                 await turn("and fail")
+                # an edit of the first question (answered by the upstream's echo), then
+                # back to the first branch: the followers' histories come from the views
+                await send(sender, {"event": "edit", "chat_id": chat_id, "seq": 2,
+                                    "message": "what is 6*7"})
+                await record(turn_done)
+                await client.post(f"/chat/{chat_id}/branch", json={"seq": 2})
+                await record(lambda f: f["event"] == "chat_history" and len(f["messages"]) > 2)
 
             upstream.default = ErrorReply(500, "no model call may happen in a replay")
             calls = len(upstream.requests)
