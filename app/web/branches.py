@@ -10,7 +10,7 @@ branch at one event into a new chat.
 from __future__ import annotations
 
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel, Field
@@ -28,15 +28,13 @@ from .services import Services
 
 branches = Blueprint("branches", __name__)
 
+
 class Regenerate(BaseModel):
     """``{"event": "regenerate", "chat_id", "seq"?, "client_message_id"?}``."""
 
     chat_id: UUID
     seq: int | None = Field(None, ge=1, le=MAX_SEQ)
     client_message_id: Text | None = Field(None, min_length=1, max_length=MAX_ID)
-    kind: Literal["regenerate"] = "regenerate"
-    message: str = ""
-    model: str | None = None
 
 
 class Edit(BaseModel):
@@ -46,7 +44,7 @@ class Edit(BaseModel):
     seq: int = Field(ge=1, le=MAX_SEQ)
     message: Text
     client_message_id: Text | None = Field(None, min_length=1, max_length=MAX_ID)
-    kind: Literal["edit"] = "edit"
+    #: The model to answer the edited message with (None: the chat's).
     model: Text | None = Field(None, max_length=200)
 
 
@@ -86,7 +84,8 @@ def admit_request(svc: Services, request: Request) -> None:
 async def send_request(svc: Services, owner: str, request: Request) -> Accepted:
     """Records the request through the chat's actor (durable on return), admitted with the
     user's limits and budgets as a message in that chat is."""
-    chat_id, admission = await open_chat(svc, owner, request.chat_id, request.model)
+    model = request.model if isinstance(request, Edit) else None
+    chat_id, admission = await open_chat(svc, owner, request.chat_id, model)
     if isinstance(request, Edit):
         return await send(svc, owner, chat_id, request.message, request.client_message_id,
                           admission, request.model, edit_of=request.seq)
