@@ -32,6 +32,8 @@ from .services import Services
 
 #: Fastest replay, in times the original pace (0, as fast as possible, is faster still).
 MAX_SPEED = 1000.0
+#: Events a replay's feed goes through before it lets other tasks run.
+YIELD_EVERY = 200
 
 
 class Replay(BaseModel):
@@ -94,10 +96,19 @@ async def replay_cues(svc: Services, owner: str, request: Replay) -> tuple[list[
         if event.originator_version > request.from_seq:
             break
         await feed.replayed(event)  # the feed's state as it was at from_seq
+        await _yield_now_and_then(event)
     cues: list[Cue] = []
     for beat in beats(events, request.from_seq):
         cues.extend(_cued(beat, await feed.replayed(beat.event)))
+        await _yield_now_and_then(beat.event)
     return cues, last
+
+
+async def _yield_now_and_then(event: ChatSession.Event) -> None:
+    """Lets the other tasks run every ``YIELD_EVERY`` events (a long chat's feed runs in
+    the event loop and awaits nothing of its own)."""
+    if event.originator_version % YIELD_EVERY == 0:
+        await trio.lowlevel.checkpoint()
 
 
 async def play(cues: Sequence[Cue], speed: float,
