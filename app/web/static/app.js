@@ -142,6 +142,7 @@ function connect() {
   ws.onclose = (event) => {
     if (state.ws !== ws) return;
     state.ws = null;
+    player.halt(); // a replay ends with its connection
     reconnectLater(event);
   };
 }

@@ -191,7 +191,10 @@ export function createPlayer({ api, send }) {
   ui.play.addEventListener("click", play);
   ui.scrub.addEventListener("input", () => { stop(); showAt(Number(ui.scrub.value)); });
   ui.speed.addEventListener("change", () => { if (me.playing) { stop(); play(); } });
-  return { open, close, onFrame, chatId: () => me.chatId };
+  /** The connection closed: a replay running on it is over (nothing to stop). */
+  function halt() { setPlaying(false); }
+
+  return { open, close, halt, onFrame, chatId: () => me.chatId };
 }
 
 /** Downloads the chat's export in `format` (jsonl, openai, markdown). */
