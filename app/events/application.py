@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 from uuid import UUID
 
-from eventsourcing.application import Application
+from eventsourcing.application import Application, project_aggregate
 from eventsourcing.persistence import (
     ApplicationRecorder,
     JSONTranscoder,
@@ -61,8 +61,14 @@ class ChatApplication(Application[UUID]):
         for cls in (ActiveResponse, ToolCallState, Outcome):
             transcoder.register(DataclassAsDict(cls))
 
-    def get_chat(self, chat_id: UUID) -> ChatSession:
-        chat: object = self.repository.get(chat_id)
+    def get_chat(self, chat_id: UUID, version: int | None = None) -> ChatSession:
+        """The chat (as it was at ``version``). One loaded from a snapshot taken before the
+        message tree (which kept the active line only, replies numbered by their ending) is
+        read again from all its events, so that its messages have their own seqs."""
+        chat: object = self.repository.get(chat_id, version=version)
+        if getattr(chat, "from_line_snapshot", False):
+            events = self.repository.event_store.get(originator_id=chat_id, lte=version)
+            chat = project_aggregate(None, events)
         assert isinstance(chat, ChatSession)
         return chat
 

@@ -451,10 +451,14 @@ class ChatSession(Aggregate):
 
     #: Version 1 (snapshots) kept the active line only, as ``history``.
     class_version = 2
+    #: Set on a chat read from a snapshot of version 1: ``ChatApplication.get_chat`` reads
+    #: it again from its events (that snapshot numbers replies by their ending event).
+    from_line_snapshot: bool = False
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
-        """A snapshot of a chat from before the tree: its one line."""
+        """A snapshot of a chat from before the tree: its one line (read again from the
+        events by the application: ``from_line_snapshot``)."""
         nodes: list[MessageNode] = []
         for entry in state.pop("history", []):
             node: MessageNode = {"seq": entry["seq"], "role": entry["role"],
@@ -463,7 +467,8 @@ class ChatSession(Aggregate):
             if "model" in entry:
                 node["model"] = entry["model"]
             nodes.append(node)
-        state.update(messages=nodes, leaf=nodes[-1]["seq"] if nodes else None, requests={})
+        state.update(messages=nodes, leaf=nodes[-1]["seq"] if nodes else None, requests={},
+                     from_line_snapshot=True)
 
     #: Chats (and snapshots) recorded before chats had a ``max_tokens`` read it as None.
     max_tokens: int | None = None

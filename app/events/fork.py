@@ -27,8 +27,7 @@ def chat_at(app: ChatApplication, chat_id: UUID, owner: str, at_seq: int
         raise ChatNotFoundError("chat not found")
     if not 1 <= at_seq <= latest.version:
         raise ChatRuleError(f"at_seq must be an event of the chat (1 to {latest.version})")
-    chat: object = app.repository.get(chat_id, version=at_seq)
-    assert isinstance(chat, ChatSession)
+    chat = app.get_chat(chat_id, version=at_seq)
     with reading(app) as curs:
         digest = chain_table(app).hashes(curs, chat_id, at_seq - 1, at_seq).get(at_seq)
     if digest is None:

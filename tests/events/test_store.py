@@ -158,3 +158,40 @@ async def test_messages_recorded_before_the_tree_read_as_one_line(settings: Sett
         assert [m["content"] for m in loaded.context(10)] == ["q1", "answer to q1", "q2 again"]
     finally:
         store.close()
+
+
+async def test_a_chat_in_a_snapshot_from_before_the_tree_is_read_from_its_events(
+    settings: Settings,
+) -> None:
+    """A snapshot of version 1 kept the active line (``history``, replies numbered by their
+    ending event): the chat is read again from its events, with the seqs the views show."""
+    store = await open_store(settings)
+    try:
+        chat = ChatSession.start("alice", "snapshotted")
+        for text in ("q1", "q2"):
+            chat.receive_message(text)
+            rid = chat.start_response("m", "offline")
+            chat.record_tokens(rid, f"answer to {text}", 1)
+            chat.complete_response(rid, "m", "stop", {}, {})
+        await store.save(chat)
+        app = store.app
+        snapshot_class = getattr(ChatSession, "Snapshot", type(app).snapshot_class)
+        taken = snapshot_class.take(chat)
+        state = {k: v for k, v in taken.state.items()
+                 if k not in ("messages", "leaf", "requests", "class_version")}
+        state["history"] = [{"role": "user", "content": "q1", "seq": 2},
+                            {"role": "assistant", "content": "answer to q1", "seq": 5},
+                            {"role": "user", "content": "q2", "seq": 6},
+                            {"role": "assistant", "content": "answer to q2", "seq": 9}]
+        old = snapshot_class(originator_id=taken.originator_id,  # type: ignore[call-arg]
+                             originator_version=taken.originator_version,
+                             timestamp=taken.timestamp, topic=taken.topic, state=state)
+        assert app.snapshots is not None
+        await trio.to_thread.run_sync(app.snapshots.put, [old])
+        raw = await trio.to_thread.run_sync(app.repository.get, chat.id)  # the snapshot alone
+        assert raw.from_line_snapshot and [m["seq"] for m in raw.history] == [2, 5, 6, 9]
+        loaded = await store.get(chat.id)
+        assert [m["seq"] for m in loaded.history] == [2, 3, 6, 7]  # replies: ResponseStarted
+        assert loaded.history == chat.history and not loaded.from_line_snapshot
+    finally:
+        store.close()
