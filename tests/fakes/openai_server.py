@@ -397,9 +397,10 @@ def messages_problem(messages: Any) -> str | None:
                 if (call.get("type") != "function" or not isinstance(call.get("id"), str)
                         or not isinstance(function.get("name"), str)):
                     return f"messages[{i}].tool_calls: malformed call {call!r}"
+                arguments = function.get("arguments")
                 try:
-                    json.loads(function.get("arguments"))
-                except (TypeError, ValueError):
+                    json.loads(arguments if isinstance(arguments, str) else "")
+                except ValueError:
                     return f"messages[{i}].tool_calls: arguments must be JSON text"
                 waiting.add(call["id"])
         if role == "tool":
