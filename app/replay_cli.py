@@ -47,7 +47,21 @@ def _line(beat: Beat, tools: dict[str, str]) -> str | None:
     if isinstance(e, ChatSession.Started):
         return f"chat {e.originator_id}: {e.title!r}\n"
     if isinstance(e, ChatSession.MessageReceived):
-        return f"\n[{seq}] user: {e.text}\n"
+        edit = f" (an edit of [{e.edit_of}])" if e.edit_of is not None else ""
+        return f"\n[{seq}] user{edit}: {e.text}\n"
+    if isinstance(e, ChatSession.Regenerated):
+        return f"\n[{seq}] regenerate: [{e.message_seq}] answered again\n"
+    if isinstance(e, ChatSession.BranchSelected):
+        return f"\n[{seq}] branch through [{e.seq}] selected\n"
+    if isinstance(e, ChatSession.Forked):
+        return f"forked from chat {e.chat_id} at seq {e.seq}\n"
+    if isinstance(e, ChatSession.MessageCopied):
+        return f"\n[{seq}] {e.role} (copied): {e.text}\n"
+    if isinstance(e, ChatSession.ToolApprovalRequested):
+        return " (waits for approval)"
+    if isinstance(e, ChatSession.ToolDecided):
+        verdict = "approved" if e.approve else f"denied ({e.reason or 'no reason'})"
+        return f" {verdict} by {e.decided_by}"
     if isinstance(e, ChatSession.ResponseStarted):
         return f"\n[{seq}] assistant ({e.model}): "
     if isinstance(e, ChatSession.ToolInvoked):

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -328,3 +328,26 @@ async def test_replay_live_prints_the_chat_as_it_streamed_and_export_formats(
     assert [m["role"] for m in exported["messages"]] == ["user", "assistant", "tool",
                                                          "assistant"]
     assert exported["messages"][-1]["content"] == "12*7 = 84."
+
+
+def test_replay_live_shows_edits_regenerates_and_branch_switches(tmp_path: Path) -> None:
+    chat = ChatSession.start("alice", "branches")
+    first = chat.receive_message("first question")
+    rid = chat.start_response("offline", "offline")
+    chat.record_tokens(rid, "first answer", 2)
+    chat.complete_response(rid, "offline", "stop", {"total_tokens": 2}, {"ttft_ms": 1.0})
+    edit = chat.receive_message("better question", None, edit_of=first)
+    rid = chat.start_response("offline", "offline")
+    chat.record_tokens(rid, "better answer", 2)
+    chat.complete_response(rid, "offline", "stop", {"total_tokens": 2}, {"ttft_ms": 1.0})
+    chat.regenerate(first + 1, None)
+    rid = chat.start_response("offline", "offline")
+    chat.stop_response(rid, {"total_tokens": 0}, {"ttft_ms": None})
+    chat.select_branch(edit)
+    out = io.StringIO()
+    replay_live(cast(list[ChatSession.Event], chat.collect_events()), 0, out)
+    text = out.getvalue()
+    assert text.startswith(f"chat {chat.id}: 'branches'")
+    assert f"user (an edit of [{first}]): better question" in text
+    assert f"regenerate: [{first}] answered again" in text and "stopped" in text
+    assert f"branch through [{edit}] selected" in text
