@@ -42,7 +42,7 @@ def test_flags_win_over_the_environment() -> None:
     ({"EVENTCHAT_PORT": "abc"}, "EVENTCHAT_PORT"),
     ({"EVENTCHAT_PROVIDER": "claude"}, "EVENTCHAT_PROVIDER"),
     ({"EVENTCHAT_DATABASE_URL": "mysql://x"}, "EVENTCHAT_DATABASE_URL"),
-    ({"EVENTCHAT_TOKEN_FLUSH_MS": "0"}, "token flush"),
+    ({"EVENTCHAT_TOKEN_FLUSH_MS": "0"}, "EVENTCHAT_TOKEN_FLUSH_MS"),
     ({"EVENTCHAT_PROJECTION_DELAY_MS": "-1"}, "EVENTCHAT_PROJECTION_DELAY_MS"),
     ({"EVENTCHAT_WS_PING_INTERVAL_S": "-5"}, "EVENTCHAT_WS_PING_INTERVAL_S"),
 ])
