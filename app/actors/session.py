@@ -35,6 +35,7 @@ from ..events.errors import (
     EventsError,
     FencedError,
     StoreError,
+    StoreUnavailableError,
 )
 from ..events.store import EventStore
 from ..llm.base import Provider
@@ -121,6 +122,8 @@ class SessionActor:
         self._scope = trio.CancelScope()
         #: A save is in flight: the chat in memory holds its events, the log not yet.
         self._saving = False
+        #: A save failed because the store is unavailable: the actor is stopping.
+        self._outage: StoreUnavailableError | None = None
         #: The response in progress as its followers were shown it before that save.
         self._shown: LiveResponse | None = None
         #: What this actor's turns may use (``record`` among them).
@@ -157,6 +160,7 @@ class SessionActor:
         Returns at once, ``lease_lost`` set, when the lease is lost."""
         self.turn, self._lock, self._work = None, trio.Lock(), trio.Event()
         self.lease_lost, self._scope = False, trio.CancelScope()
+        self._outage, self._saving = None, False
         self._loaded = self._seed is not None
         with self._scope:
             if self.lease is None:  # a restarted actor still holds its lease
@@ -176,6 +180,8 @@ class SessionActor:
                 nursery.start_soon(self._generate_loop)
                 await self._receive_loop()
                 nursery.cancel_scope.cancel()
+        if self._outage is not None:
+            raise ActorCrashedError(f"chat {self.chat_id}: a save failed") from self._outage
 
     def lose_lease(self) -> None:
         """The chat's lease is gone: writes stop at once, the running turn is abandoned and
@@ -457,28 +463,35 @@ class SessionActor:
         another process wrote the chat first (a follower recorded a message), the chat is
         reloaded and the mutations decide again on the stored state, a few times: they check
         what they need (a turn's text must continue the stored text exactly, see
-        ``Turn._record_text``), so nothing is applied twice. The owner's saves carry its lease's
-        fence: ``FencedError`` (nothing written) loses the lease (``lose_lease``); once lost,
-        every save raises it at once. Any other store error reloads the chat and
-        propagates. The save is shielded: once started, it completes and its events are
-        published, even on cancellation.
+        ``Turn._record_text``), so nothing is applied twice. The owner's saves carry its
+        lease's fence: ``FencedError`` (nothing written) loses the lease (``lose_lease``);
+        once lost, every save raises it at once. Any other store error reloads the chat and
+        propagates; when the store did not answer at all, the actor stops instead (its
+        supervisor starts it from the log once the store is back) and every later save
+        raises at once.
+        The save is shielded: once started, it completes and its events are published, even
+        on cancellation.
         """
         async with self._lock:
             if self.lease_lost:
                 raise FencedError(f"chat {self.chat_id} is no longer leased here")
+            if self._outage is not None:
+                raise StoreUnavailableError(str(self._outage))
             fence = self.lease.fence if self.lease is not None else None
             self._shown, self._saving = self._live_response(), True
             try:
                 with trio.CancelScope(shield=True):
                     result = await self._save(fence, first, *more)
             finally:
-                self._saving = False
+                # after an outage the chat in memory is ahead of the log until the restart
+                self._saving = self._outage is not None
         return result
 
     async def _save(self, fence: Fence | None, first: Callable[[ChatSession], T],
                     *more: Mutation) -> T:
         """``record``'s transaction and its publication, under the chat's lock."""
         for attempt in range(CONFLICT_RETRIES):
+            started = trio.current_time()
             try:
                 result = first(self.chat)
                 for mutate in more:
@@ -494,7 +507,15 @@ class SessionActor:
             except (ChatRuleError, StoreError) as exc:
                 if isinstance(exc, FencedError):
                     self.lose_lease()
-                if self.chat.pending_events or self.chat.version != self.published_seq:
+                ahead = self.chat.pending_events or self.chat.version != self.published_seq
+                waited = trio.current_time() - started >= self.settings.store_timeout_s / 2
+                if ahead and isinstance(exc, StoreUnavailableError) and waited:
+                    # the store did not answer: a reload would only wait out its timeout
+                    # again. The actor stops; its supervisor starts it from the log once
+                    # the store is back
+                    self._outage = exc
+                    self._scope.cancel()
+                elif ahead:
                     await self._reload()
                 raise
         if recordings:
