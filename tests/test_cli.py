@@ -57,6 +57,7 @@ async def test_users_add_prints_the_token_last(tmp_path: Path) -> None:
     out = await eventchat("users", "add", "carol", data_dir=tmp_path)
     token = out.strip().splitlines()[-1]
     assert len(token) >= 32 and " " not in token
+    assert token.startswith("ec_")  # never "-...", which a command line reads as an option
 
 
 async def test_replay_shows_the_log_and_the_chat_at_any_seq(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """Users and their bearer tokens, in the same database as the events.
 
-A token is ``secrets.token_urlsafe(32)``; only its SHA-256 is stored, so the database never
+A token is ``ec_`` and ``secrets.token_urlsafe(32)`` (the prefix names it for secret
+scanners and keeps it from starting with ``-``, which a command line would read as an
+option); only its SHA-256 is stored, so the database never
 holds a usable credential. A user may have several tokens (``add_user`` on an existing name
 adds one). SQLite: ``data_dir/users.sqlite``; PostgreSQL: table ``user_tokens`` in
 ``settings.database_schema``, on a connection of its own per call (``eventchat-users``).
@@ -30,6 +32,8 @@ from . import postgres
 from .sql import Tx
 
 DEFAULT_USER = "local"
+#: What every token starts with (see the module docstring).
+TOKEN_PREFIX = "ec_"
 #: Hex digits of a token's hash that name it in ``users list`` and ``users revoke --id``.
 TOKEN_ID_CHARS = 8
 _SQLITE_TABLE = ("CREATE TABLE IF NOT EXISTS user_tokens (token_hash TEXT PRIMARY KEY,"
@@ -63,7 +67,7 @@ class UserStore:
         name = name.strip()
         if not name or len(name) > 100:
             raise ValueError("a user name must have 1 to 100 characters")
-        token = secrets.token_urlsafe(32)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._tx() as tx:
             tx.run("INSERT INTO user_tokens (token_hash, name) VALUES (?, ?)",
                    (hash_token(token), name))
