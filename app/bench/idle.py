@@ -24,7 +24,6 @@ from wsproto.extensions import PerMessageDeflate
 
 #: Handshakes in flight at once (the listen backlog is small).
 OPENING = 100
-SETTLE_S = 2.0
 #: The ``EVENTCHAT_METRICS_TOKEN`` the bench gives its servers, to read their gauge.
 METRICS_TOKEN = "bench-metrics"
 
@@ -76,13 +75,13 @@ async def server_connections(client: httpx.AsyncClient) -> int:
 
 
 async def measure_idle(port: int, token: str, count: int, deflate: bool, exchange: bool,
-                       rss: Callable[[], int]) -> IdleResult:
+                       rss: Callable[[], int], settle_s: float = 2.0) -> IdleResult:
     streams: list[trio.SocketStream] = []
     negotiated: set[str] = set()
     limit = trio.Semaphore(OPENING)
     headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
-        await trio.sleep(SETTLE_S)
+        await trio.sleep(settle_s)
         before = rss()
 
         async def one() -> None:
@@ -96,13 +95,13 @@ async def measure_idle(port: int, token: str, count: int, deflate: bool, exchang
                 async with trio.open_nursery() as nursery:
                     for _ in range(count):
                         nursery.start_soon(one)
-            await trio.sleep(SETTLE_S)
+            await trio.sleep(settle_s)
             after = rss()
             counted = await server_connections(http)
         finally:
             with trio.CancelScope(shield=True):
                 for stream in streams:
                     await stream.aclose()
-        await trio.sleep(SETTLE_S)
+        await trio.sleep(settle_s)
     return IdleResult(len(streams), deflate, exchange, sorted(negotiated), before, after,
                       counted)

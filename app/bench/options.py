@@ -58,6 +58,8 @@ class Options:
     think_s: float = 1.0
     #: Directory for py-spy profiles of the server during the WebSocket load (None: none).
     profile: Path | None = None
+    #: Seconds the idle-memory runs wait for the server's memory to settle, each time.
+    settle_s: float = 2.0
     #: ``--store`` was left to its default (both stores).
     default_stores: bool = False
 
@@ -78,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--think-ms", type=float, metavar="MS",
                         help="mean pause between turns in the paced runs (1000; quick: 100)")
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
+    parser.add_argument("--settle-ms", type=float, default=2000, metavar="MS",
+                        help="wait for the server's memory to settle, before and after the "
+                             "idle connections open (%(default)g)")
     parser.add_argument("--database-url", metavar="URL",
                         help="PostgreSQL for --store postgres|both (EVENTCHAT_DATABASE_URL, "
                              f"else EVENTCHAT_TEST_DATABASE_URL, else {DEFAULT_PG_URL})")
@@ -125,4 +130,5 @@ def options(argv: list[str]) -> tuple[Options, Path]:
         think_s=args.think_ms / 1000 if args.think_ms is not None else (0.1 if quick else 1.0),
         profile=args.profile,
         default_stores=args.store is None,
+        settle_s=args.settle_ms / 1000,
     ), args.out

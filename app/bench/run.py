@@ -83,7 +83,7 @@ def _idle_floor(options: Options, workdir: Path) -> dict[str, Any]:
     try:
         p.pin(SERVER_CPU, child.pid)
         idle = trio.run(measure_idle, port, "unused", options.idle_connections, False, False,
-                        child.rss_bytes)
+                        child.rss_bytes, options.settle_s)
     finally:
         child.stop()
     return idle_figures(idle)
@@ -140,14 +140,14 @@ def _store(options: Options, store: str, upstream_url: str, workdir: Path) -> di
                     f"{', one frame each way first' if exchange else ''} (a fresh server)")
                 with _server(env, workdir, token) as server:
                     idle = trio.run(measure_idle, server.port, token, options.idle_connections,
-                                    deflate, exchange, server.child.rss_bytes)
+                                    deflate, exchange, server.child.rss_bytes, options.settle_s)
                 key = "idle" + "_deflate" * deflate + "_after_frame" * exchange
                 figures[key] = idle_figures(idle)
         # without the keep-alive pings (one Hypercorn task per connection)
         say(f"{store}: {options.idle_connections} idle connections, no keep-alive pings")
         with _server({**env, "EVENTCHAT_WS_PING_INTERVAL_S": "0"}, workdir, token) as server:
             idle = trio.run(measure_idle, server.port, token, options.idle_connections,
-                            False, False, server.child.rss_bytes)
+                            False, False, server.child.rss_bytes, options.settle_s)
         figures["idle_no_pings"] = idle_figures(idle)
         settings = Settings(data_dir=workdir / "projections", store_threads=4)
         if schema is not None:

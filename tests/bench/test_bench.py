@@ -22,6 +22,7 @@ def test_quick_bench_on_sqlite(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "app.cli", "bench", "--quick", "--store", "sqlite",
          "--chats", "3", "--messages", "2", "--chunks", "7", "--idle-connections", "50",
+         "--settle-ms", "200",
          "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
     )
