@@ -9,7 +9,6 @@ branch at one event into a new chat.
 
 from __future__ import annotations
 
-from contextlib import aclosing
 from typing import Any
 from uuid import UUID
 
@@ -22,7 +21,8 @@ from . import schemas as s
 from .auth import current_user
 from .errors import NotFoundError, UnavailableError
 from .feed import open_feed
-from .generate import admit, answer_frames, open_chat, send
+from .generate import admit, open_chat, send
+from .generate import answer_json as generate_answer
 from .schemas import MAX_ID, MAX_SEQ, Text
 from .services import Services
 
@@ -99,16 +99,7 @@ async def answer_json(svc: Services, owner: str, request: Request) -> dict[str, 
     await svc.require_chat(owner, request.chat_id)
     async with open_feed(svc, owner, request.chat_id) as (feed, sub):
         accepted = await send_request(svc, owner, request)
-        message: dict[str, Any] | None = None
-        async with aclosing(answer_frames(feed, sub, accepted)) as frames:
-            async for frame in frames:
-                if frame["event"] == "chat_history":
-                    message = next((m for m in frame["messages"] if m["role"] == "assistant"),
-                                   None)
-    if message is None:
-        raise NotFoundError("the answer could not be read back", "chat_not_found")
-    return {"chat_id": str(request.chat_id), "response_id": message["response_id"],
-            "message": message}
+        return await generate_answer(feed, sub, accepted)
 
 
 def services() -> Services:

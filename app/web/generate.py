@@ -150,15 +150,23 @@ async def generate_json(svc: Services, owner: str, data: s.Generate) -> dict[str
     async with open_feed(svc, owner, chat_id) as (feed, sub):
         accepted = await send(svc, owner, chat_id, data.message, data.client_message_id, counted,
                               data.model)
-        message: dict[str, object] | None = None
-        async with aclosing(answer_frames(feed, sub, accepted)) as frames:
-            async for frame in frames:
-                if frame["event"] == "chat_history":
-                    message = next((m for m in frame["messages"] if m["role"] == "assistant"),
-                                   None)
+        return await answer_json(feed, sub, accepted)
+
+
+async def answer_json(feed: ChatFeed, sub: Subscription, accepted: Accepted
+                      ) -> dict[str, object]:
+    """The JSON answer of a request that ``accepted`` acknowledged: its reply, as the turn's
+    ``chat_history`` gives it, once the turn has ended."""
+    message: dict[str, Any] | None = None
+    async with aclosing(answer_frames(feed, sub, accepted)) as frames:
+        async for frame in frames:
+            if frame["event"] == "chat_history":
+                message = next((m for m in frame["messages"] if m["role"] == "assistant"),
+                               None)
     if message is None:
         raise NotFoundError("the answer could not be read back", "chat_not_found")
-    return {"chat_id": str(chat_id), "response_id": message["response_id"], "message": message}
+    return {"chat_id": str(accepted.chat_id), "response_id": message["response_id"],
+            "message": message}
 
 
 class EventStream:
