@@ -151,14 +151,6 @@ class Turn:
     def provider(self) -> Provider:
         return self.ports.provider
 
-    @property
-    def text(self) -> str:
-        """The reply's text that the log holds (what its followers were shown)."""
-        current = self.ports.chat().current
-        if current is None or current.response_id != self.response_id:
-            return ""
-        return current.text[: self.stream.committed]
-
     def stop(self) -> None:
         self.stop_scope.cancel()
 
